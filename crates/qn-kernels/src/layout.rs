@@ -1,0 +1,209 @@
+//! Block layouts: how a layer's weight is cut into the blocks that PQ encodes and noise drops.
+//!
+//! Every supported weight is first seen as a matrix of `rows = shape[0]` output units by
+//! `cols = numel / rows` inputs (for a Conv2d filter, its flattened `(in/groups, kh, kw)`), and each row
+//! is cut into `cols / block_size` contiguous blocks. Sub-vectors are numbered in the column order of the
+//! paper's reference code: block `b` of row `o` is sub-vector `j = b * rows + o`.
+//!
+//! With `block_size = kh * kw` a Conv2d block is one whole kernel; for a 1x1 conv a block is
+//! `block_size` consecutive input channels of one filter, so the mask has the weight's own shape (the
+//! reference code's 1x1 mask-shape bug cannot occur). Depthwise convs (`in/groups = 1`) are ordinary.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use qn_kernels::layout::BlockLayout;
+//!
+//! // A Linear weight (out = 2, in = 4) with blocks of 2.
+//! let w = Tensor::new(&[[0f32, 1., 2., 3.], [4., 5., 6., 7.]], &Device::Cpu)?;
+//! let layout = BlockLayout::linear("fc", w.dims(), 2)?;
+//! let sub = layout.to_subvectors(&w)?;
+//! // j = b * out + o: (b=0,o=0), (b=0,o=1), (b=1,o=0), (b=1,o=1).
+//! assert_eq!(sub.to_vec2::<f32>()?, vec![vec![0., 1.], vec![4., 5.], vec![2., 3.], vec![6., 7.]]);
+//! assert_eq!(layout.from_subvectors(&sub)?.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+//! # Ok::<(), qn_kernels::Error>(())
+//! ```
+
+use candle_core::Tensor;
+
+use crate::{Error, Result};
+
+/// The kind of layer a weight belongs to; it fixes which shapes are valid and is recorded so that a
+/// decoder can rebuild the weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerKind {
+    /// `(out_features, in_features)`.
+    Linear,
+    /// `(num_embeddings, embedding_dim)`.
+    Embedding,
+    /// `(out_channels, in_channels / groups, kh, kw)`.
+    Conv2d,
+}
+
+impl LayerKind {
+    fn rank(self) -> usize {
+        match self {
+            LayerKind::Linear | LayerKind::Embedding => 2,
+            LayerKind::Conv2d => 4,
+        }
+    }
+}
+
+/// A weight's shape cut into blocks of `block_size` along its input dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlockLayout {
+    kind: LayerKind,
+    shape: Vec<usize>,
+    block_size: usize,
+}
+
+impl BlockLayout {
+    /// Validates `shape` for `kind` and that `block_size` divides each row; errors name `tensor`.
+    pub fn new(tensor: &str, kind: LayerKind, shape: &[usize], block_size: usize) -> Result<Self> {
+        if shape.len() != kind.rank() {
+            return Err(Error::shape(
+                tensor,
+                format!("a {kind:?} weight has rank {}, got shape {shape:?}", kind.rank()),
+            ));
+        }
+        if shape.contains(&0) {
+            return Err(Error::shape(tensor, format!("shape {shape:?} has a zero dimension")));
+        }
+        let cols: usize = shape[1..].iter().product();
+        if block_size == 0 || cols % block_size != 0 {
+            return Err(Error::shape(
+                tensor,
+                format!(
+                    "block size {block_size} does not divide the {cols} inputs per row of shape {shape:?}"
+                ),
+            ));
+        }
+        Ok(Self {
+            kind,
+            shape: shape.to_vec(),
+            block_size,
+        })
+    }
+
+    /// A Linear weight `(out, in)`.
+    pub fn linear(tensor: &str, shape: &[usize], block_size: usize) -> Result<Self> {
+        Self::new(tensor, LayerKind::Linear, shape, block_size)
+    }
+
+    /// An Embedding weight `(num, dim)`.
+    pub fn embedding(tensor: &str, shape: &[usize], block_size: usize) -> Result<Self> {
+        Self::new(tensor, LayerKind::Embedding, shape, block_size)
+    }
+
+    /// A Conv2d weight `(out, in/groups, kh, kw)`.
+    pub fn conv2d(tensor: &str, shape: &[usize], block_size: usize) -> Result<Self> {
+        Self::new(tensor, LayerKind::Conv2d, shape, block_size)
+    }
+
+    /// The paper's default block size for a conv: one whole kernel for k x k, 4 input channels for 1x1
+    /// (fewer when the filter has fewer inputs, e.g. depthwise).
+    pub fn default_conv_block_size(shape: &[usize]) -> usize {
+        match shape {
+            [_, _, kh, kw] if kh * kw > 1 => kh * kw,
+            [_, cin, _, _] => (*cin).clamp(1, 4),
+            _ => 1,
+        }
+    }
+
+    /// The layer kind.
+    pub fn kind(&self) -> LayerKind {
+        self.kind
+    }
+
+    /// The weight's full shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Elements per block (the PQ sub-vector dimension `d`).
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Output units (first dimension).
+    pub fn rows(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Inputs per output unit.
+    pub fn cols(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+
+    /// Blocks in one row.
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols() / self.block_size
+    }
+
+    /// Blocks in the whole weight (the number of PQ sub-vectors).
+    pub fn n_blocks(&self) -> usize {
+        self.rows() * self.blocks_per_row()
+    }
+
+    /// Elements in the weight.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The sub-vector index of block `b` of row `o`.
+    pub fn subvector_index(&self, row: usize, block: usize) -> usize {
+        block * self.rows() + row
+    }
+
+    /// The same weight cut into blocks of another size.
+    pub fn with_block_size(&self, tensor: &str, block_size: usize) -> Result<Self> {
+        Self::new(tensor, self.kind, &self.shape, block_size)
+    }
+
+    fn check(&self, tensor: &Tensor, what: &str) -> Result<()> {
+        if tensor.dims() != self.shape.as_slice() {
+            return Err(Error::shape(
+                what,
+                format!("expected shape {:?}, got {:?}", self.shape, tensor.dims()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cuts `weight` into its `(n_blocks, block_size)` sub-vector matrix, row `j = b * rows + o`.
+    pub fn to_subvectors(&self, weight: &Tensor) -> Result<Tensor> {
+        self.check(weight, "weight")?;
+        let (rows, bpr, bs) = (self.rows(), self.blocks_per_row(), self.block_size);
+        Ok(weight
+            .reshape((rows, bpr, bs))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((bpr * rows, bs))?)
+    }
+
+    /// Inverse of [`Self::to_subvectors`]: rebuilds the weight from its sub-vector matrix.
+    pub fn from_subvectors(&self, subvectors: &Tensor) -> Result<Tensor> {
+        let (rows, bpr, bs) = (self.rows(), self.blocks_per_row(), self.block_size);
+        if subvectors.dims() != [bpr * rows, bs] {
+            return Err(Error::shape(
+                "subvectors",
+                format!("expected ({}, {bs}), got {:?}", bpr * rows, subvectors.dims()),
+            ));
+        }
+        Ok(subvectors
+            .reshape((bpr, rows, bs))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape(self.shape.as_slice())?)
+    }
+
+    /// Expands a per-block tensor `(rows, blocks_per_row)` to the weight's shape, repeating each value
+    /// over its block.
+    pub fn expand_block_values(&self, per_block: &Tensor) -> Result<Tensor> {
+        let (rows, bpr, bs) = (self.rows(), self.blocks_per_row(), self.block_size);
+        Ok(per_block
+            .reshape((rows, bpr, 1))?
+            .broadcast_as((rows, bpr, bs))?
+            .contiguous()?
+            .reshape(self.shape.as_slice())?)
+    }
+}

@@ -1,0 +1,91 @@
+//! The three distortions, each returning a new tensor.
+
+use candle_core::{DType, Tensor};
+
+use super::{BlockMask, NoiseRate};
+use crate::{
+    pq::{assign_nearest_reference, PqCodes},
+    scalar::{fake_quantize, QParams},
+    Error, Result,
+};
+
+fn check(weight: &Tensor, mask: &BlockMask) -> Result<()> {
+    if weight.dims() != mask.layout().shape() {
+        return Err(Error::shape(
+            "weight",
+            format!("shape {:?} does not match the mask's layout {:?}", weight.dims(), mask.layout().shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// Zeroes the noised blocks and scales the kept ones by `1/(1-p)`; `p = 1` drops everything.
+pub fn block_drop(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Tensor> {
+    check(weight, mask)?;
+    if p.get() >= 1.0 {
+        return Ok(weight.zeros_like()?);
+    }
+    let noised = mask.to_tensor(weight.dtype(), weight.device())?;
+    // keep = (1 - noised) / (1 - p)
+    let keep = noised.affine(-1.0 / (1.0 - p.get()), 1.0 / (1.0 - p.get()))?;
+    Ok(weight.mul(&keep)?)
+}
+
+/// Noised values become exactly `q`; their gradient is `grad_gate` (straight through). Kept values
+/// are the weight itself.
+fn replace_straight_through(weight: &Tensor, q: &Tensor, grad_gate: &Tensor, mask: &BlockMask) -> Result<Tensor> {
+    // `g - g.detach()` is exactly 0 with derivative `grad_gate`, so the value is exactly `q`.
+    let gated = weight.mul(grad_gate)?;
+    let noised = (gated.sub(&gated.detach())? + q.detach())?;
+    let flags = mask.to_tensor(DType::U8, weight.device())?;
+    Ok(flags.where_cond(&noised, weight)?)
+}
+
+/// Replaces the noised elements (mask block size 1) or blocks by their fake-quantized value.
+///
+/// The gradient of a noised value is 1 where the weight lies inside the grid's range and 0 where it
+/// was clamped (PyTorch's fake-quantize rule); out-of-range values are clamped, never reflected.
+pub fn scalar_noise(weight: &Tensor, params: &QParams, mask: &BlockMask) -> Result<Tensor> {
+    check(weight, mask)?;
+    let q = fake_quantize(weight, params)?;
+    let (lo, hi) = params.clamp_range()?;
+    let v = weight.detach().to_dtype(DType::F32)?.reshape(&params.view.view())?;
+    let inside = v
+        .broadcast_ge(&lo)?
+        .mul(&v.broadcast_le(&hi)?)?
+        .to_dtype(weight.dtype())?
+        .reshape(weight.dims())?;
+    replace_straight_through(weight, &q.to_dtype(weight.dtype())?, &inside, mask)
+}
+
+/// Replaces the noised blocks by their nearest centroid among `codes.centroids` (φ_PQ), with a
+/// straight-through gradient. The nearest centroid is searched for the weight's current values.
+pub fn pq_noise(weight: &Tensor, codes: &PqCodes, mask: &BlockMask) -> Result<Tensor> {
+    check(weight, mask)?;
+    let layout = &codes.layout;
+    if layout.shape() != mask.layout().shape() || layout.block_size() != mask.layout().block_size() {
+        return Err(Error::shape("mask", "the mask's blocks differ from the codebook's blocks"));
+    }
+    let sub = layout.to_subvectors(&weight.detach().to_dtype(DType::F32)?)?;
+    let (index, _) = nearest(&sub, &codes.centroids)?;
+    let q = codes.centroids.to_dtype(DType::F32)?.index_select(&index, 0)?;
+    let q = layout.from_subvectors(&q)?.to_dtype(weight.dtype())?;
+    let ones = weight.ones_like()?;
+    replace_straight_through(weight, &q, &ones, mask)
+}
+
+/// Nearest centroid per row: the optimised kernel on the CPU, tensor ops elsewhere.
+fn nearest(sub: &Tensor, centroids: &Tensor) -> Result<(Tensor, ())> {
+    if !matches!(sub.device(), candle_core::Device::Cpu) {
+        let (index, _) = assign_nearest_reference(sub, centroids)?;
+        return Ok((index, ()));
+    }
+    let (k, d) = centroids.dims2()?;
+    let table = crate::pq::CentroidTable::new(&centroids.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, k, d);
+    let points = sub.flatten_all()?.to_vec1::<f32>()?;
+    let n = points.len() / d;
+    let mut index = vec![0u32; n];
+    let mut partial = vec![0f32; n];
+    crate::pq::assign_nearest(&points, &table, &mut index, &mut partial);
+    Ok((Tensor::from_vec(index, n, sub.device())?, ()))
+}

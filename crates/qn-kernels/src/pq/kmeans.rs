@@ -1,0 +1,406 @@
+//! Lloyd's k-means with the guarantees PQ needs.
+//!
+//! - Initialisation by `K` distinct random points or by k-means++ (D² sampling).
+//! - Every iteration: assign each point to its nearest centroid, record the objective (the exact sum
+//!   of squared distances, accumulated in `f64`), move each centroid to the mean of its points.
+//! - An empty cluster is re-seeded from the most populated one: it gets that centroid plus a tiny
+//!   ± perturbation and takes the points that are now nearer to it. The populated centroid itself is
+//!   not moved, so the objective never increases (up to `f32` rounding of the GEMM-form distances).
+//! - Results depend only on the seed: work is split into fixed chunks whose partial sums are added
+//!   in a fixed order, so 1 thread and 16 threads give bit-identical centroids.
+//! - Optional sub-sampling: train on `max_points` random points, then assign all of them.
+//!
+//! ```
+//! use qn_kernels::pq::{kmeans, KMeansConfig};
+//! // Two well separated groups in 2-D.
+//! let points = [0.0f32, 0.0, 0.1, 0.0, 10.0, 10.0, 10.1, 10.0];
+//! let km = kmeans(&points, 2, &KMeansConfig::new(2).with_seed(1), &mut |_| {})?;
+//! assert_eq!(km.assignments[0], km.assignments[1]);
+//! assert_ne!(km.assignments[0], km.assignments[2]);
+//! # Ok::<(), qn_kernels::Error>(())
+//! ```
+
+use candle_core::{DType, Device, Tensor};
+use rand::{seq::index::sample, Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::assign::{assign_nearest, assign_nearest_reference, CentroidTable};
+use crate::{error::ensure_finite, Error, Result};
+
+/// How the first centroids are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KMeansInit {
+    /// `K` distinct random points (faiss's default).
+    RandomColumns,
+    /// k-means++: each next centroid drawn with probability proportional to D².
+    KMeansPlusPlus,
+}
+
+/// k-means settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KMeansConfig {
+    /// Number of centroids.
+    pub k: usize,
+    /// Lloyd iterations (assign + update).
+    pub iters: usize,
+    /// Initialisation.
+    pub init: KMeansInit,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Train on at most this many random points (all points are assigned at the end).
+    pub max_points: Option<usize>,
+}
+
+impl KMeansConfig {
+    /// `k` centroids, 20 iterations, random-points init, seed 0, all points.
+    pub fn new(k: usize) -> Self {
+        Self {
+            k,
+            iters: 20,
+            init: KMeansInit::RandomColumns,
+            seed: 0,
+            max_points: None,
+        }
+    }
+
+    /// With another iteration count.
+    pub fn with_iters(mut self, iters: usize) -> Self {
+        self.iters = iters;
+        self
+    }
+
+    /// With another seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// With another initialisation.
+    pub fn with_init(mut self, init: KMeansInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// Train on at most `max_points` random points.
+    pub fn with_max_points(mut self, max_points: Option<usize>) -> Self {
+        self.max_points = max_points;
+        self
+    }
+}
+
+/// Reported after every iteration.
+#[derive(Debug, Clone, Copy)]
+pub struct KMeansProgress {
+    /// Iterations done (1-based).
+    pub iter: usize,
+    /// Iterations in all.
+    pub iters: usize,
+    /// Sum of squared distances to the assigned centroids at this iteration's assignment step.
+    pub objective: f64,
+    /// Empty clusters re-seeded so far.
+    pub empty_splits: usize,
+}
+
+/// The result of k-means.
+#[derive(Debug, Clone)]
+pub struct KMeans {
+    /// Row-major `k * d` centroids.
+    pub centroids: Vec<f32>,
+    /// Number of centroids.
+    pub k: usize,
+    /// Dimension.
+    pub d: usize,
+    /// Nearest final centroid of every input point.
+    pub assignments: Vec<u32>,
+    /// The objective at each iteration's assignment step (on the training points).
+    pub history: Vec<f64>,
+    /// The objective of the final assignment of all points to the final centroids.
+    pub objective: f64,
+    /// Empty clusters re-seeded during training.
+    pub empty_splits: usize,
+}
+
+/// Backend of the assignment step.
+enum Assigner<'a> {
+    Cpu,
+    Device(&'a Device, Tensor),
+}
+
+impl Assigner<'_> {
+    fn assign(&self, points: &[f32], centroids: &[f32], k: usize, d: usize) -> Result<Vec<u32>> {
+        let n = points.len() / d;
+        match self {
+            Assigner::Cpu => {
+                let table = CentroidTable::new(centroids, k, d);
+                let mut index = vec![0u32; n];
+                let mut partial = vec![0f32; n];
+                assign_nearest(points, &table, &mut index, &mut partial);
+                Ok(index)
+            }
+            Assigner::Device(device, on_device) => {
+                let c = Tensor::from_slice(centroids, (k, d), device)?;
+                let (index, _) = assign_nearest_reference(on_device, &c)?;
+                Ok(index.to_vec1::<u32>()?)
+            }
+        }
+    }
+}
+
+/// Sums, counts and objective of one pass over assigned points.
+struct Accumulated {
+    sums: Vec<f64>,
+    counts: Vec<u64>,
+    objective: f64,
+}
+
+fn chunk_len(k: usize, d: usize) -> usize {
+    // Fixed from the problem size only (never the thread count), large enough that the per-chunk
+    // partial sums stay small next to the data.
+    (8192usize).max(2 * k * d)
+}
+
+fn accumulate(points: &[f32], index: &[u32], centroids: &[f32], k: usize, d: usize) -> Accumulated {
+    let chunk = chunk_len(k, d);
+    let parts: Vec<Accumulated> = points
+        .par_chunks(chunk * d)
+        .zip(index.par_chunks(chunk))
+        .map(|(p, idx)| {
+            let mut acc = Accumulated {
+                sums: vec![0.0; k * d],
+                counts: vec![0; k],
+                objective: 0.0,
+            };
+            for (x, &a) in p.chunks_exact(d).zip(idx) {
+                let a = a as usize;
+                acc.counts[a] += 1;
+                let c = &centroids[a * d..(a + 1) * d];
+                let s = &mut acc.sums[a * d..(a + 1) * d];
+                let mut dist = 0.0f64;
+                for j in 0..d {
+                    s[j] += x[j] as f64;
+                    let diff = (x[j] - c[j]) as f64;
+                    dist += diff * diff;
+                }
+                acc.objective += dist;
+            }
+            acc
+        })
+        .collect();
+    let mut total = Accumulated {
+        sums: vec![0.0; k * d],
+        counts: vec![0; k],
+        objective: 0.0,
+    };
+    for part in parts {
+        total.sums.iter_mut().zip(&part.sums).for_each(|(t, s)| *t += s);
+        total.counts.iter_mut().zip(&part.counts).for_each(|(t, c)| *t += c);
+        total.objective += part.objective;
+    }
+    total
+}
+
+fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+fn init_centroids(points: &[f32], d: usize, cfg: &KMeansConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let n = points.len() / d;
+    let row = |i: usize| &points[i * d..(i + 1) * d];
+    match cfg.init {
+        KMeansInit::RandomColumns => {
+            let mut picked = sample(rng, n, cfg.k).into_vec();
+            picked.sort_unstable();
+            picked.iter().flat_map(|&i| row(i).iter().copied()).collect()
+        }
+        KMeansInit::KMeansPlusPlus => {
+            let mut centroids = Vec::with_capacity(cfg.k * d);
+            centroids.extend_from_slice(row(rng.random_range(0..n)));
+            let mut nearest = vec![f32::INFINITY; n];
+            let chunk = 8192;
+            for c in 1..cfg.k {
+                let last = &centroids[(c - 1) * d..c * d];
+                let sums: Vec<f64> = nearest
+                    .par_chunks_mut(chunk)
+                    .zip(points.par_chunks(chunk * d))
+                    .map(|(near, p)| {
+                        let mut s = 0.0f64;
+                        for (m, x) in near.iter_mut().zip(p.chunks_exact(d)) {
+                            *m = m.min(squared_distance(x, last));
+                            s += *m as f64;
+                        }
+                        s
+                    })
+                    .collect();
+                let total: f64 = sums.iter().sum();
+                let pick = if total > 0.0 {
+                    let mut r = rng.random::<f64>() * total;
+                    let mut chosen = n - 1;
+                    'outer: for (ci, s) in sums.iter().enumerate() {
+                        if r >= *s {
+                            r -= s;
+                            continue;
+                        }
+                        let base = ci * chunk;
+                        for (off, &m) in nearest[base..(base + chunk).min(n)].iter().enumerate() {
+                            r -= m as f64;
+                            if r < 0.0 {
+                                chosen = base + off;
+                                break 'outer;
+                            }
+                        }
+                    }
+                    chosen
+                } else {
+                    rng.random_range(0..n)
+                };
+                centroids.extend_from_slice(row(pick));
+            }
+            centroids
+        }
+    }
+}
+
+/// Re-seeds every empty cluster from the most populated one; returns how many were re-seeded.
+fn split_empty(
+    points: &[f32],
+    index: &mut [u32],
+    counts: &mut [u64],
+    centroids: &mut [f32],
+    d: usize,
+    scale: f32,
+    rng: &mut ChaCha8Rng,
+) -> usize {
+    let k = counts.len();
+    let mut splits = 0;
+    for empty in 0..k {
+        if counts[empty] != 0 {
+            continue;
+        }
+        let big = (0..k).max_by_key(|&c| (counts[c], std::cmp::Reverse(c))).unwrap_or(0);
+        if counts[big] < 2 {
+            break;
+        }
+        for j in 0..d {
+            let c = centroids[big * d + j];
+            let step = c.abs().max(scale) / 1024.0;
+            let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            centroids[empty * d + j] = c + sign * step;
+        }
+        let (cb, ce) = (&centroids[big * d..(big + 1) * d], &centroids[empty * d..(empty + 1) * d]);
+        for (x, a) in points.chunks_exact(d).zip(index.iter_mut()) {
+            if *a as usize == big && squared_distance(x, ce) < squared_distance(x, cb) {
+                *a = empty as u32;
+                counts[big] -= 1;
+                counts[empty] += 1;
+            }
+        }
+        splits += 1;
+    }
+    splits
+}
+
+fn check(points: &[f32], d: usize, cfg: &KMeansConfig) -> Result<usize> {
+    if d == 0 || points.len() % d != 0 {
+        return Err(Error::config("k-means dimension", format!("{} values are not a whole number of {d}-vectors", points.len())));
+    }
+    let n = points.len() / d;
+    if cfg.k == 0 || cfg.k > n {
+        return Err(Error::config("centroids", format!("k = {} needs 1..={n} points, the input has {n}", cfg.k)));
+    }
+    if cfg.k > 1 << 16 {
+        return Err(Error::config("centroids", format!("k = {} exceeds the 65,536 that u16 codes hold", cfg.k)));
+    }
+    if let Some(0) = cfg.max_points {
+        return Err(Error::config("max_points", "must be at least 1"));
+    }
+    ensure_finite("k-means input", points)?;
+    Ok(n)
+}
+
+/// k-means of `n = points.len() / d` row-major points on the CPU.
+pub fn kmeans(
+    points: &[f32],
+    d: usize,
+    cfg: &KMeansConfig,
+    progress: &mut dyn FnMut(&KMeansProgress),
+) -> Result<KMeans> {
+    run(points, d, cfg, &Assigner::Cpu, progress)
+}
+
+/// k-means of the rows of a 2-D tensor on its own device: on the CPU the optimised kernel runs; on
+/// other devices the assignment step runs there as tensor ops and the (cheap) update on the host.
+pub fn kmeans_tensor(
+    points: &Tensor,
+    cfg: &KMeansConfig,
+    progress: &mut dyn FnMut(&KMeansProgress),
+) -> Result<KMeans> {
+    let (_, d) = points.dims2()?;
+    let host = points.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    match points.device() {
+        Device::Cpu => run(&host, d, cfg, &Assigner::Cpu, progress),
+        device => {
+            let on_device = points.to_dtype(DType::F32)?;
+            run(&host, d, cfg, &Assigner::Device(device, on_device), progress)
+        }
+    }
+}
+
+fn run(
+    points: &[f32],
+    d: usize,
+    cfg: &KMeansConfig,
+    assigner: &Assigner<'_>,
+    progress: &mut dyn FnMut(&KMeansProgress),
+) -> Result<KMeans> {
+    let n = check(points, d, cfg)?;
+    let k = cfg.k;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+
+    // Sub-sampling only applies to the CPU backend; a device backend always trains on all points.
+    let subset: Option<Vec<f32>> = match (cfg.max_points, assigner) {
+        (Some(m), Assigner::Cpu) if m < n && m >= k => {
+            let mut picked = sample(&mut rng, n, m).into_vec();
+            picked.sort_unstable();
+            Some(picked.iter().flat_map(|&i| points[i * d..(i + 1) * d].iter().copied()).collect())
+        }
+        _ => None,
+    };
+    let train = subset.as_deref().unwrap_or(points);
+
+    let rms = (train.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / train.len() as f64).sqrt() as f32;
+    let mut centroids = init_centroids(train, d, cfg, &mut rng);
+    let mut history = Vec::with_capacity(cfg.iters);
+    let mut empty_splits = 0;
+    for iter in 0..cfg.iters {
+        let mut index = assigner.assign(train, &centroids, k, d)?;
+        let acc = accumulate(train, &index, &centroids, k, d);
+        history.push(acc.objective);
+        let mut counts = acc.counts;
+        for c in 0..k {
+            if counts[c] > 0 {
+                for j in 0..d {
+                    centroids[c * d + j] = (acc.sums[c * d + j] / counts[c] as f64) as f32;
+                }
+            }
+        }
+        empty_splits += split_empty(train, &mut index, &mut counts, &mut centroids, d, rms, &mut rng);
+        progress(&KMeansProgress {
+            iter: iter + 1,
+            iters: cfg.iters,
+            objective: acc.objective,
+            empty_splits,
+        });
+    }
+    let assignments = assigner.assign(points, &centroids, k, d)?;
+    let objective = accumulate(points, &assignments, &centroids, k, d).objective;
+    Ok(KMeans {
+        centroids,
+        k,
+        d,
+        assignments,
+        history,
+        objective,
+        empty_splits,
+    })
+}
