@@ -1,8 +1,10 @@
 //! The histogram observer: choose the clipping range with the least L2 quantization error.
 //!
 //! Same idea as PyTorch's `HistogramObserver`: the values go into `bins` equal bins over
-//! `[min, max]`, then the range is shrunk one bin at a time from whichever end lowers the error more,
-//! and the best range seen is kept. The error of a candidate range is evaluated with the real grid it
+//! `[min, max]`, then the range is shrunk greedily in small steps of probability mass from the end
+//! where that step removes more bins, and the range with the least error seen is kept (PyTorch stops
+//! at the first increase; we keep walking until the error is well past the best, which finds the
+//! better range when the error is not unimodal). The error of a candidate range is evaluated with the real grid it
 //! produces (zero point rounding, 0 kept in range), every bin's mass placed at its centre; prefix sums
 //! of count, first and second moment make each evaluation `O(2^bits)`.
 
@@ -52,20 +54,39 @@ impl Histogram {
         let edge = |i: usize| (self.min as f64 + i as f64 * self.width()) as f32;
         let error = |start: usize, end: usize| moments.error(edge(start), edge(end + 1), config);
 
-        let (mut start, mut end) = (0, bins - 1);
-        let mut best = (error(start, end), start, end);
+        // Shrink in steps of probability mass, from whichever end the step moves further (the sparse
+        // side: an outlier's empty bins go in one step), as PyTorch's HistogramObserver does.
+        const MASS_STEP: f64 = 1e-5;
         // Beyond this, clipping error dominates and only grows; stopping saves most of the walk.
         const GIVE_UP: f64 = 1.5;
-        while end > start + 1 {
-            let left = error(start + 1, end);
-            let right = error(start, end - 1);
-            let current = if left <= right {
-                start += 1;
-                left
+        let total = moments.s0[bins];
+        let cum = |i: usize| moments.s0[i + 1];
+        let (mut start, mut end) = (0, bins - 1);
+        let (mut alpha, mut beta) = (0.0f64, 1.0f64);
+        let mut best = (error(start, end), start, end);
+        while alpha < beta {
+            let (next_alpha, next_beta) = (alpha + MASS_STEP, beta - MASS_STEP);
+            let mut l = start;
+            while l < end && cum(l) <= next_alpha * total {
+                l += 1;
+            }
+            let mut r = end;
+            while r > start && cum(r) >= next_beta * total {
+                r -= 1;
+            }
+            let (mut next_start, mut next_end) = (start, end);
+            if l - start > end - r {
+                next_start = l;
+                alpha = next_alpha;
             } else {
-                end -= 1;
-                right
-            };
+                next_end = r;
+                beta = next_beta;
+            }
+            if (next_start, next_end) == (start, end) {
+                continue;
+            }
+            (start, end) = (next_start, next_end);
+            let current = error(start, end);
             if current < best.0 {
                 best = (current, start, end);
             } else if current > GIVE_UP * best.0 {

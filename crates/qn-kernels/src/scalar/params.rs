@@ -177,6 +177,10 @@ pub fn observe(weight: &Tensor, config: &ScalarConfig) -> Result<QParams> {
     config.validate()?;
     let view = ParamView::new("weight", weight.dims(), config.granularity)?;
     let v = weight.to_dtype(DType::F32)?.reshape(&view.view())?;
+    // min/max skip NaN, so check finiteness first: x - x is NaN exactly where x is not finite.
+    if !v.sub(&v)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        crate::error::ensure_finite("weight", &v.flatten_all()?.to_vec1::<f32>()?)?;
+    }
     let (lo, hi) = match config.observer {
         ObserverKind::MinMax => {
             let (mut lo, mut hi) = (v.clone(), v);
@@ -188,13 +192,10 @@ pub fn observe(weight: &Tensor, config: &ScalarConfig) -> Result<QParams> {
             }
             let lo = lo.flatten_all()?.to_vec1::<f32>()?;
             let hi = hi.flatten_all()?.to_vec1::<f32>()?;
-            crate::error::ensure_finite("weight", &lo)?;
-            crate::error::ensure_finite("weight", &hi)?;
             (lo, hi)
         }
         ObserverKind::Histogram { bins } => {
             let values = v.flatten_all()?.to_vec1::<f32>()?;
-            crate::error::ensure_finite("weight", &values)?;
             let groups = view.group_values(&values);
             use rayon::prelude::*;
             groups
