@@ -29,7 +29,8 @@ fn link(target: &Path, at: &Path) -> Result<()> {
     if at.symlink_metadata().is_ok() {
         fs::remove_file(at)?;
     }
-    std::os::unix::fs::symlink(target, at).with_context(|| format!("link {} -> {}", at.display(), target.display()))
+    std::os::unix::fs::symlink(target, at)
+        .with_context(|| format!("link {} -> {}", at.display(), target.display()))
 }
 
 fn cuda_home() -> Result<PathBuf> {
@@ -60,16 +61,30 @@ fn cuda_home() -> Result<PathBuf> {
 
 pub(crate) fn check_cuda(extra: &[String]) -> Result<()> {
     let home = cuda_home()?;
-    let path = format!("{}:{}", home.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        home.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut cmd = cargo();
-    cmd.args(["check", "--package", "qn-cli", "--features", "cuda", "--target-dir"])
-        .arg(root().join("target/cuda-check"))
-        .args(extra)
-        .env("CUDA_HOME", &home)
-        .env("CUDA_PATH", &home)
-        .env("CUDA_ROOT", &home)
-        .env("CUDA_COMPUTE_CAP", std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into()))
-        .env("LD_LIBRARY_PATH", home.join("lib64"))
-        .env("PATH", path);
+    cmd.args([
+        "check",
+        "--package",
+        "qn-cli",
+        "--features",
+        "cuda",
+        "--target-dir",
+    ])
+    .arg(root().join("target/cuda-check"))
+    .args(extra)
+    .env("CUDA_HOME", &home)
+    .env("CUDA_PATH", &home)
+    .env("CUDA_ROOT", &home)
+    .env(
+        "CUDA_COMPUTE_CAP",
+        std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into()),
+    )
+    .env("LD_LIBRARY_PATH", home.join("lib64"))
+    .env("PATH", path);
     run(&mut cmd)
 }

@@ -19,21 +19,32 @@ pub(crate) fn venv(packages: &[&str]) -> Result<std::path::PathBuf> {
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(packages))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(packages))?;
     Ok(python)
 }
 
 fn json_number(line: &str, key: &str) -> Result<f64> {
     let pat = format!("\"{key}\": ");
-    let start = line.find(&pat).with_context(|| format!("no `{key}` in `{line}`"))? + pat.len();
+    let start = line
+        .find(&pat)
+        .with_context(|| format!("no `{key}` in `{line}`"))?
+        + pat.len();
     let rest = &line[start..];
     let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().parse().with_context(|| format!("`{key}` is not a number in `{line}`"))
+    rest[..end]
+        .trim()
+        .parse()
+        .with_context(|| format!("`{key}` is not a number in `{line}`"))
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
     let line = format!("{cmd:?}");
-    let out = cmd.current_dir(root()).output().with_context(|| format!("could not start {line}"))?;
+    let out = cmd
+        .current_dir(root())
+        .output()
+        .with_context(|| format!("could not start {line}"))?;
     if !out.status.success() {
         bail!("{line} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -47,16 +58,39 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub(crate) fn compare(rounds: usize) -> Result<()> {
     let python = venv(&["numpy", "faiss-cpu==1.15.1"])?;
-    run(cargo().args(["build", "--release", "--quiet", "--package", "qn-kernels", "--example", "kmeans_vs_faiss"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "qn-kernels",
+        "--example",
+        "kmeans_vs_faiss",
+    ]))?;
     let data = root().join("target/kmeans-bench.f32");
     let dims = [ROWS, COLS].map(|v| v.to_string());
-    run(Command::new(&python).arg("scripts/faiss_kmeans.py").arg("make").arg(&data).args(&dims).arg("0"))?;
+    run(Command::new(&python)
+        .arg("scripts/faiss_kmeans.py")
+        .arg("make")
+        .arg(&data)
+        .args(&dims)
+        .arg("0"))?;
     let params = [ROWS, COLS, D, K, ITERS].map(|v| v.to_string());
     let ours_bin = root().join("target/release/examples/kmeans_vs_faiss");
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let (mut ours_mse, mut theirs_mse) = (0.0, 0.0);
     for round in 1..=rounds.max(1) {
-        let f = output(Command::new(&python).arg("scripts/faiss_kmeans.py").arg("run").arg(&data).args(&params))?;
+        // Some machines set OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE to dodge old OpenBLAS bugs; they
+        // slow a current build, so the peer runs without them (as a user's machine would).
+        let f = output(
+            Command::new(&python)
+                .env_remove("OPENBLAS_CORETYPE")
+                .env_remove("OPENBLAS_L2_SIZE")
+                .arg("scripts/faiss_kmeans.py")
+                .arg("run")
+                .arg(&data)
+                .args(&params),
+        )?;
         let o = output(Command::new(&ours_bin).arg(&data).args(&params[..]))?;
         eprintln!("round {round}: faiss {f}\nround {round}: ours  {o}");
         theirs.push(json_number(&f, "seconds")?);
@@ -65,11 +99,18 @@ pub(crate) fn compare(rounds: usize) -> Result<()> {
         ours_mse = json_number(&o, "relative_mse")?;
     }
     let (o, t) = (median(ours), median(theirs));
-    println!("k-means {ROWS}x{COLS}, d = {D}, K = {K}, {ITERS} iterations, all {} sub-vectors", ROWS * COLS / D);
+    println!(
+        "k-means {ROWS}x{COLS}, d = {D}, K = {K}, {ITERS} iterations, all {} sub-vectors",
+        ROWS * COLS / D
+    );
     println!("| | seconds (median of {rounds}) | relative MSE |");
     println!("|---|---|---|");
     println!("| qn-kernels | {o:.3} | {ours_mse:.4} |");
     println!("| faiss-cpu 1.15.1 | {t:.3} | {theirs_mse:.4} |");
-    println!("time ratio ours/faiss = {:.2}; MSE difference = {:+.2} %", o / t, (ours_mse / theirs_mse - 1.0) * 100.0);
+    println!(
+        "time ratio ours/faiss = {:.2}; MSE difference = {:+.2} %",
+        o / t,
+        (ours_mse / theirs_mse - 1.0) * 100.0
+    );
     Ok(())
 }

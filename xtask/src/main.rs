@@ -23,7 +23,10 @@ use anyhow::{bail, Context, Result};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
+    let (cmd, rest) = args
+        .split_first()
+        .map(|(c, r)| (c.as_str(), r))
+        .unwrap_or(("help", &[]));
     match cmd {
         "test" => test(rest),
         "demo" => demo(rest),
@@ -39,7 +42,10 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 pub(crate) fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
 }
 
 /// Runs a command from the workspace root, failing with its command line when it fails.
@@ -47,7 +53,9 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     cmd.current_dir(root());
     let line = format!("{cmd:?}");
     eprintln!("xtask: {line}");
-    let status = cmd.status().with_context(|| format!("could not start {line}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {line}"))?;
     if !status.success() {
         bail!("{line} failed with {status}");
     }
@@ -61,13 +69,25 @@ pub(crate) fn cargo() -> Command {
 fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     // One optimised build serves the tests and the benches (candle unoptimised is 10-20x slower).
-    run(cargo().args(["test", "--workspace", "--release"]).args(extra))?;
+    run(cargo()
+        .args(["test", "--workspace", "--release"])
+        .args(extra))?;
     run(cargo().args(["bench", "--workspace", "--no-run"]))?;
     Ok(())
 }
 
 fn demo(extra: &[String]) -> Result<()> {
-    run(cargo().args(["run", "--release", "--quiet", "--package", "qn-cli", "--", "demo"]).args(extra))
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "qn-cli",
+            "--",
+            "demo",
+        ])
+        .args(extra))
 }
 
 fn bench_kernels(args: &[String]) -> Result<()> {
@@ -78,7 +98,11 @@ fn bench_kernels(args: &[String]) -> Result<()> {
         match a.as_str() {
             "--vs-faiss" => vs_faiss = true,
             "--rounds" => {
-                rounds = it.next().context("--rounds needs a number")?.parse().context("--rounds needs a number")?
+                rounds = it
+                    .next()
+                    .context("--rounds needs a number")?
+                    .parse()
+                    .context("--rounds needs a number")?
             }
             other => bail!("bench-kernels: unknown argument `{other}`"),
         }

@@ -55,7 +55,12 @@ fn scalar_row(w: &Tensor, name: &str, cfg: ScalarConfig) -> Result<Row> {
 fn pq_row(w: &Tensor, name: &str, d: usize, k: usize, seed: u64) -> Result<Row> {
     let layout = BlockLayout::linear(name, w.dims(), d)?;
     let start = Instant::now();
-    let codes = pq::encode(w, &layout, &KMeansConfig::new(k).with_seed(seed), &mut |_| {})?;
+    let codes = pq::encode(
+        w,
+        &layout,
+        &KMeansConfig::new(k).with_seed(seed),
+        &mut |_| {},
+    )?;
     let back = codes.decode()?;
     let millis = start.elapsed().as_secs_f64() * 1e3;
     // Index bits plus an f16 codebook.
@@ -84,20 +89,32 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         anyhow::bail!("{}: holds no 2-D tensor to quantize", path.display());
     }
     println!("weights: {}", path.display());
-    println!("{:<46} {:<28} {:>10} {:>12} {:>9}", "tensor", "method", "bits/w", "rel. MSE", "ms");
+    println!(
+        "{:<46} {:<28} {:>10} {:>12} {:>9}",
+        "tensor", "method", "bits/w", "rel. MSE", "ms"
+    );
     for name in names {
         let w = tensors[name].to_dtype(candle_core::DType::F32)?;
         let per_channel = Granularity::PerChannel { axis: 0 };
         let rows = [
             scalar_row(&w, name, ScalarConfig::int8().with_granularity(per_channel))?,
             scalar_row(&w, name, ScalarConfig::int4().with_granularity(per_channel))?,
-            scalar_row(&w, name, ScalarConfig::int4().with_granularity(per_channel).with_observer(ObserverKind::HISTOGRAM))?,
+            scalar_row(
+                &w,
+                name,
+                ScalarConfig::int4()
+                    .with_granularity(per_channel)
+                    .with_observer(ObserverKind::HISTOGRAM),
+            )?,
             pq_row(&w, name, 4, 256, args.seed)?,
             pq_row(&w, name, 8, 256, args.seed)?,
         ];
         let label = format!("{name} {:?}", w.dims());
         for r in rows {
-            println!("{label:<46} {:<28} {:>10.3} {:>12.5} {:>9.1}", r.method, r.bits, r.rel_mse, r.millis);
+            println!(
+                "{label:<46} {:<28} {:>10.3} {:>12.5} {:>9.1}",
+                r.method, r.bits, r.rel_mse, r.millis
+            );
         }
     }
     Ok(())

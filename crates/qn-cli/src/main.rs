@@ -13,7 +13,11 @@ mod demo;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "qn", version, about = "Extreme model compression with quantization noise")]
+#[command(
+    name = "qn",
+    version,
+    about = "Extreme model compression with quantization noise"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,1 +1,153 @@
-fn main(){}
+//! Criterion benches of every hot path of qn-kernels, on the 1024 x 4096 N(0, 0.02) matrix.
+//!
+//! `cargo bench -p qn-kernels` (or `cargo xtask bench-kernels`). Each optimised kernel is measured
+//! next to its plain-tensor `*_reference` twin, so the report reads as a ratio in one run.
+
+use std::hint::black_box;
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use qn_kernels::{
+    layout::BlockLayout,
+    noise::{block_drop, pq_noise, scalar_noise, BlockMask, NoiseRate},
+    pq::{self, assign_nearest, assign_nearest_reference, CentroidTable, KMeansConfig},
+    scalar::{self, Granularity, ScalarConfig},
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+const ROWS: usize = 1024;
+const COLS: usize = 4096;
+
+fn matrix() -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let normal = Normal::new(0.0f32, 0.02).unwrap();
+    let v: Vec<f32> = (0..ROWS * COLS).map(|_| normal.sample(&mut rng)).collect();
+    Tensor::from_vec(v, (ROWS, COLS), &Device::Cpu).unwrap()
+}
+
+fn bench_kmeans(c: &mut Criterion) {
+    let w = matrix();
+    let layout = BlockLayout::linear("w", w.dims(), 8).unwrap();
+    let sub = layout
+        .to_subvectors(&w)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut g = c.benchmark_group("kmeans");
+    g.sample_size(10);
+    g.bench_function("1024x4096 d8 K256 20 iters", |b| {
+        b.iter(|| pq::kmeans(black_box(&sub), 8, &KMeansConfig::new(256), &mut |_| {}).unwrap())
+    });
+    g.finish();
+
+    let km = pq::kmeans(&sub, 8, &KMeansConfig::new(256).with_iters(2), &mut |_| {}).unwrap();
+    let table = CentroidTable::new(&km.centroids, 256, 8);
+    let n = sub.len() / 8;
+    let (mut index, mut partial) = (vec![0u32; n], vec![0f32; n]);
+    let mut g = c.benchmark_group("assign_nearest 524288 points d8 K256");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("kernel", |b| {
+        b.iter(|| assign_nearest(black_box(&sub), &table, &mut index, &mut partial))
+    });
+    let points = Tensor::from_slice(&sub, (n, 8), &Device::Cpu).unwrap();
+    let centroids = Tensor::from_slice(&km.centroids, (256, 8), &Device::Cpu).unwrap();
+    g.bench_function("reference (matmul + argmin)", |b| {
+        b.iter(|| assign_nearest_reference(black_box(&points), &centroids).unwrap())
+    });
+    g.finish();
+}
+
+fn bench_scalar(c: &mut Criterion) {
+    let w = matrix();
+    let mut g = c.benchmark_group("fake_quantize 1024x4096");
+    g.throughput(Throughput::Bytes((ROWS * COLS * 4) as u64));
+    for (name, cfg) in [
+        ("int8 per-tensor", ScalarConfig::int8()),
+        (
+            "int4 per-channel",
+            ScalarConfig::int4().with_granularity(Granularity::PerChannel { axis: 0 }),
+        ),
+        (
+            "int4 group 128",
+            ScalarConfig::int4().with_granularity(Granularity::PerGroup { size: 128 }),
+        ),
+    ] {
+        let params = scalar::observe(&w, &cfg).unwrap();
+        g.bench_function(name, |b| {
+            b.iter(|| scalar::fake_quantize(black_box(&w), &params).unwrap())
+        });
+    }
+    g.sample_size(10);
+    g.bench_function("observe int8 per-tensor histogram", |b| {
+        let cfg = ScalarConfig::int8().with_observer(scalar::ObserverKind::HISTOGRAM);
+        b.iter(|| scalar::observe(black_box(&w), &cfg).unwrap())
+    });
+    g.finish();
+}
+
+fn bench_noise(c: &mut Criterion) {
+    let w = matrix();
+    let layout = BlockLayout::linear("w", w.dims(), 8).unwrap();
+    let p = NoiseRate::new(0.1).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut g = c.benchmark_group("noise 1024x4096 p0.1");
+    g.throughput(Throughput::Bytes((ROWS * COLS * 4) as u64));
+    g.bench_function("mask sample (block 8)", |b| {
+        b.iter(|| BlockMask::sample(&layout, p, &mut rng))
+    });
+    let mask = BlockMask::sample(&layout, p, &mut rng);
+    g.bench_function("block_drop (mask given)", |b| {
+        b.iter(|| block_drop(black_box(&w), &mask, p).unwrap())
+    });
+    let per_element = BlockLayout::linear("w", w.dims(), 1).unwrap();
+    let emask = BlockMask::sample(&per_element, p, &mut rng);
+    let params = scalar::observe(&w, &ScalarConfig::int8()).unwrap();
+    g.bench_function("scalar_noise int8 per element", |b| {
+        b.iter(|| scalar_noise(black_box(&w), &params, &emask).unwrap())
+    });
+    let codes = pq::encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(256).with_iters(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    g.sample_size(10);
+    g.bench_function("pq_noise d8 K256", |b| {
+        b.iter(|| pq_noise(black_box(&w), &codes, &mask).unwrap())
+    });
+    g.finish();
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let w = matrix();
+    let layout = BlockLayout::linear("w", w.dims(), 8).unwrap();
+    let codes = pq::encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(256).with_iters(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("pq decode 1024x4096 d8 K256 (bytes = f32 out)");
+    g.throughput(Throughput::Bytes((ROWS * COLS * 4) as u64));
+    g.bench_function("decode", |b| b.iter(|| codes.decode().unwrap()));
+    g.bench_function("decode_reference (index_select + transpose)", |b| {
+        b.iter(|| codes.decode_reference().unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_kmeans,
+    bench_scalar,
+    bench_noise,
+    bench_decode
+);
+criterion_main!(benches);

@@ -19,12 +19,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: kmeans_vs_faiss <weight.f32> <rows> <cols> <d> <k> <iters>".into());
     }
     let bytes = std::fs::read(&args[0]).map_err(|e| format!("{}: {e}", args[0]))?;
-    let n: Vec<usize> = args[1..].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let n: Vec<usize> = args[1..]
+        .iter()
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     let (rows, cols, d, k, iters) = (n[0], n[1], n[2], n[3], n[4]);
     if bytes.len() != rows * cols * 4 {
-        return Err(format!("{}: {} bytes, expected {rows} x {cols} f32", args[0], bytes.len()).into());
+        return Err(format!(
+            "{}: {} bytes, expected {rows} x {cols} f32",
+            args[0],
+            bytes.len()
+        )
+        .into());
     }
-    let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     let w = Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
     let layout = BlockLayout::linear("weight", w.dims(), d)?;
     let sub = layout.to_subvectors(&w)?.flatten_all()?.to_vec1::<f32>()?;
@@ -33,6 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let km = pq::kmeans(&sub, d, &cfg, &mut |_| {})?;
     let seconds = start.elapsed().as_secs_f64();
     let norm: f64 = sub.iter().map(|v| (*v as f64) * (*v as f64)).sum();
-    println!("{{\"seconds\": {seconds:.4}, \"relative_mse\": {:.6}, \"threads\": {}}}", km.objective / norm, rayon::current_num_threads());
+    println!(
+        "{{\"seconds\": {seconds:.4}, \"relative_mse\": {:.6}, \"threads\": {}}}",
+        km.objective / norm,
+        rayon::current_num_threads()
+    );
     Ok(())
 }

@@ -62,11 +62,17 @@ impl BlockLayout {
         if shape.len() != kind.rank() {
             return Err(Error::shape(
                 tensor,
-                format!("a {kind:?} weight has rank {}, got shape {shape:?}", kind.rank()),
+                format!(
+                    "a {kind:?} weight has rank {}, got shape {shape:?}",
+                    kind.rank()
+                ),
             ));
         }
         if shape.contains(&0) {
-            return Err(Error::shape(tensor, format!("shape {shape:?} has a zero dimension")));
+            return Err(Error::shape(
+                tensor,
+                format!("shape {shape:?} has a zero dimension"),
+            ));
         }
         let cols: usize = shape[1..].iter().product();
         if block_size == 0 || cols % block_size != 0 {
@@ -186,7 +192,11 @@ impl BlockLayout {
         if subvectors.dims() != [bpr * rows, bs] {
             return Err(Error::shape(
                 "subvectors",
-                format!("expected ({}, {bs}), got {:?}", bpr * rows, subvectors.dims()),
+                format!(
+                    "expected ({}, {bs}), got {:?}",
+                    bpr * rows,
+                    subvectors.dims()
+                ),
             ));
         }
         Ok(subvectors

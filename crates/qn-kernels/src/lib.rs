@@ -42,7 +42,11 @@ pub fn relative_mse(original: &Tensor, approx: &Tensor) -> Result<f64> {
     if original.dims() != approx.dims() {
         return Err(Error::shape(
             "approximation",
-            format!("shape {:?} differs from the original's {:?}", approx.dims(), original.dims()),
+            format!(
+                "shape {:?} differs from the original's {:?}",
+                approx.dims(),
+                original.dims()
+            ),
         ));
     }
     let a = original.to_dtype(DType::F64)?;

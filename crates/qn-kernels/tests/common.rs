@@ -19,6 +19,7 @@ pub fn gaussian_tensor(shape: &[usize], std: f32, seed: u64) -> Tensor {
     Tensor::from_vec(gaussian(n, std, seed), shape, &Device::Cpu).unwrap()
 }
 
+/// A seeded generator.
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }

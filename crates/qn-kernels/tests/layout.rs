@@ -5,7 +5,10 @@ use qn_kernels::layout::{BlockLayout, LayerKind};
 
 fn arange(shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap().reshape(shape).unwrap()
+    Tensor::arange(0f32, n as f32, &Device::Cpu)
+        .unwrap()
+        .reshape(shape)
+        .unwrap()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -20,7 +23,14 @@ fn linear_columns_follow_the_reference_order() {
     let sub = layout.to_subvectors(&w).unwrap();
     assert_eq!(
         rows(&sub),
-        vec![vec![0., 1.], vec![4., 5.], vec![8., 9.], vec![2., 3.], vec![6., 7.], vec![10., 11.]]
+        vec![
+            vec![0., 1.],
+            vec![4., 5.],
+            vec![8., 9.],
+            vec![2., 3.],
+            vec![6., 7.],
+            vec![10., 11.]
+        ]
     );
     assert_eq!(layout.subvector_index(2, 1), 5);
     assert_eq!(rows(&layout.from_subvectors(&sub).unwrap()), rows(&w));
@@ -32,8 +42,23 @@ fn embedding_blocks_cut_each_row() {
     let layout = BlockLayout::embedding("emb", w.dims(), 3).unwrap();
     assert_eq!(layout.kind(), LayerKind::Embedding);
     let sub = layout.to_subvectors(&w).unwrap();
-    assert_eq!(rows(&sub), vec![vec![0., 1., 2.], vec![6., 7., 8.], vec![3., 4., 5.], vec![9., 10., 11.]]);
-    assert_eq!(layout.from_subvectors(&sub).unwrap().to_vec2::<f32>().unwrap(), rows(&w));
+    assert_eq!(
+        rows(&sub),
+        vec![
+            vec![0., 1., 2.],
+            vec![6., 7., 8.],
+            vec![3., 4., 5.],
+            vec![9., 10., 11.]
+        ]
+    );
+    assert_eq!(
+        layout
+            .from_subvectors(&sub)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
+        rows(&w)
+    );
 }
 
 #[test]
@@ -54,7 +79,10 @@ fn conv_kxk_block_is_one_kernel() {
         ]
     );
     let back = layout.from_subvectors(&sub).unwrap();
-    assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -66,7 +94,12 @@ fn conv_1x1_blocks_are_consecutive_input_channels() {
     let sub = layout.to_subvectors(&w).unwrap();
     assert_eq!(
         rows(&sub),
-        vec![vec![0., 1., 2., 3.], vec![8., 9., 10., 11.], vec![4., 5., 6., 7.], vec![12., 13., 14., 15.]]
+        vec![
+            vec![0., 1., 2., 3.],
+            vec![8., 9., 10., 11.],
+            vec![4., 5., 6., 7.],
+            vec![12., 13., 14., 15.]
+        ]
     );
     // Mask of the weight's own shape: 2 rows x 2 blocks.
     assert_eq!((layout.rows(), layout.blocks_per_row()), (2, 2));
@@ -77,22 +110,39 @@ fn conv_1x1_blocks_are_consecutive_input_channels() {
 #[test]
 fn depthwise_conv_has_one_kernel_per_channel() {
     let w = arange(&[3, 1, 3, 3]);
-    let layout = BlockLayout::conv2d("dw", w.dims(), BlockLayout::default_conv_block_size(w.dims())).unwrap();
+    let layout = BlockLayout::conv2d(
+        "dw",
+        w.dims(),
+        BlockLayout::default_conv_block_size(w.dims()),
+    )
+    .unwrap();
     assert_eq!(layout.block_size(), 9);
     assert_eq!(layout.n_blocks(), 3);
     let sub = layout.to_subvectors(&w).unwrap();
     assert_eq!(sub.dims(), &[3, 9]);
-    assert_eq!(sub.get(1).unwrap().to_vec1::<f32>().unwrap(), (9..18).map(|v| v as f32).collect::<Vec<_>>());
+    assert_eq!(
+        sub.get(1).unwrap().to_vec1::<f32>().unwrap(),
+        (9..18).map(|v| v as f32).collect::<Vec<_>>()
+    );
     // Depthwise 1x1 (one input per filter): the default block is the single input.
     assert_eq!(BlockLayout::default_conv_block_size(&[8, 1, 1, 1]), 1);
 }
 
 #[test]
 fn divisibility_and_rank_errors_name_the_tensor() {
-    let err = BlockLayout::linear("encoder.layer.0.fc1.weight", &[4, 10], 8).unwrap_err().to_string();
-    assert!(err.contains("encoder.layer.0.fc1.weight") && err.contains("block size 8"), "{err}");
-    let err = BlockLayout::conv2d("stem", &[4, 3], 1).unwrap_err().to_string();
+    let err = BlockLayout::linear("encoder.layer.0.fc1.weight", &[4, 10], 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("encoder.layer.0.fc1.weight") && err.contains("block size 8"),
+        "{err}"
+    );
+    let err = BlockLayout::conv2d("stem", &[4, 3], 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("stem") && err.contains("rank 4"), "{err}");
-    let err = BlockLayout::linear("z", &[0, 4], 1).unwrap_err().to_string();
+    let err = BlockLayout::linear("z", &[0, 4], 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("zero dimension"), "{err}");
 }

@@ -12,15 +12,32 @@ use qn_kernels::scalar::{fake_quantize, observe, ScalarConfig};
 fn layouts() -> Vec<(BlockLayout, &'static str)> {
     vec![
         (BlockLayout::linear("fc", &[64, 128], 8).unwrap(), "linear"),
-        (BlockLayout::embedding("emb", &[100, 32], 8).unwrap(), "embedding"),
-        (BlockLayout::conv2d("conv3x3", &[16, 8, 3, 3], 9).unwrap(), "conv 3x3"),
-        (BlockLayout::conv2d("conv1x1", &[32, 16, 1, 1], 4).unwrap(), "conv 1x1"),
-        (BlockLayout::conv2d("depthwise", &[32, 1, 3, 3], 9).unwrap(), "depthwise"),
+        (
+            BlockLayout::embedding("emb", &[100, 32], 8).unwrap(),
+            "embedding",
+        ),
+        (
+            BlockLayout::conv2d("conv3x3", &[16, 8, 3, 3], 9).unwrap(),
+            "conv 3x3",
+        ),
+        (
+            BlockLayout::conv2d("conv1x1", &[32, 16, 1, 1], 4).unwrap(),
+            "conv 1x1",
+        ),
+        (
+            BlockLayout::conv2d("depthwise", &[32, 1, 3, 3], 9).unwrap(),
+            "depthwise",
+        ),
     ]
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 #[test]
@@ -31,14 +48,23 @@ fn dropped_fraction_is_within_four_sigma_of_p() {
     for p in [0.05, 0.1, 0.5, 0.9] {
         let mask = BlockMask::sample(&layout, NoiseRate::new(p).unwrap(), &mut r);
         let sigma = (p * (1.0 - p) / n).sqrt();
-        assert!((mask.noised_fraction() - p).abs() < 4.0 * sigma, "p = {p}: {}", mask.noised_fraction());
+        assert!(
+            (mask.noised_fraction() - p).abs() < 4.0 * sigma,
+            "p = {p}: {}",
+            mask.noised_fraction()
+        );
     }
 }
 
 #[test]
 fn block_drop_drops_whole_blocks_and_is_unbiased() {
     for (layout, what) in layouts() {
-        let w = Tensor::from_vec(gaussian(layout.numel(), 1.0, 2), layout.shape(), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(
+            gaussian(layout.numel(), 1.0, 2),
+            layout.shape(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let p = NoiseRate::new(0.25).unwrap();
         let mut r = rng(3);
         let draws = 400;
@@ -55,19 +81,31 @@ fn block_drop_drops_whole_blocks_and_is_unbiased() {
                     let j = layout.subvector_index(o, b);
                     let dropped = mask.noised()[o * layout.blocks_per_row() + b];
                     for e in 0..bs {
-                        let expect = if dropped { 0.0 } else { orig[j * bs + e] / 0.75 };
-                        assert!((sub[j * bs + e] - expect).abs() < 1e-5, "{what}: block ({o}, {b})");
+                        let expect = if dropped {
+                            0.0
+                        } else {
+                            orig[j * bs + e] / 0.75
+                        };
+                        assert!(
+                            (sub[j * bs + e] - expect).abs() < 1e-5,
+                            "{what}: block ({o}, {b})"
+                        );
                     }
                 }
             }
-            sum.iter_mut().zip(values(&noisy)).for_each(|(s, v)| *s += v);
+            sum.iter_mut()
+                .zip(values(&noisy))
+                .for_each(|(s, v)| *s += v);
         }
         // E[noisy] = W: the mean of the draws is within 5 standard errors of W everywhere.
         let w = values(&w);
         let se_factor = (0.25f64 / 0.75 / draws as f64).sqrt();
         for (i, (s, wi)) in sum.iter().zip(&w).enumerate() {
             let mean = s / draws as f64;
-            assert!((mean - wi).abs() <= 5.0 * se_factor * wi.abs() + 1e-9, "{what}: element {i}: {mean} vs {wi}");
+            assert!(
+                (mean - wi).abs() <= 5.0 * se_factor * wi.abs() + 1e-9,
+                "{what}: element {i}: {mean} vs {wi}"
+            );
         }
     }
 }
@@ -81,12 +119,17 @@ fn rates_zero_and_one() {
     let mask0 = BlockMask::sample(&layout, zero, &mut rng(1));
     assert_eq!(values(&block_drop(&w, &mask0, zero).unwrap()), values(&w));
     let mask1 = BlockMask::sample(&layout, one, &mut rng(1));
-    assert!(values(&block_drop(&w, &mask1, one).unwrap()).iter().all(|&v| v == 0.0));
+    assert!(values(&block_drop(&w, &mask1, one).unwrap())
+        .iter()
+        .all(|&v| v == 0.0));
     // p = 1 scalar noise is ordinary fake quantization (QAT).
     let params = observe(&w, &ScalarConfig::int4()).unwrap();
     let per_element = BlockLayout::linear("fc", &[8, 16], 1).unwrap();
     let all = BlockMask::sample(&per_element, one, &mut rng(2));
-    assert_eq!(values(&scalar_noise(&w, &params, &all).unwrap()), values(&fake_quantize(&w, &params).unwrap()));
+    assert_eq!(
+        values(&scalar_noise(&w, &params, &all).unwrap()),
+        values(&fake_quantize(&w, &params).unwrap())
+    );
     assert!(NoiseRate::new(1.5).is_err() && NoiseRate::new(-0.1).is_err());
 }
 
@@ -100,7 +143,13 @@ fn autograd(w: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor) -> (Vec<f64>,
 }
 
 /// Central finite difference of `L` at element `i`.
-fn finite_difference(w: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, i: usize, h: f64) -> f64 {
+fn finite_difference(
+    w: &Tensor,
+    g: &Tensor,
+    f: &dyn Fn(&Tensor) -> Tensor,
+    i: usize,
+    h: f64,
+) -> f64 {
     let base = values(w);
     let at = |delta: f64| {
         let mut v = base.clone();
@@ -114,15 +163,25 @@ fn finite_difference(w: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, i: u
 #[test]
 fn block_drop_gradient_matches_finite_differences() {
     let layout = BlockLayout::conv2d("conv", &[4, 2, 3, 3], 9).unwrap();
-    let w = Tensor::from_vec(gaussian(72, 1.0, 5), layout.shape(), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-    let g = Tensor::from_vec(gaussian(72, 1.0, 6), layout.shape(), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let w = Tensor::from_vec(gaussian(72, 1.0, 5), layout.shape(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let g = Tensor::from_vec(gaussian(72, 1.0, 6), layout.shape(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let p = NoiseRate::new(0.3).unwrap();
     let mask = BlockMask::sample(&layout, p, &mut rng(7));
     let f = |t: &Tensor| block_drop(t, &mask, p).unwrap();
     let (grad, _) = autograd(&w, &g, &f);
     for i in 0..72 {
         let fd = finite_difference(&w, &g, &f, i, 1e-3);
-        assert!((grad[i] - fd).abs() < 1e-8, "element {i}: autograd {} vs finite difference {fd}", grad[i]);
+        assert!(
+            (grad[i] - fd).abs() < 1e-8,
+            "element {i}: autograd {} vs finite difference {fd}",
+            grad[i]
+        );
     }
 }
 
@@ -133,7 +192,10 @@ fn scalar_noise_gradients_kept_exact_noised_straight_through() {
     wv[3] = 9.0; // far outside any range observed below
     let w32 = Tensor::from_vec(wv, (6, 20), &Device::Cpu).unwrap();
     let w = w32.to_dtype(DType::F64).unwrap();
-    let g = Tensor::from_vec(gaussian(120, 1.0, 9), (6, 20), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let g = Tensor::from_vec(gaussian(120, 1.0, 9), (6, 20), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     // Parameters observed on a clipped copy, so that element 3 lies outside the grid.
     let params = observe(&w32.clamp(-3f32, 3f32).unwrap(), &ScalarConfig::int4()).unwrap();
     let mut flags = vec![false; 120];
@@ -154,20 +216,37 @@ fn scalar_noise_gradients_kept_exact_noised_straight_through() {
         } else {
             assert_eq!(out[i], wv[i], "element {i}: kept values are exact");
             let fd = finite_difference(&w, &g, &f, i, 1e-4);
-            assert!((grad[i] - fd).abs() < 1e-8, "element {i}: {} vs {fd}", grad[i]);
+            assert!(
+                (grad[i] - fd).abs() < 1e-8,
+                "element {i}: {} vs {fd}",
+                grad[i]
+            );
         }
     }
-    assert!(out[3] < 3.5, "the out-of-range element is clamped: {}", out[3]);
+    assert!(
+        out[3] < 3.5,
+        "the out-of-range element is clamped: {}",
+        out[3]
+    );
 }
 
 #[test]
 fn pq_noise_replaces_blocks_by_their_nearest_centroid() {
     let layout = BlockLayout::linear("fc", &[32, 64], 4).unwrap();
     let w32 = Tensor::from_vec(gaussian(2048, 1.0, 10), (32, 64), &Device::Cpu).unwrap();
-    let codes = encode(&w32, &layout, &KMeansConfig::new(16).with_iters(5), &mut |_| {}).unwrap();
+    let codes = encode(
+        &w32,
+        &layout,
+        &KMeansConfig::new(16).with_iters(5),
+        &mut |_| {},
+    )
+    .unwrap();
     let decoded = values(&codes.decode().unwrap());
     let w = w32.to_dtype(DType::F64).unwrap();
-    let g = Tensor::from_vec(gaussian(2048, 1.0, 11), (32, 64), &Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let g = Tensor::from_vec(gaussian(2048, 1.0, 11), (32, 64), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let mask = BlockMask::sample(&layout, NoiseRate::new(0.5).unwrap(), &mut rng(12));
     let f = |t: &Tensor| pq_noise(t, &codes, &mask).unwrap();
     let (grad, out) = autograd(&w, &g, &f);
@@ -179,13 +258,22 @@ fn pq_noise_replaces_blocks_by_their_nearest_centroid() {
             for e in 0..4 {
                 let i = o * 64 + b * 4 + e;
                 // The weight was just encoded, so its nearest centroid is its own code.
-                let expect = if noised { decoded[i] as f32 as f64 } else { wv[i] };
+                let expect = if noised {
+                    decoded[i] as f32 as f64
+                } else {
+                    wv[i]
+                };
                 assert!((out[i] - expect).abs() < 1e-6, "element {i}");
-                assert_eq!(grad[i], gv[i], "element {i}: gradient passes straight through");
+                assert_eq!(
+                    grad[i], gv[i],
+                    "element {i}: gradient passes straight through"
+                );
             }
         }
     }
-    let i = (0..2048).find(|i| !mask.noised()[(i / 64) * bpr + (i % 64) / 4]).unwrap();
+    let i = (0..2048)
+        .find(|i| !mask.noised()[(i / 64) * bpr + (i % 64) / 4])
+        .unwrap();
     assert!((finite_difference(&w, &g, &f, i, 1e-4) - gv[i]).abs() < 1e-8);
 }
 
@@ -194,9 +282,22 @@ fn noise_never_mutates_the_weight() {
     let layout = BlockLayout::linear("fc", &[16, 32], 4).unwrap();
     let w = Tensor::from_vec(gaussian(512, 1.0, 13), (16, 32), &Device::Cpu).unwrap();
     let var = Var::from_tensor(&w).unwrap();
-    let before: Vec<u32> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+    let before: Vec<u32> = w
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
     let p = NoiseRate::new(0.5).unwrap();
-    let codes = encode(&w, &layout, &KMeansConfig::new(8).with_iters(2), &mut |_| {}).unwrap();
+    let codes = encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(8).with_iters(2),
+        &mut |_| {},
+    )
+    .unwrap();
     let params = observe(&w, &ScalarConfig::int4()).unwrap();
     let mut r = rng(14);
     for _ in 0..20 {
@@ -204,10 +305,23 @@ fn noise_never_mutates_the_weight() {
         let a = block_drop(var.as_tensor(), &mask, p).unwrap();
         let b = pq_noise(var.as_tensor(), &codes, &mask).unwrap();
         let c = scalar_noise(var.as_tensor(), &params, &mask).unwrap();
-        let loss = ((a + b).unwrap() + c).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = ((a + b).unwrap() + c)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let _ = loss.backward().unwrap();
     }
-    let after: Vec<u32> = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+    let after: Vec<u32> = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
     assert_eq!(before, after);
 }
 
@@ -216,7 +330,9 @@ fn mismatched_shapes_are_errors() {
     let layout = BlockLayout::linear("fc", &[8, 16], 4).unwrap();
     let mask = BlockMask::sample(&layout, NoiseRate::new(0.1).unwrap(), &mut rng(1));
     let w = Tensor::zeros((8, 12), DType::F32, &Device::Cpu).unwrap();
-    let err = block_drop(&w, &mask, NoiseRate::new(0.1).unwrap()).unwrap_err().to_string();
+    let err = block_drop(&w, &mask, NoiseRate::new(0.1).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[8, 12]") && err.contains("[8, 16]"), "{err}");
     assert!(BlockMask::from_vec(&layout, vec![true; 3]).is_err());
 }

@@ -6,8 +6,8 @@ use candle_core::{Device, Tensor};
 use common::{gaussian, gaussian_tensor};
 use qn_kernels::layout::BlockLayout;
 use qn_kernels::pq::{
-    assign_nearest, assign_nearest_reference, encode, kmeans, Assignments, CentroidTable, KMeansConfig,
-    KMeansInit, PqCodes,
+    assign_nearest, assign_nearest_reference, encode, kmeans, Assignments, CentroidTable,
+    KMeansConfig, KMeansInit, PqCodes,
 };
 
 /// 1024 x 4096 N(0, 0.02) weight, as in the issue.
@@ -20,7 +20,13 @@ fn one_bit_per_weight_lands_between_shannon_and_lloyd_max() {
     let w = big_gaussian();
     // d = 8, K = 256: log2(256) / 8 = 1 bit per weight.
     let layout = BlockLayout::linear("gaussian", w.dims(), 8).unwrap();
-    let codes = encode(&w, &layout, &KMeansConfig::new(256).with_iters(20), &mut |_| {}).unwrap();
+    let codes = encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(256).with_iters(20),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(codes.index_bits_per_weight(), 1.0);
     let rel = codes.relative_mse(&w).unwrap();
     // Shannon's rate-distortion bound at 1 bit: 2^-2 = 0.25; Lloyd-Max 1-bit scalar: 1 - 2/pi = 0.363.
@@ -31,7 +37,13 @@ fn one_bit_per_weight_lands_between_shannon_and_lloyd_max() {
 fn two_bits_per_weight_beats_lloyd_max() {
     let w = big_gaussian();
     let layout = BlockLayout::linear("gaussian", w.dims(), 4).unwrap();
-    let codes = encode(&w, &layout, &KMeansConfig::new(256).with_iters(20), &mut |_| {}).unwrap();
+    let codes = encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(256).with_iters(20),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(codes.index_bits_per_weight(), 2.0);
     let rel = codes.relative_mse(&w).unwrap();
     // Shannon at 2 bits: 0.0625; Lloyd-Max 2-bit scalar: 0.1175.
@@ -42,33 +54,79 @@ fn two_bits_per_weight_beats_lloyd_max() {
 fn objective_never_increases() {
     for init in [KMeansInit::RandomColumns, KMeansInit::KMeansPlusPlus] {
         let points = gaussian(20_000 * 8, 1.0, 3);
-        let km = kmeans(&points, 8, &KMeansConfig::new(64).with_iters(25).with_init(init), &mut |_| {}).unwrap();
+        let km = kmeans(
+            &points,
+            8,
+            &KMeansConfig::new(64).with_iters(25).with_init(init),
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(km.history.len(), 25);
         for (t, pair) in km.history.windows(2).enumerate() {
             // The assignment uses f32 GEMM-form distances; a tie broken by rounding can cost at most
             // f32 epsilon of the objective.
-            assert!(pair[1] <= pair[0] * (1.0 + 1e-6), "{init:?}: iteration {t}: {} -> {}", pair[0], pair[1]);
+            assert!(
+                pair[1] <= pair[0] * (1.0 + 1e-6),
+                "{init:?}: iteration {t}: {} -> {}",
+                pair[0],
+                pair[1]
+            );
         }
         assert!(km.objective <= km.history.last().unwrap() * (1.0 + 1e-6));
-        assert!(km.history[24] < 0.9 * km.history[0], "{init:?} did not improve: {:?}", km.history);
+        assert!(
+            km.history[24] < 0.9 * km.history[0],
+            "{init:?} did not improve: {:?}",
+            km.history
+        );
     }
 }
 
 #[test]
 fn kmeans_plus_plus_starts_lower_than_random_points() {
     let points = gaussian(10_000 * 4, 1.0, 5);
-    let rand = kmeans(&points, 4, &KMeansConfig::new(128).with_iters(1), &mut |_| {}).unwrap();
-    let pp = kmeans(&points, 4, &KMeansConfig::new(128).with_iters(1).with_init(KMeansInit::KMeansPlusPlus), &mut |_| {}).unwrap();
-    assert!(pp.history[0] < rand.history[0], "k-means++ {} vs random {}", pp.history[0], rand.history[0]);
+    let rand = kmeans(
+        &points,
+        4,
+        &KMeansConfig::new(128).with_iters(1),
+        &mut |_| {},
+    )
+    .unwrap();
+    let pp = kmeans(
+        &points,
+        4,
+        &KMeansConfig::new(128)
+            .with_iters(1)
+            .with_init(KMeansInit::KMeansPlusPlus),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        pp.history[0] < rand.history[0],
+        "k-means++ {} vs random {}",
+        pp.history[0],
+        rand.history[0]
+    );
 }
 
 #[test]
 fn same_seed_same_result_on_one_and_two_threads() {
     let points = gaussian(50_000 * 8, 0.02, 11);
     let run = |threads: usize, init: KMeansInit| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
-            kmeans(&points, 8, &KMeansConfig::new(128).with_iters(8).with_seed(42).with_init(init), &mut |_| {}).unwrap()
+            kmeans(
+                &points,
+                8,
+                &KMeansConfig::new(128)
+                    .with_iters(8)
+                    .with_seed(42)
+                    .with_init(init),
+                &mut |_| {},
+            )
+            .unwrap()
         })
     };
     for init in [KMeansInit::RandomColumns, KMeansInit::KMeansPlusPlus] {
@@ -90,29 +148,65 @@ fn duplicate_heavy_input_splits_empty_clusters() {
         points.extend_from_slice(&distinct[c * 4..c * 4 + 4]);
     }
     let mut reports = 0;
-    let km = kmeans(&points, 4, &KMeansConfig::new(32).with_iters(15).with_seed(3), &mut |_| reports += 1).unwrap();
+    let km = kmeans(
+        &points,
+        4,
+        &KMeansConfig::new(32).with_iters(15).with_seed(3),
+        &mut |_| reports += 1,
+    )
+    .unwrap();
     assert_eq!(reports, 15);
     assert!(km.empty_splits > 0, "no empty cluster was split");
     assert!(km.centroids.iter().all(|v| v.is_finite()));
     assert!(km.assignments.iter().all(|&a| (a as usize) < 32));
     // Every distinct vector gets a centroid of its own: the objective reaches zero.
     let total: f64 = points.iter().map(|v| (*v as f64).powi(2)).sum();
-    assert!(km.objective / total < 1e-10, "objective {} of {}", km.objective, total);
+    assert!(
+        km.objective / total < 1e-10,
+        "objective {} of {}",
+        km.objective,
+        total
+    );
 }
 
 #[test]
 fn subsampled_training_still_assigns_every_point() {
     let points = gaussian(40_000 * 8, 1.0, 9);
-    let full = kmeans(&points, 8, &KMeansConfig::new(64).with_iters(10), &mut |_| {}).unwrap();
-    let sub = kmeans(&points, 8, &KMeansConfig::new(64).with_iters(10).with_max_points(Some(8_000)), &mut |_| {}).unwrap();
+    let full = kmeans(
+        &points,
+        8,
+        &KMeansConfig::new(64).with_iters(10),
+        &mut |_| {},
+    )
+    .unwrap();
+    let sub = kmeans(
+        &points,
+        8,
+        &KMeansConfig::new(64)
+            .with_iters(10)
+            .with_max_points(Some(8_000)),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(sub.assignments.len(), 40_000);
     // Training on a fifth of the points costs little quality.
-    assert!(sub.objective < full.objective * 1.05, "{} vs {}", sub.objective, full.objective);
+    assert!(
+        sub.objective < full.objective * 1.05,
+        "{} vs {}",
+        sub.objective,
+        full.objective
+    );
 }
 
 #[test]
 fn optimised_assignment_matches_the_tensor_reference() {
-    for (n, d, k) in [(3000, 8, 256), (2000, 4, 100), (1500, 16, 37), (1000, 3, 20), (777, 1, 5)] {
+    for (n, d, k) in [
+        (3000, 8, 256),
+        (2000, 4, 100),
+        (1500, 16, 37),
+        (1000, 3, 20),
+        (777, 1, 5),
+    ] {
         let points = gaussian(n * d, 1.0, (n + d + k) as u64);
         let centroids = gaussian(k * d, 1.0, 99);
         let table = CentroidTable::new(&centroids, k, d);
@@ -124,15 +218,23 @@ fn optimised_assignment_matches_the_tensor_reference() {
         let ref_index = ref_index.to_vec1::<u32>().unwrap();
         let ref_partial = ref_partial.to_vec1::<f32>().unwrap();
         let dist = |i: usize, c: u32| -> f64 {
-            (0..d).map(|j| (points[i * d + j] as f64 - centroids[c as usize * d + j] as f64).powi(2)).sum()
+            (0..d)
+                .map(|j| (points[i * d + j] as f64 - centroids[c as usize * d + j] as f64).powi(2))
+                .sum()
         };
         let mut differ = 0;
         for i in 0..n {
-            assert!((partial[i] - ref_partial[i]).abs() <= 1e-4 * (1.0 + ref_partial[i].abs()), "d={d}: partial {i}");
+            assert!(
+                (partial[i] - ref_partial[i]).abs() <= 1e-4 * (1.0 + ref_partial[i].abs()),
+                "d={d}: partial {i}"
+            );
             if index[i] != ref_index[i] {
                 // Only a near-tie may be broken differently by the two summation orders.
                 differ += 1;
-                assert!((dist(i, index[i]) - dist(i, ref_index[i])).abs() < 1e-4, "d={d}: point {i}");
+                assert!(
+                    (dist(i, index[i]) - dist(i, ref_index[i])).abs() < 1e-4,
+                    "d={d}: point {i}"
+                );
             }
         }
         assert!(differ * 100 < n, "d={d}: {differ} of {n} differ");
@@ -143,14 +245,38 @@ fn optimised_assignment_matches_the_tensor_reference() {
 fn decode_matches_reference_and_u16_codes_work() {
     let w = gaussian_tensor(&[96, 64, 1, 1], 1.0, 4);
     let layout = BlockLayout::conv2d("pw", w.dims(), 4).unwrap();
-    let codes = encode(&w, &layout, &KMeansConfig::new(300).with_iters(3), &mut |_| {}).unwrap();
+    let codes = encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(300).with_iters(3),
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(matches!(codes.assignments, Assignments::U16(_)));
-    let fast = codes.decode().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let reference = codes.decode_reference().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let fast = codes
+        .decode()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let reference = codes
+        .decode_reference()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(fast, reference);
     assert!(codes.relative_mse(&w).unwrap() < 0.8);
 
-    let small = encode(&w, &layout, &KMeansConfig::new(16).with_iters(3), &mut |_| {}).unwrap();
+    let small = encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(16).with_iters(3),
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(matches!(small.assignments, Assignments::U8(_)));
 }
 
@@ -168,12 +294,28 @@ fn codes_of_a_hand_made_codebook_decode_exactly() {
 fn bad_inputs_are_errors() {
     let w = gaussian_tensor(&[4, 8], 1.0, 1);
     let layout = BlockLayout::linear("small.weight", w.dims(), 4).unwrap();
-    let err = encode(&w, &layout, &KMeansConfig::new(256), &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("256 centroids") && err.contains("[4, 8]"), "{err}");
-    let err = kmeans(&[1.0, f32::NAN, 0.0, 1.0], 2, &KMeansConfig::new(1), &mut |_| {}).unwrap_err().to_string();
+    let err = encode(&w, &layout, &KMeansConfig::new(256), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("256 centroids") && err.contains("[4, 8]"),
+        "{err}"
+    );
+    let err = kmeans(
+        &[1.0, f32::NAN, 0.0, 1.0],
+        2,
+        &KMeansConfig::new(1),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("non-finite"), "{err}");
     let err = Assignments::from_u32(&[0, 5], 4).unwrap_err().to_string();
     assert!(err.contains("index 5"), "{err}");
-    let bad = PqCodes::new(Tensor::zeros((4, 3), candle_core::DType::F32, &Device::Cpu).unwrap(), Assignments::U8(vec![0; 8]), layout);
+    let bad = PqCodes::new(
+        Tensor::zeros((4, 3), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Assignments::U8(vec![0; 8]),
+        layout,
+    );
     assert!(bad.unwrap_err().to_string().contains("block size"));
 }

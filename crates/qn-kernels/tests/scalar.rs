@@ -23,7 +23,14 @@ fn int4_uses_sixteen_levels_on_a_0_to_15_grid() {
         let cfg = ScalarConfig::int4().with_scheme(scheme);
         assert_eq!((cfg.qmin(), cfg.qmax()), (0, 15));
         let q = quantize(&w, &observe(&w, &cfg).unwrap()).unwrap();
-        let max = q.codes.flatten_all().unwrap().max(0).unwrap().to_scalar::<u8>().unwrap();
+        let max = q
+            .codes
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap();
         assert!(max <= 15, "{scheme:?}: code {max}");
         let levels = distinct_codes(&q.codes);
         // Symmetric leaves code 0 (the most negative level) unused when |min| < max.
@@ -39,7 +46,9 @@ fn int4_uses_sixteen_levels_on_a_0_to_15_grid() {
 #[test]
 fn every_bit_width_has_its_own_grid() {
     // Uniform values fill every level of every grid.
-    let v: Vec<f32> = (0..16_384).map(|i| ((i * 7_919) % 16_384) as f32 / 16_383.0 - 0.3).collect();
+    let v: Vec<f32> = (0..16_384)
+        .map(|i| ((i * 7_919) % 16_384) as f32 / 16_383.0 - 0.3)
+        .collect();
     let w = Tensor::from_vec(v, (32, 512), &Device::Cpu).unwrap();
     let mut last = f64::INFINITY;
     for bits in 2..=8u8 {
@@ -63,16 +72,40 @@ fn round_to_nearest_error_is_at_most_half_a_step() {
         Granularity::PerGroup { size: 32 },
     ] {
         for bits in [8u8, 4, 3] {
-            let cfg = ScalarConfig::new(bits).unwrap().with_granularity(granularity);
+            let cfg = ScalarConfig::new(bits)
+                .unwrap()
+                .with_granularity(granularity);
             let params = observe(&w, &cfg).unwrap();
             let back = dequantize(&quantize(&w, &params).unwrap()).unwrap();
             let view = params.view.view();
-            let scale = params.scale.broadcast_as(&view).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let a = w.reshape(&view).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = back.reshape(&view).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = params
+                .scale
+                .broadcast_as(&view)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let a = w
+                .reshape(&view)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = back
+                .reshape(&view)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for i in 0..a.len() {
                 // Min-max ranges hold every value, so every value is in range.
-                assert!((a[i] - b[i]).abs() <= scale[i] * 0.5 * (1.0 + 1e-5), "{granularity:?} bits {bits} at {i}");
+                assert!(
+                    (a[i] - b[i]).abs() <= scale[i] * 0.5 * (1.0 + 1e-5),
+                    "{granularity:?} bits {bits} at {i}"
+                );
             }
         }
     }
@@ -81,14 +114,28 @@ fn round_to_nearest_error_is_at_most_half_a_step() {
 #[test]
 fn granularities_have_the_expected_parameter_shapes() {
     let w = gaussian_tensor(&[8, 4, 3, 3], 1.0, 4);
-    let shape_of = |g| observe(&w, &ScalarConfig::int8().with_granularity(g)).unwrap().scale.dims().to_vec();
+    let shape_of = |g| {
+        observe(&w, &ScalarConfig::int8().with_granularity(g))
+            .unwrap()
+            .scale
+            .dims()
+            .to_vec()
+    };
     assert_eq!(shape_of(Granularity::PerTensor), vec![1, 1, 1]);
     assert_eq!(shape_of(Granularity::PerChannel { axis: 0 }), vec![1, 8, 1]);
     assert_eq!(shape_of(Granularity::PerChannel { axis: 1 }), vec![1, 4, 1]);
     assert_eq!(shape_of(Granularity::PerGroup { size: 9 }), vec![8, 4, 1]);
-    let err = observe(&w, &ScalarConfig::int8().with_granularity(Granularity::PerGroup { size: 7 })).unwrap_err();
+    let err = observe(
+        &w,
+        &ScalarConfig::int8().with_granularity(Granularity::PerGroup { size: 7 }),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("group size 7"), "{err}");
-    let err = observe(&w, &ScalarConfig::int8().with_granularity(Granularity::PerChannel { axis: 4 })).unwrap_err();
+    let err = observe(
+        &w,
+        &ScalarConfig::int8().with_granularity(Granularity::PerChannel { axis: 4 }),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("axis 4"), "{err}");
 }
 
@@ -96,7 +143,11 @@ fn granularities_have_the_expected_parameter_shapes() {
 fn per_channel_beats_per_tensor_when_channels_differ() {
     // Rows with scales spread over two orders of magnitude.
     let base = gaussian(64 * 128, 1.0, 5);
-    let scaled: Vec<f32> = base.iter().enumerate().map(|(i, v)| v * 10f32.powf((i / 128) as f32 / 32.0 - 1.0)).collect();
+    let scaled: Vec<f32> = base
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 10f32.powf((i / 128) as f32 / 32.0 - 1.0))
+        .collect();
     let w = Tensor::from_vec(scaled, (64, 128), &Device::Cpu).unwrap();
     let mse = |g| {
         let p = observe(&w, &ScalarConfig::int4().with_granularity(g)).unwrap();
@@ -109,8 +160,21 @@ fn per_channel_beats_per_tensor_when_channels_differ() {
 fn symmetric_zero_point_is_the_middle_of_the_grid() {
     let w = gaussian_tensor(&[16, 16], 1.0, 6);
     for bits in [8u8, 4] {
-        let p = observe(&w, &ScalarConfig::new(bits).unwrap().with_scheme(Scheme::Symmetric)).unwrap();
-        assert_eq!(p.zero_point.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![(1u32 << (bits - 1)) as f32]);
+        let p = observe(
+            &w,
+            &ScalarConfig::new(bits)
+                .unwrap()
+                .with_scheme(Scheme::Symmetric),
+        )
+        .unwrap();
+        assert_eq!(
+            p.zero_point
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![(1u32 << (bits - 1)) as f32]
+        );
     }
 }
 
@@ -120,7 +184,11 @@ fn zero_is_exact_and_constant_rows_do_not_divide_by_zero() {
     v[..32].iter_mut().for_each(|x| *x = 0.0); // an all-zero row (a padding embedding)
     v[40] = 0.0;
     let w = Tensor::from_vec(v, (4, 32), &Device::Cpu).unwrap();
-    let p = observe(&w, &ScalarConfig::int4().with_granularity(Granularity::PerChannel { axis: 0 })).unwrap();
+    let p = observe(
+        &w,
+        &ScalarConfig::int4().with_granularity(Granularity::PerChannel { axis: 0 }),
+    )
+    .unwrap();
     let fq = fake_quantize(&w, &p).unwrap().to_vec2::<f32>().unwrap();
     assert!(fq[0].iter().all(|&x| x == 0.0));
     assert_eq!(fq[1][8], 0.0);
@@ -142,10 +210,16 @@ fn histogram_observer_clips_a_planted_outlier() {
         let p_h = observe(&w, &hist).unwrap();
         let (_, hi_h) = p_h.clamp_range().unwrap();
         let hi_h = hi_h.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
-        assert!(hi_h < 0.5, "bits {bits}: histogram kept the outlier, hi = {hi_h}");
+        assert!(
+            hi_h < 0.5,
+            "bits {bits}: histogram kept the outlier, hi = {hi_h}"
+        );
         let e_mm = relative_mse(&w, &fake_quantize(&w, &p_mm).unwrap()).unwrap();
         let e_h = relative_mse(&w, &fake_quantize(&w, &p_h).unwrap()).unwrap();
-        assert!(e_h < 0.8 * e_mm, "bits {bits}: histogram {e_h} vs min-max {e_mm}");
+        assert!(
+            e_h < 0.8 * e_mm,
+            "bits {bits}: histogram {e_h} vs min-max {e_mm}"
+        );
     }
 }
 
@@ -155,9 +229,13 @@ fn histogram_observer_never_does_worse_than_min_max() {
         let mut v = gaussian(64 * 256, 0.02, seed);
         v[77] = 1.0;
         let w = Tensor::from_vec(v, (64, 256), &Device::Cpu).unwrap();
-        let e = |cfg: ScalarConfig| relative_mse(&w, &fake_quantize(&w, &observe(&w, &cfg).unwrap()).unwrap()).unwrap();
+        let e = |cfg: ScalarConfig| {
+            relative_mse(&w, &fake_quantize(&w, &observe(&w, &cfg).unwrap()).unwrap()).unwrap()
+        };
         let mm = e(ScalarConfig::new(bits).unwrap());
-        let h = e(ScalarConfig::new(bits).unwrap().with_observer(ObserverKind::HISTOGRAM));
+        let h = e(ScalarConfig::new(bits)
+            .unwrap()
+            .with_observer(ObserverKind::HISTOGRAM));
         // The search starts at the min-max range and keeps the best it sees; the bin-centre model of
         // the error may misjudge by a fraction of a bin.
         assert!(h <= mm * 1.01, "bits {bits}: histogram {h} vs min-max {mm}");
@@ -167,21 +245,43 @@ fn histogram_observer_never_does_worse_than_min_max() {
 #[test]
 fn histogram_observer_keeps_the_full_range_of_uniform_data() {
     // Nothing to clip: uniform data's best range is (nearly) its full range.
-    let v: Vec<f32> = (0..10_000).map(|i| i as f32 / 9_999.0 * 2.0 - 1.0).collect();
+    let v: Vec<f32> = (0..10_000)
+        .map(|i| i as f32 / 9_999.0 * 2.0 - 1.0)
+        .collect();
     let w = Tensor::from_vec(v, (100, 100), &Device::Cpu).unwrap();
-    let p = observe(&w, &ScalarConfig::int8().with_observer(ObserverKind::HISTOGRAM)).unwrap();
+    let p = observe(
+        &w,
+        &ScalarConfig::int8().with_observer(ObserverKind::HISTOGRAM),
+    )
+    .unwrap();
     let (lo, hi) = p.clamp_range().unwrap();
-    let (lo, hi) = (lo.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], hi.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]);
+    let (lo, hi) = (
+        lo.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0],
+        hi.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0],
+    );
     assert!(lo < -0.97 && hi > 0.97, "[{lo}, {hi}]");
 }
 
 #[test]
 fn quantize_then_dequantize_equals_fake_quantize() {
     let w = gaussian_tensor(&[32, 64], 0.1, 9);
-    let cfg = ScalarConfig::new(5).unwrap().with_granularity(Granularity::PerGroup { size: 16 }).with_observer(ObserverKind::HISTOGRAM);
+    let cfg = ScalarConfig::new(5)
+        .unwrap()
+        .with_granularity(Granularity::PerGroup { size: 16 })
+        .with_observer(ObserverKind::HISTOGRAM);
     let p = observe(&w, &cfg).unwrap();
-    let a = dequantize(&quantize(&w, &p).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = fake_quantize(&w, &p).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = dequantize(&quantize(&w, &p).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = fake_quantize(&w, &p)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a, b);
 }
 

@@ -13,7 +13,10 @@ impl NoiseRate {
     /// Validates `p`.
     pub fn new(p: f64) -> Result<Self> {
         if !(0.0..=1.0).contains(&p) {
-            return Err(Error::config("noise rate", format!("p = {p} is outside [0, 1]")));
+            return Err(Error::config(
+                "noise rate",
+                format!("p = {p} is outside [0, 1]"),
+            ));
         }
         Ok(Self(p))
     }
@@ -35,16 +38,27 @@ pub struct BlockMask {
 impl BlockMask {
     /// Draws each block independently with probability `p`.
     pub fn sample(layout: &BlockLayout, p: NoiseRate, rng: &mut impl Rng) -> Self {
-        let noised = (0..layout.n_blocks()).map(|_| rng.random::<f64>() < p.get()).collect();
-        Self { layout: layout.clone(), noised }
+        let noised = (0..layout.n_blocks())
+            .map(|_| rng.random::<f64>() < p.get())
+            .collect();
+        Self {
+            layout: layout.clone(),
+            noised,
+        }
     }
 
     /// A given mask, row-major `(rows, blocks_per_row)`.
     pub fn from_vec(layout: &BlockLayout, noised: Vec<bool>) -> Result<Self> {
         if noised.len() != layout.n_blocks() {
-            return Err(Error::shape("mask", format!("{} entries for {} blocks", noised.len(), layout.n_blocks())));
+            return Err(Error::shape(
+                "mask",
+                format!("{} entries for {} blocks", noised.len(), layout.n_blocks()),
+            ));
         }
-        Ok(Self { layout: layout.clone(), noised })
+        Ok(Self {
+            layout: layout.clone(),
+            noised,
+        })
     }
 
     /// The layout the mask was drawn for.
@@ -65,8 +79,16 @@ impl BlockMask {
     /// The mask expanded to the weight's shape (1 = noised) in `dtype` on `device`.
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         let flags: Vec<u8> = self.noised.iter().map(|&b| b as u8).collect();
-        let per_block = Tensor::from_vec(flags, (self.layout.rows(), self.layout.blocks_per_row()), device)?;
-        let per_block = if dtype == DType::U8 { per_block } else { per_block.to_dtype(dtype)? };
+        let per_block = Tensor::from_vec(
+            flags,
+            (self.layout.rows(), self.layout.blocks_per_row()),
+            device,
+        )?;
+        let per_block = if dtype == DType::U8 {
+            per_block
+        } else {
+            per_block.to_dtype(dtype)?
+        };
         self.layout.expand_block_values(&per_block)
     }
 }

@@ -13,7 +13,11 @@ fn check(weight: &Tensor, mask: &BlockMask) -> Result<()> {
     if weight.dims() != mask.layout().shape() {
         return Err(Error::shape(
             "weight",
-            format!("shape {:?} does not match the mask's layout {:?}", weight.dims(), mask.layout().shape()),
+            format!(
+                "shape {:?} does not match the mask's layout {:?}",
+                weight.dims(),
+                mask.layout().shape()
+            ),
         ));
     }
     Ok(())
@@ -33,7 +37,12 @@ pub fn block_drop(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Ten
 
 /// Noised values become exactly `q`; their gradient is `grad_gate` (straight through). Kept values
 /// are the weight itself.
-fn replace_straight_through(weight: &Tensor, q: &Tensor, grad_gate: &Tensor, mask: &BlockMask) -> Result<Tensor> {
+fn replace_straight_through(
+    weight: &Tensor,
+    q: &Tensor,
+    grad_gate: &Tensor,
+    mask: &BlockMask,
+) -> Result<Tensor> {
     // `g - g.detach()` is exactly 0 with derivative `grad_gate`, so the value is exactly `q`.
     let gated = weight.mul(grad_gate)?;
     let noised = (gated.sub(&gated.detach())? + q.detach())?;
@@ -49,7 +58,10 @@ pub fn scalar_noise(weight: &Tensor, params: &QParams, mask: &BlockMask) -> Resu
     check(weight, mask)?;
     let q = fake_quantize(weight, params)?;
     let (lo, hi) = params.clamp_range()?;
-    let v = weight.detach().to_dtype(DType::F32)?.reshape(&params.view.view())?;
+    let v = weight
+        .detach()
+        .to_dtype(DType::F32)?
+        .reshape(&params.view.view())?;
     let inside = v
         .broadcast_ge(&lo)?
         .mul(&v.broadcast_le(&hi)?)?
@@ -63,12 +75,19 @@ pub fn scalar_noise(weight: &Tensor, params: &QParams, mask: &BlockMask) -> Resu
 pub fn pq_noise(weight: &Tensor, codes: &PqCodes, mask: &BlockMask) -> Result<Tensor> {
     check(weight, mask)?;
     let layout = &codes.layout;
-    if layout.shape() != mask.layout().shape() || layout.block_size() != mask.layout().block_size() {
-        return Err(Error::shape("mask", "the mask's blocks differ from the codebook's blocks"));
+    if layout.shape() != mask.layout().shape() || layout.block_size() != mask.layout().block_size()
+    {
+        return Err(Error::shape(
+            "mask",
+            "the mask's blocks differ from the codebook's blocks",
+        ));
     }
     let sub = layout.to_subvectors(&weight.detach().to_dtype(DType::F32)?)?;
     let (index, _) = nearest(&sub, &codes.centroids)?;
-    let q = codes.centroids.to_dtype(DType::F32)?.index_select(&index, 0)?;
+    let q = codes
+        .centroids
+        .to_dtype(DType::F32)?
+        .index_select(&index, 0)?;
     let q = layout.from_subvectors(&q)?.to_dtype(weight.dtype())?;
     let ones = weight.ones_like()?;
     replace_straight_through(weight, &q, &ones, mask)
@@ -81,7 +100,14 @@ fn nearest(sub: &Tensor, centroids: &Tensor) -> Result<(Tensor, ())> {
         return Ok((index, ()));
     }
     let (k, d) = centroids.dims2()?;
-    let table = crate::pq::CentroidTable::new(&centroids.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, k, d);
+    let table = crate::pq::CentroidTable::new(
+        &centroids
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        k,
+        d,
+    );
     let points = sub.flatten_all()?.to_vec1::<f32>()?;
     let n = points.len() / d;
     let mut index = vec![0u32; n];

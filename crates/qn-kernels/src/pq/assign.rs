@@ -35,7 +35,11 @@ pub struct CentroidTable {
 impl CentroidTable {
     /// Lays out `k` centroids of dimension `d` given row-major in `centroids` (`k * d` values).
     pub fn new(centroids: &[f32], k: usize, d: usize) -> Self {
-        assert_eq!(centroids.len(), k * d, "centroid table: k * d values expected");
+        assert_eq!(
+            centroids.len(),
+            k * d,
+            "centroid table: k * d values expected"
+        );
         let k_padded = k.div_ceil(LANES) * LANES;
         let mut neg2_t = vec![0f32; d * k_padded];
         let mut norms = vec![f32::INFINITY; k_padded];
@@ -45,7 +49,13 @@ impl CentroidTable {
                 neg2_t[j * k_padded + c] = -2.0 * v;
             }
         }
-        Self { k, d, k_padded, neg2_t, norms }
+        Self {
+            k,
+            d,
+            k_padded,
+            neg2_t,
+            norms,
+        }
     }
 
     /// Number of centroids.
@@ -61,11 +71,23 @@ impl CentroidTable {
 
 /// For every point (row-major `n * d` values), the index of its nearest centroid and the partial
 /// squared distance `‖c‖² − 2x·c` (add `‖x‖²` for the full distance). Ties go to the lower index.
-pub fn assign_nearest(points: &[f32], table: &CentroidTable, index: &mut [u32], partial: &mut [f32]) {
+pub fn assign_nearest(
+    points: &[f32],
+    table: &CentroidTable,
+    index: &mut [u32],
+    partial: &mut [f32],
+) {
     let d = table.d;
     let n = points.len() / d;
-    assert_eq!(points.len(), n * d, "points: a multiple of d values expected");
-    assert!(index.len() == n && partial.len() == n, "one output slot per point expected");
+    assert_eq!(
+        points.len(),
+        n * d,
+        "points: a multiple of d values expected"
+    );
+    assert!(
+        index.len() == n && partial.len() == n,
+        "one output slot per point expected"
+    );
     points
         .par_chunks(CHUNK * d)
         .zip(index.par_chunks_mut(CHUNK))
@@ -76,7 +98,8 @@ pub fn assign_nearest(points: &[f32], table: &CentroidTable, index: &mut [u32], 
 fn nearest_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the features the function is compiled for were just detected.
             unsafe {
                 match t.d {
@@ -94,7 +117,11 @@ fn nearest_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mu
 
 fn portable_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {
     let mut acc = [0f32; LANES];
-    for ((x, i), out) in points.chunks_exact(t.d).zip(index.iter_mut()).zip(dist.iter_mut()) {
+    for ((x, i), out) in points
+        .chunks_exact(t.d)
+        .zip(index.iter_mut())
+        .zip(dist.iter_mut())
+    {
         let (mut best, mut best_k) = (f32::INFINITY, 0usize);
         for kb in (0..t.k_padded).step_by(LANES) {
             acc.copy_from_slice(&t.norms[kb..kb + LANES]);
@@ -134,7 +161,11 @@ mod avx2 {
         let norms = t.norms.as_ptr();
         let ct = t.neg2_t.as_ptr();
         let step = _mm256_set1_epi32(8);
-        for ((x, i), out) in points.chunks_exact(D).zip(index.iter_mut()).zip(dist.iter_mut()) {
+        for ((x, i), out) in points
+            .chunks_exact(D)
+            .zip(index.iter_mut())
+            .zip(dist.iter_mut())
+        {
             let xb: [__m256; D] = std::array::from_fn(|j| _mm256_set1_ps(x[j]));
             let mut best = _mm256_set1_ps(f32::INFINITY);
             let mut best_k = _mm256_setzero_si256();

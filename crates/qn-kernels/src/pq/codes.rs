@@ -19,12 +19,18 @@ impl Assignments {
     /// Narrows `u32` indices for `k` centroids; errors when an index is `>= k` or `k > 65,536`.
     pub fn from_u32(index: &[u32], k: usize) -> Result<Self> {
         if let Some(bad) = index.iter().find(|&&i| i as usize >= k) {
-            return Err(Error::config("assignments", format!("index {bad} is out of range for {k} centroids")));
+            return Err(Error::config(
+                "assignments",
+                format!("index {bad} is out of range for {k} centroids"),
+            ));
         }
         match k {
             0..=256 => Ok(Assignments::U8(index.iter().map(|&i| i as u8).collect())),
             257..=65536 => Ok(Assignments::U16(index.iter().map(|&i| i as u16).collect())),
-            _ => Err(Error::config("centroids", format!("{k} centroids exceed the 65,536 that u16 codes hold"))),
+            _ => Err(Error::config(
+                "centroids",
+                format!("{k} centroids exceed the 65,536 that u16 codes hold"),
+            )),
         }
     }
 
@@ -86,7 +92,11 @@ pub fn encode(
     }
     let km = kmeans_tensor(&sub, config, progress)?;
     let centroids = Tensor::from_vec(km.centroids, (km.k, km.d), weight.device())?;
-    PqCodes::new(centroids, Assignments::from_u32(&km.assignments, km.k)?, layout.clone())
+    PqCodes::new(
+        centroids,
+        Assignments::from_u32(&km.assignments, km.k)?,
+        layout.clone(),
+    )
 }
 
 impl PqCodes {
@@ -94,14 +104,31 @@ impl PqCodes {
     pub fn new(centroids: Tensor, assignments: Assignments, layout: BlockLayout) -> Result<Self> {
         let (k, d) = centroids.dims2()?;
         if d != layout.block_size() {
-            return Err(Error::shape("centroids", format!("dimension {d} differs from block size {}", layout.block_size())));
+            return Err(Error::shape(
+                "centroids",
+                format!(
+                    "dimension {d} differs from block size {}",
+                    layout.block_size()
+                ),
+            ));
         }
         if assignments.len() != layout.n_blocks() {
-            return Err(Error::shape("assignments", format!("{} entries for {} sub-vectors", assignments.len(), layout.n_blocks())));
+            return Err(Error::shape(
+                "assignments",
+                format!(
+                    "{} entries for {} sub-vectors",
+                    assignments.len(),
+                    layout.n_blocks()
+                ),
+            ));
         }
         let check = Assignments::from_u32(&assignments.to_u32(), k)?;
         debug_assert_eq!(check, assignments);
-        Ok(Self { centroids, assignments, layout })
+        Ok(Self {
+            centroids,
+            assignments,
+            layout,
+        })
     }
 
     /// Number of centroids.
@@ -121,8 +148,16 @@ impl PqCodes {
             return self.decode_reference();
         }
         let d = self.layout.block_size();
-        let c = self.centroids.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let (rows, bpr, cols) = (self.layout.rows(), self.layout.blocks_per_row(), self.layout.cols());
+        let c = self
+            .centroids
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (rows, bpr, cols) = (
+            self.layout.rows(),
+            self.layout.blocks_per_row(),
+            self.layout.cols(),
+        );
         let mut out = vec![0f32; self.layout.numel()];
         out.par_chunks_mut(cols).enumerate().for_each(|(o, row)| {
             for (b, dst) in row.chunks_exact_mut(d).enumerate().take(bpr) {
@@ -137,7 +172,10 @@ impl PqCodes {
     pub fn decode_reference(&self) -> Result<Tensor> {
         let device = self.centroids.device();
         let index = Tensor::from_vec(self.assignments.to_u32(), self.assignments.len(), device)?;
-        let sub = self.centroids.to_dtype(DType::F32)?.index_select(&index, 0)?;
+        let sub = self
+            .centroids
+            .to_dtype(DType::F32)?
+            .index_select(&index, 0)?;
         self.layout.from_subvectors(&sub)
     }
 

@@ -193,8 +193,16 @@ fn accumulate(points: &[f32], index: &[u32], centroids: &[f32], k: usize, d: usi
         objective: 0.0,
     };
     for part in parts {
-        total.sums.iter_mut().zip(&part.sums).for_each(|(t, s)| *t += s);
-        total.counts.iter_mut().zip(&part.counts).for_each(|(t, c)| *t += c);
+        total
+            .sums
+            .iter_mut()
+            .zip(&part.sums)
+            .for_each(|(t, s)| *t += s);
+        total
+            .counts
+            .iter_mut()
+            .zip(&part.counts)
+            .for_each(|(t, c)| *t += c);
         total.objective += part.objective;
     }
     total
@@ -211,7 +219,10 @@ fn init_centroids(points: &[f32], d: usize, cfg: &KMeansConfig, rng: &mut ChaCha
         KMeansInit::RandomColumns => {
             let mut picked = sample(rng, n, cfg.k).into_vec();
             picked.sort_unstable();
-            picked.iter().flat_map(|&i| row(i).iter().copied()).collect()
+            picked
+                .iter()
+                .flat_map(|&i| row(i).iter().copied())
+                .collect()
         }
         KMeansInit::KMeansPlusPlus => {
             let mut centroids = Vec::with_capacity(cfg.k * d);
@@ -277,7 +288,9 @@ fn split_empty(
         if counts[empty] != 0 {
             continue;
         }
-        let big = (0..k).max_by_key(|&c| (counts[c], std::cmp::Reverse(c))).unwrap_or(0);
+        let big = (0..k)
+            .max_by_key(|&c| (counts[c], std::cmp::Reverse(c)))
+            .unwrap_or(0);
         if counts[big] < 2 {
             break;
         }
@@ -287,7 +300,10 @@ fn split_empty(
             let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
             centroids[empty * d + j] = c + sign * step;
         }
-        let (cb, ce) = (&centroids[big * d..(big + 1) * d], &centroids[empty * d..(empty + 1) * d]);
+        let (cb, ce) = (
+            &centroids[big * d..(big + 1) * d],
+            &centroids[empty * d..(empty + 1) * d],
+        );
         for (x, a) in points.chunks_exact(d).zip(index.iter_mut()) {
             if *a as usize == big && squared_distance(x, ce) < squared_distance(x, cb) {
                 *a = empty as u32;
@@ -302,14 +318,26 @@ fn split_empty(
 
 fn check(points: &[f32], d: usize, cfg: &KMeansConfig) -> Result<usize> {
     if d == 0 || points.len() % d != 0 {
-        return Err(Error::config("k-means dimension", format!("{} values are not a whole number of {d}-vectors", points.len())));
+        return Err(Error::config(
+            "k-means dimension",
+            format!(
+                "{} values are not a whole number of {d}-vectors",
+                points.len()
+            ),
+        ));
     }
     let n = points.len() / d;
     if cfg.k == 0 || cfg.k > n {
-        return Err(Error::config("centroids", format!("k = {} needs 1..={n} points, the input has {n}", cfg.k)));
+        return Err(Error::config(
+            "centroids",
+            format!("k = {} needs 1..={n} points, the input has {n}", cfg.k),
+        ));
     }
     if cfg.k > 1 << 16 {
-        return Err(Error::config("centroids", format!("k = {} exceeds the 65,536 that u16 codes hold", cfg.k)));
+        return Err(Error::config(
+            "centroids",
+            format!("k = {} exceeds the 65,536 that u16 codes hold", cfg.k),
+        ));
     }
     if let Some(0) = cfg.max_points {
         return Err(Error::config("max_points", "must be at least 1"));
@@ -336,12 +364,21 @@ pub fn kmeans_tensor(
     progress: &mut dyn FnMut(&KMeansProgress),
 ) -> Result<KMeans> {
     let (_, d) = points.dims2()?;
-    let host = points.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let host = points
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     match points.device() {
         Device::Cpu => run(&host, d, cfg, &Assigner::Cpu, progress),
         device => {
             let on_device = points.to_dtype(DType::F32)?;
-            run(&host, d, cfg, &Assigner::Device(device, on_device), progress)
+            run(
+                &host,
+                d,
+                cfg,
+                &Assigner::Device(device, on_device),
+                progress,
+            )
         }
     }
 }
@@ -362,13 +399,19 @@ fn run(
         (Some(m), Assigner::Cpu) if m < n && m >= k => {
             let mut picked = sample(&mut rng, n, m).into_vec();
             picked.sort_unstable();
-            Some(picked.iter().flat_map(|&i| points[i * d..(i + 1) * d].iter().copied()).collect())
+            Some(
+                picked
+                    .iter()
+                    .flat_map(|&i| points[i * d..(i + 1) * d].iter().copied())
+                    .collect(),
+            )
         }
         _ => None,
     };
     let train = subset.as_deref().unwrap_or(points);
 
-    let rms = (train.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / train.len() as f64).sqrt() as f32;
+    let rms = (train.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / train.len() as f64)
+        .sqrt() as f32;
     let mut centroids = init_centroids(train, d, cfg, &mut rng);
     let mut history = Vec::with_capacity(cfg.iters);
     let mut empty_splits = 0;
@@ -384,7 +427,15 @@ fn run(
                 }
             }
         }
-        empty_splits += split_empty(train, &mut index, &mut counts, &mut centroids, d, rms, &mut rng);
+        empty_splits += split_empty(
+            train,
+            &mut index,
+            &mut counts,
+            &mut centroids,
+            d,
+            rms,
+            &mut rng,
+        );
         progress(&KMeansProgress {
             iter: iter + 1,
             iters: cfg.iters,

@@ -17,7 +17,9 @@
 //! assert_eq!(codes.assignments.len(), layout.n_blocks());
 //! let rebuilt = codes.decode()?;
 //! assert_eq!(rebuilt.dims(), w.dims());
-//! assert!(codes.relative_mse(&w)? < 0.3);
+//! // 6 index bits per 8 weights: Shannon's bound for Gaussian data is 2^-1.5 = 0.35.
+//! let rel = codes.relative_mse(&w)?;
+//! assert!(rel > 0.2 && rel < 0.5, "{rel}");
 //! # Ok::<(), qn_kernels::Error>(())
 //! ```
 

@@ -27,14 +27,24 @@ impl Histogram {
         let bins = bins.max(1);
         let (min, max) = values
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
         if values.is_empty() {
-            return Self { min: 0.0, max: 0.0, counts: vec![0; bins] };
+            return Self {
+                min: 0.0,
+                max: 0.0,
+                counts: vec![0; bins],
+            };
         }
         let mut counts = vec![0u64; bins];
         let width = (max - min) as f64 / bins as f64;
         for &v in values {
-            let i = if width > 0.0 { ((v - min) as f64 / width) as usize } else { 0 };
+            let i = if width > 0.0 {
+                ((v - min) as f64 / width) as usize
+            } else {
+                0
+            };
             counts[i.min(bins - 1)] += 1;
         }
         Self { min, max, counts }
@@ -118,7 +128,13 @@ impl Moments {
             s1[i + 1] = s1[i] + c * x;
             s2[i + 1] = s2[i] + c * x * x;
         }
-        Self { min: h.min as f64, width, s0, s1, s2 }
+        Self {
+            min: h.min as f64,
+            width,
+            s0,
+            s1,
+            s2,
+        }
     }
 
     /// Number of bins whose centre is below `x`.

@@ -64,6 +64,9 @@ pub fn quantize(weight: &Tensor, params: &QParams) -> Result<QuantizedTensor> {
 
 /// Rebuilds `f32` values from codes.
 pub fn dequantize(q: &QuantizedTensor) -> Result<Tensor> {
-    let codes = q.codes.to_dtype(DType::F32)?.reshape(&q.params.view.view())?;
+    let codes = q
+        .codes
+        .to_dtype(DType::F32)?
+        .reshape(&q.params.view.view())?;
     from_codes_f32(&codes, &q.params)
 }

@@ -84,7 +84,9 @@ impl ParamView {
     pub(crate) fn group_values(&self, values: &[f32]) -> Vec<Vec<f32>> {
         let [a, b, c] = self.view;
         let per = values.len() / self.n_params();
-        let mut groups: Vec<Vec<f32>> = (0..self.n_params()).map(|_| Vec::with_capacity(per)).collect();
+        let mut groups: Vec<Vec<f32>> = (0..self.n_params())
+            .map(|_| Vec::with_capacity(per))
+            .collect();
         for i in 0..a {
             for j in 0..b {
                 let row = &values[(i * b + j) * c..(i * b + j + 1) * c];
@@ -155,7 +157,12 @@ pub fn observe_range(
     if lo.len() != view.n_params() || hi.len() != view.n_params() {
         return Err(Error::config(
             "range",
-            format!("{} / {} ranges for {} parameter slots", lo.len(), hi.len(), view.n_params()),
+            format!(
+                "{} / {} ranges for {} parameter slots",
+                lo.len(),
+                hi.len(),
+                view.n_params()
+            ),
         ));
     }
     let (scale, zp): (Vec<f32>, Vec<f32>) = lo
