@@ -76,19 +76,60 @@ impl BlockMask {
         self.noised.iter().filter(|&&b| b).count() as f64 / self.noised.len().max(1) as f64
     }
 
+    /// Per-element values in the weight's row-major order: `noised` inside noised blocks, `kept`
+    /// elsewhere.
+    pub fn expand<T: Copy>(&self, noised: T, kept: T) -> Vec<T> {
+        let bs = self.layout.block_size();
+        let mut out = Vec::with_capacity(self.layout.numel());
+        for &flag in &self.noised {
+            let v = if flag { noised } else { kept };
+            out.extend(std::iter::repeat_n(v, bs));
+        }
+        out
+    }
+
+    /// The mask as a weight-shaped tensor holding `noised` / `kept` in `dtype` on `device`. On the
+    /// CPU it is expanded in one host pass; elsewhere the per-block values are uploaded and expanded
+    /// on the device, so only `1 / block_size` of the weight's size crosses the bus.
+    pub fn to_tensor_with(
+        &self,
+        noised: f32,
+        kept: f32,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = self.layout.shape();
+        let t = if device.is_cpu() {
+            Tensor::from_vec(self.expand(noised, kept), shape, device)?
+        } else {
+            let per_block: Vec<f32> = self
+                .noised
+                .iter()
+                .map(|&b| if b { noised } else { kept })
+                .collect();
+            let per_block = Tensor::from_vec(
+                per_block,
+                (self.layout.rows(), self.layout.blocks_per_row()),
+                device,
+            )?;
+            self.layout.expand_block_values(&per_block)?
+        };
+        Ok(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        })
+    }
+
     /// The mask expanded to the weight's shape (1 = noised) in `dtype` on `device`.
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        let flags: Vec<u8> = self.noised.iter().map(|&b| b as u8).collect();
-        let per_block = Tensor::from_vec(
-            flags,
-            (self.layout.rows(), self.layout.blocks_per_row()),
-            device,
-        )?;
-        let per_block = if dtype == DType::U8 {
-            per_block
-        } else {
-            per_block.to_dtype(dtype)?
-        };
-        self.layout.expand_block_values(&per_block)
+        if dtype == DType::U8 && device.is_cpu() {
+            return Ok(Tensor::from_vec(
+                self.expand(1u8, 0u8),
+                self.layout.shape(),
+                device,
+            )?);
+        }
+        self.to_tensor_with(1.0, 0.0, dtype, device)
     }
 }

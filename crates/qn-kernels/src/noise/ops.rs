@@ -29,9 +29,8 @@ pub fn block_drop(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Ten
     if p.get() >= 1.0 {
         return Ok(weight.zeros_like()?);
     }
-    let noised = mask.to_tensor(weight.dtype(), weight.device())?;
-    // keep = (1 - noised) / (1 - p)
-    let keep = noised.affine(-1.0 / (1.0 - p.get()), 1.0 / (1.0 - p.get()))?;
+    let scale = (1.0 / (1.0 - p.get())) as f32;
+    let keep = mask.to_tensor_with(0.0, scale, weight.dtype(), weight.device())?;
     Ok(weight.mul(&keep)?)
 }
 
