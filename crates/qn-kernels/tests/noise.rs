@@ -336,3 +336,22 @@ fn mismatched_shapes_are_errors() {
     assert!(err.contains("[8, 12]") && err.contains("[8, 16]"), "{err}");
     assert!(BlockMask::from_vec(&layout, vec![true; 3]).is_err());
 }
+
+#[test]
+fn host_expanded_mask_matches_the_tensor_expansion() {
+    for (layout, what) in layouts() {
+        let mask = BlockMask::sample(&layout, NoiseRate::new(0.3).unwrap(), &mut rng(15));
+        let host = values(&mask.to_tensor(DType::F32, &Device::Cpu).unwrap());
+        let flags: Vec<f32> = mask.noised().iter().map(|&b| b as u8 as f32).collect();
+        let per_block = Tensor::from_vec(
+            flags,
+            (layout.rows(), layout.blocks_per_row()),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let reference = values(&layout.expand_block_values(&per_block).unwrap());
+        assert_eq!(host, reference, "{what}");
+        let u8_mask = mask.to_tensor(DType::U8, &Device::Cpu).unwrap();
+        assert_eq!(values(&u8_mask), reference, "{what}: u8");
+    }
+}

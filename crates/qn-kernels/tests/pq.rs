@@ -6,8 +6,8 @@ use candle_core::{Device, Tensor};
 use common::{gaussian, gaussian_tensor};
 use qn_kernels::layout::BlockLayout;
 use qn_kernels::pq::{
-    assign_nearest, assign_nearest_reference, encode, kmeans, Assignments, CentroidTable,
-    KMeansConfig, KMeansInit, PqCodes,
+    assign_nearest, assign_nearest_reference, encode, kmeans, kmeans_reference, kmeans_tensor,
+    Assignments, CentroidTable, KMeansConfig, KMeansInit, PqCodes,
 };
 
 /// 1024 x 4096 N(0, 0.02) weight, as in the issue.
@@ -318,4 +318,28 @@ fn bad_inputs_are_errors() {
         layout,
     );
     assert!(bad.unwrap_err().to_string().contains("block size"));
+}
+
+#[test]
+fn kmeans_matches_its_tensor_op_reference() {
+    // The reference path is what a CUDA tensor runs; on the CPU both must find the same clustering.
+    let points = gaussian(8_000 * 8, 1.0, 21);
+    let t = Tensor::from_slice(&points, (8_000, 8), &Device::Cpu).unwrap();
+    let cfg = KMeansConfig::new(64).with_iters(10).with_seed(5);
+    let fast = kmeans_tensor(&t, &cfg, &mut |_| {}).unwrap();
+    let reference = kmeans_reference(&t, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(fast.history.len(), reference.history.len());
+    for (a, b) in fast.history.iter().zip(&reference.history) {
+        assert!((a - b).abs() <= 1e-4 * b, "{a} vs {b}");
+    }
+    let same = fast
+        .assignments
+        .iter()
+        .zip(&reference.assignments)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same * 1000 >= 999 * 8_000,
+        "{same} of 8000 assignments agree"
+    );
 }

@@ -383,6 +383,29 @@ pub fn kmeans_tensor(
     }
 }
 
+/// The plain twin of [`kmeans_tensor`]: the assignment step always runs as candle tensor ops
+/// (matmul + argmin), on any device. This is the path a CUDA tensor takes; tests run it on the CPU
+/// against the optimised kernel.
+pub fn kmeans_reference(
+    points: &Tensor,
+    cfg: &KMeansConfig,
+    progress: &mut dyn FnMut(&KMeansProgress),
+) -> Result<KMeans> {
+    let (_, d) = points.dims2()?;
+    let host = points
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let on_device = points.to_dtype(DType::F32)?;
+    run(
+        &host,
+        d,
+        cfg,
+        &Assigner::Device(points.device(), on_device),
+        progress,
+    )
+}
+
 fn run(
     points: &[f32],
     d: usize,

@@ -29,4 +29,6 @@ mod kmeans;
 
 pub use assign::{assign_nearest, assign_nearest_reference, CentroidTable};
 pub use codes::{encode, Assignments, PqCodes};
-pub use kmeans::{kmeans, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress};
+pub use kmeans::{
+    kmeans, kmeans_reference, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress,
+};
