@@ -45,14 +45,14 @@ fn bench_kmeans(c: &mut Criterion) {
     g.finish();
 
     let km = pq::kmeans(&sub, 8, &KMeansConfig::new(256).with_iters(2), &mut |_| {}).unwrap();
-    let table = CentroidTable::new(&km.centroids, 256, 8);
+    let table = CentroidTable::new(&km.centroids, 256, 8).unwrap();
     let n = sub.len() / 8;
     let (mut index, mut partial) = (vec![0u32; n], vec![0f32; n]);
     let mut g = c.benchmark_group("assign_nearest 524288 points d8 K256");
     g.sample_size(10);
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function("kernel", |b| {
-        b.iter(|| assign_nearest(black_box(&sub), &table, &mut index, &mut partial))
+        b.iter(|| assign_nearest(black_box(&sub), &table, &mut index, &mut partial).unwrap())
     });
     let points = Tensor::from_slice(&sub, (n, 8), &Device::Cpu).unwrap();
     let centroids = Tensor::from_slice(&km.centroids, (256, 8), &Device::Cpu).unwrap();

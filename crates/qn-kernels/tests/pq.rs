@@ -209,9 +209,9 @@ fn optimised_assignment_matches_the_tensor_reference() {
     ] {
         let points = gaussian(n * d, 1.0, (n + d + k) as u64);
         let centroids = gaussian(k * d, 1.0, 99);
-        let table = CentroidTable::new(&centroids, k, d);
+        let table = CentroidTable::new(&centroids, k, d).unwrap();
         let (mut index, mut partial) = (vec![0u32; n], vec![0f32; n]);
-        assign_nearest(&points, &table, &mut index, &mut partial);
+        assign_nearest(&points, &table, &mut index, &mut partial).unwrap();
         let pt = Tensor::from_slice(&points, (n, d), &Device::Cpu).unwrap();
         let ct = Tensor::from_slice(&centroids, (k, d), &Device::Cpu).unwrap();
         let (ref_index, ref_partial) = assign_nearest_reference(&pt, &ct).unwrap();
@@ -310,6 +310,18 @@ fn bad_inputs_are_errors() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("non-finite"), "{err}");
+    let err = kmeans(
+        &[0.0; 64],
+        2,
+        &KMeansConfig::new(8).with_max_points(Some(4)),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("max_points"), "{err}");
+    assert!(CentroidTable::new(&[1.0, 2.0, 3.0], 2, 2).is_err());
+    let table = CentroidTable::new(&[1.0, 2.0], 1, 2).unwrap();
+    assert!(assign_nearest(&[1.0, 2.0, 3.0], &table, &mut [0; 1], &mut [0.0; 1]).is_err());
     let err = Assignments::from_u32(&[0, 5], 4).unwrap_err().to_string();
     assert!(err.contains("index 5"), "{err}");
     let bad = PqCodes::new(

@@ -106,11 +106,11 @@ fn nearest(sub: &Tensor, centroids: &Tensor) -> Result<(Tensor, ())> {
             .to_vec1::<f32>()?,
         k,
         d,
-    );
+    )?;
     let points = sub.flatten_all()?.to_vec1::<f32>()?;
     let n = points.len() / d;
     let mut index = vec![0u32; n];
     let mut partial = vec![0f32; n];
-    crate::pq::assign_nearest(&points, &table, &mut index, &mut partial);
+    crate::pq::assign_nearest(&points, &table, &mut index, &mut partial)?;
     Ok((Tensor::from_vec(index, n, sub.device())?, ()))
 }

@@ -13,7 +13,7 @@
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Lanes the centroid count is padded to; padded centroids have an infinite norm, never chosen.
 const LANES: usize = 16;
@@ -34,12 +34,16 @@ pub struct CentroidTable {
 
 impl CentroidTable {
     /// Lays out `k` centroids of dimension `d` given row-major in `centroids` (`k * d` values).
-    pub fn new(centroids: &[f32], k: usize, d: usize) -> Self {
-        assert_eq!(
-            centroids.len(),
-            k * d,
-            "centroid table: k * d values expected"
-        );
+    pub fn new(centroids: &[f32], k: usize, d: usize) -> Result<Self> {
+        if d == 0 || k == 0 || centroids.len() != k * d {
+            return Err(Error::config(
+                "centroids",
+                format!(
+                    "{} values for {k} centroids of dimension {d}",
+                    centroids.len()
+                ),
+            ));
+        }
         let k_padded = k.div_ceil(LANES) * LANES;
         let mut neg2_t = vec![0f32; d * k_padded];
         let mut norms = vec![f32::INFINITY; k_padded];
@@ -49,13 +53,13 @@ impl CentroidTable {
                 neg2_t[j * k_padded + c] = -2.0 * v;
             }
         }
-        Self {
+        Ok(Self {
             k,
             d,
             k_padded,
             neg2_t,
             norms,
-        }
+        })
     }
 
     /// Number of centroids.
@@ -76,23 +80,27 @@ pub fn assign_nearest(
     table: &CentroidTable,
     index: &mut [u32],
     partial: &mut [f32],
-) {
+) -> Result<()> {
     let d = table.d;
     let n = points.len() / d;
-    assert_eq!(
-        points.len(),
-        n * d,
-        "points: a multiple of d values expected"
-    );
-    assert!(
-        index.len() == n && partial.len() == n,
-        "one output slot per point expected"
-    );
+    if points.len() != n * d || index.len() != n || partial.len() != n {
+        return Err(Error::config(
+            "points",
+            format!(
+                "{} values are not {} points of dimension {d} (outputs: {} / {})",
+                points.len(),
+                index.len(),
+                index.len(),
+                partial.len()
+            ),
+        ));
+    }
     points
         .par_chunks(CHUNK * d)
         .zip(index.par_chunks_mut(CHUNK))
         .zip(partial.par_chunks_mut(CHUNK))
         .for_each(|((p, i), dist)| nearest_chunk(p, table, i, dist));
+    Ok(())
 }
 
 fn nearest_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {

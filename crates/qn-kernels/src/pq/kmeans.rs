@@ -132,10 +132,10 @@ impl Assigner<'_> {
         let n = points.len() / d;
         match self {
             Assigner::Cpu => {
-                let table = CentroidTable::new(centroids, k, d);
+                let table = CentroidTable::new(centroids, k, d)?;
                 let mut index = vec![0u32; n];
                 let mut partial = vec![0f32; n];
-                assign_nearest(points, &table, &mut index, &mut partial);
+                assign_nearest(points, &table, &mut index, &mut partial)?;
                 Ok(index)
             }
             Assigner::Device(device, on_device) => {
@@ -339,8 +339,13 @@ fn check(points: &[f32], d: usize, cfg: &KMeansConfig) -> Result<usize> {
             format!("k = {} exceeds the 65,536 that u16 codes hold", cfg.k),
         ));
     }
-    if let Some(0) = cfg.max_points {
-        return Err(Error::config("max_points", "must be at least 1"));
+    if let Some(m) = cfg.max_points {
+        if m < cfg.k {
+            return Err(Error::config(
+                "max_points",
+                format!("{m} training points cannot fit k = {} centroids", cfg.k),
+            ));
+        }
     }
     ensure_finite("k-means input", points)?;
     Ok(n)
@@ -419,7 +424,7 @@ fn run(
 
     // Sub-sampling only applies to the CPU backend; a device backend always trains on all points.
     let subset: Option<Vec<f32>> = match (cfg.max_points, assigner) {
-        (Some(m), Assigner::Cpu) if m < n && m >= k => {
+        (Some(m), Assigner::Cpu) if m < n => {
             let mut picked = sample(&mut rng, n, m).into_vec();
             picked.sort_unstable();
             Some(
