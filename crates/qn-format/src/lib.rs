@@ -1,16 +1,83 @@
-//! # qn-format — the packed compressed-model file format
+//! # qn-format — the packed `.qnz` compressed-model format
 //!
-//! This crate will hold the reader and writer of `.qnz` files: raw, scalar int-N and product-quantized
-//! tensor records with per-record checksums, validated before any allocation. It depends on no tensor
-//! library, so a loader can be written against it alone; the bridge from candle tensors lives in the
-//! crates above it.
+//! A `.qnz` file holds a model's tensors, each raw, scalar int-N (bit-packed at exactly N bits) or
+//! product-quantized (codebook + bit-packed assignments). Its size is the compressed model's size:
+//! no int64 assignments, no padding beyond 64-byte alignment. This crate depends on no tensor library;
+//! the bridge from candle tensors lives in the crates above it. The full spec is `docs/format.md`.
 //!
-//! Status: the codec is specified by the format issue and is not written yet; this crate currently
-//! only exports its version constant so that the layering can be built and checked.
+//! ```text
+//! offset 0   ┌──────────────────────────────────────────────┐
+//!            │ magic  b"QNZ\0"                     4 bytes  │
+//!            │ format version (u32 LE) = 1         4 bytes  │
+//!            │ header length N (u64 LE)            8 bytes  │
+//! 16         ├──────────────────────────────────────────────┤
+//!            │ header: UTF-8 JSON, N bytes                  │
+//!            │ {"metadata": {..}, "tensors": [{name, shape, │
+//!            │   encoding, offset, len, crc32}, ..]}        │
+//! 16+N       ├──────────────────────────────────────────────┤
+//!            │ CRC-32 of the header (u32 LE)       4 bytes  │
+//!            │ zero padding to a multiple of 64             │
+//! data start ├──────────────────────────────────────────────┤
+//!            │ record 0 at data start + offset (64-aligned) │
+//!            │ zero padding to 64                           │
+//!            │ record 1 ...                                 │
+//!            │ (the file ends with the last record)         │
+//!            └──────────────────────────────────────────────┘
+//! ```
 //!
 //! ```
-//! assert_eq!(qn_format::FORMAT_VERSION, 1);
+//! use qn_format::{Reader, Writer, Payload, Codebook, header::{LayerKind, CodebookKind}};
+//!
+//! let mut w = Writer::new().with_metadata("producer", "doctest");
+//! w.add("bias", &[4], &Payload::raw_f32(&[0.1, 0.2, 0.3, 0.4]))?;
+//! // A (2, 4) Linear weight in blocks of 2 with 2 centroids: [1, 1] and [2, 2].
+//! w.add("fc.weight", &[2, 4], &Payload::Pq {
+//!     layer: LayerKind::Linear, block_size: 2, k: 2,
+//!     codebook: Codebook::from_f32(&[1., 1., 2., 2.], CodebookKind::F16),
+//!     assignments: vec![0, 1, 1, 0],
+//! })?;
+//! let mut bytes = Vec::new();
+//! w.write_to(&mut bytes)?;
+//!
+//! let r = Reader::from_bytes(&bytes)?;
+//! assert_eq!(r.tensor("fc.weight")?.decode_f32()?, vec![1., 1., 2., 2., 2., 2., 1., 1.]);
+//! let ledger = r.ledger();
+//! assert_eq!(ledger.file_bytes, ledger.header_bytes + ledger.padding_bytes + ledger.record_bytes());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-/// The format version a reader of this crate accepts; files of a newer version are refused.
+pub mod bitpack;
+pub mod decode;
+mod error;
+pub mod header;
+pub mod ledger;
+mod payload;
+mod reader;
+mod writer;
+
+pub use error::{Error, Result};
+pub(crate) use error::corrupt;
+pub use header::{Encoding, Header, TensorEntry};
+pub use ledger::{Ledger, LedgerEntry};
+pub use payload::{Codebook, Payload};
+pub use reader::{Reader, TensorView};
+pub use writer::Writer;
+
+/// The first four bytes of every `.qnz` file.
+pub const MAGIC: [u8; 4] = *b"QNZ\0";
+/// The format version this crate writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// Magic + version + header length.
+pub const PREAMBLE_LEN: usize = 16;
+/// Alignment of the data section and of every record.
+pub const ALIGN: usize = 64;
+/// Largest accepted JSON header (64 MiB).
+pub const MAX_HEADER_LEN: u64 = 64 << 20;
+/// Most tensors in one file.
+pub const MAX_TENSORS: usize = 1 << 20;
+
+const _: () = assert!(PREAMBLE_LEN == MAGIC.len() + 4 + 8);
+
+pub(crate) fn align_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}

@@ -1,0 +1,114 @@
+//! Building a `.qnz` file: `Writer::new().with_metadata(..)`, `add` tensors, `write_to` / `write_file`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+
+use crate::header::{Header, TensorEntry};
+use crate::payload::Payload;
+use crate::{align_up, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_TENSORS, PREAMBLE_LEN};
+
+/// Collects tensors, then writes them as one file.
+#[derive(Debug, Default)]
+pub struct Writer {
+    metadata: BTreeMap<String, String>,
+    entries: Vec<TensorEntry>,
+    records: Vec<Vec<u8>>,
+    names: HashSet<String>,
+    next_offset: u64,
+}
+
+impl Writer {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a metadata key/value.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Validates and serialises one tensor; names must be unique.
+    pub fn add(&mut self, name: &str, shape: &[usize], payload: &Payload) -> Result<()> {
+        let invalid = |reason: &str| Error::Invalid { tensor: name.to_string(), reason: reason.to_string() };
+        if name.is_empty() || name.len() > crate::header::MAX_NAME_LEN {
+            return Err(invalid("a name must have 1 to 4096 bytes"));
+        }
+        if self.names.contains(name) {
+            return Err(invalid("is added twice"));
+        }
+        if self.entries.len() >= MAX_TENSORS {
+            return Err(invalid("one tensor too many for a .qnz file"));
+        }
+        let record = payload.to_record(name, shape)?;
+        let offset = self.next_offset;
+        self.next_offset = align_up(offset + record.len() as u64, ALIGN as u64);
+        self.entries.push(TensorEntry {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            encoding: payload.encoding(),
+            offset,
+            len: record.len() as u64,
+            crc32: crc32fast::hash(&record),
+        });
+        self.names.insert(name.to_string());
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// Number of tensors added.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no tensor was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the file; returns the bytes written.
+    pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<u64> {
+        let header = Header { metadata: self.metadata.clone(), tensors: self.entries.clone() };
+        let json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        let mut head = Vec::with_capacity(PREAMBLE_LEN + json.len() + 4 + ALIGN);
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        head.extend_from_slice(&json);
+        head.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+        head.resize(align_up(head.len() as u64, ALIGN as u64) as usize, 0);
+        w.write_all(&head)?;
+        let mut written = head.len() as u64;
+        let mut pos = 0u64;
+        for (entry, record) in self.entries.iter().zip(&self.records) {
+            let pad = (entry.offset - pos) as usize;
+            w.write_all(&vec![0u8; pad])?;
+            w.write_all(record)?;
+            pos = entry.offset + entry.len;
+            written += (pad + record.len()) as u64;
+        }
+        Ok(written)
+    }
+
+    /// Writes atomically: a temporary file in the same directory, synced, then renamed over `path`.
+    /// On any error nothing is left at `path` (nor a temporary file).
+    pub fn write_file(&self, path: &Path) -> Result<u64> {
+        let io = |source| Error::Io { path: path.display().to_string(), source };
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file path")))?;
+        let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+        let result = (|| {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let n = self.write_to(&mut f)?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            Ok(n)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(io)
+    }
+}
