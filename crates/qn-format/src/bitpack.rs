@@ -52,7 +52,11 @@ pub fn pack(values: &[u16], bits: u32) -> Vec<u8> {
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u16]) {
     assert!((1..=16).contains(&bits), "bits must be in 1..=16");
     let need = packed_len(out.len(), bits).expect("packed length overflows");
-    assert!(bytes.len() >= need, "bit stream too short: {} < {need}", bytes.len());
+    assert!(
+        bytes.len() >= need,
+        "bit stream too short: {} < {need}",
+        bytes.len()
+    );
     match bits {
         8 => {
             out.iter_mut().zip(bytes).for_each(|(o, &b)| *o = b as u16);

@@ -24,7 +24,11 @@ pub fn pq_gather<I: Copy + Into<usize> + Sync>(
     out: &mut [f32],
 ) {
     assert_eq!(out.len(), rows * cols, "output size");
-    assert_eq!(assignments.len() * d, rows * cols, "one assignment per block");
+    assert_eq!(
+        assignments.len() * d,
+        rows * cols,
+        "one assignment per block"
+    );
     let k = centroids.len() / d;
     out.par_chunks_mut(cols).enumerate().for_each(|(o, row)| {
         for (b, dst) in row.chunks_exact_mut(d).enumerate() {
@@ -37,14 +41,23 @@ pub fn pq_gather<I: Copy + Into<usize> + Sync>(
 
 /// Decodes a validated record (`encoding` and `shape` already checked against its length). Values
 /// that a length check cannot catch (an index past `K`, a non-finite scale) are errors.
-pub(crate) fn decode_record(shape: &[usize], encoding: &Encoding, record: &[u8], out: &mut [f32]) -> Result<(), String> {
+pub(crate) fn decode_record(
+    shape: &[usize],
+    encoding: &Encoding,
+    record: &[u8],
+    out: &mut [f32],
+) -> Result<(), String> {
     match *encoding {
         Encoding::Raw { dtype } => decode_raw(dtype, record, out)?,
-        Encoding::Scalar { bits, granularity, .. } => {
+        Encoding::Scalar {
+            bits, granularity, ..
+        } => {
             let (view, param) = scalar_view(shape, granularity).expect("validated");
             let n_params: usize = param.iter().product();
-            let scales: Vec<f32> =
-                record[..4 * n_params].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let scales: Vec<f32> = record[..4 * n_params]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
                 return Err(format!("scale {s} is not a positive finite number"));
             }
@@ -57,27 +70,46 @@ pub(crate) fn decode_record(shape: &[usize], encoding: &Encoding, record: &[u8],
                 for j in 0..b {
                     for l in 0..c {
                         let e = (i * b + j) * c + l;
-                        let s = (pick(i, param[0]) * param[1] + pick(j, param[1])) * param[2] + pick(l, param[2]);
+                        let s = (pick(i, param[0]) * param[1] + pick(j, param[1])) * param[2]
+                            + pick(l, param[2]);
                         out[e] = (codes[e] as f32 - zps[s] as f32) * scales[s];
                     }
                 }
             }
         }
-        Encoding::Pq { layer, block_size, k, codebook } => {
-            let (rows, cols, n_sub, bits) = pq_geometry(shape, layer, block_size, k).expect("validated");
+        Encoding::Pq {
+            layer,
+            block_size,
+            k,
+            codebook,
+        } => {
+            let (rows, cols, n_sub, bits) =
+                pq_geometry(shape, layer, block_size, k).expect("validated");
             let entries = k * block_size;
             let (centroids, rest) = match codebook {
                 CodebookKind::F32 => (
-                    record[..4 * entries].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>(),
+                    record[..4 * entries]
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect::<Vec<_>>(),
                     &record[4 * entries..],
                 ),
                 CodebookKind::F16 => (
-                    record[..2 * entries].chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                    record[..2 * entries]
+                        .chunks_exact(2)
+                        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
                     &record[2 * entries..],
                 ),
                 CodebookKind::Int8 => {
                     let scale = f32::from_le_bytes([record[0], record[1], record[2], record[3]]);
-                    (record[4..4 + entries].iter().map(|&q| q as i8 as f32 * scale).collect(), &record[4 + entries..])
+                    (
+                        record[4..4 + entries]
+                            .iter()
+                            .map(|&q| q as i8 as f32 * scale)
+                            .collect(),
+                        &record[4 + entries..],
+                    )
                 }
             };
             if let Some(v) = centroids.iter().find(|v| !v.is_finite()) {
@@ -106,8 +138,12 @@ fn decode_raw(dtype: RawDType, bytes: &[u8], out: &mut [f32]) -> Result<(), Stri
         RawDType::F32 => it.for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         RawDType::F16 => it.for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
         RawDType::Bf16 => it.for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        RawDType::I64 => it.for_each(|(o, b)| *o = i64::from_le_bytes(b.try_into().unwrap()) as f32),
-        RawDType::I32 => it.for_each(|(o, b)| *o = i32::from_le_bytes(b.try_into().unwrap()) as f32),
+        RawDType::I64 => {
+            it.for_each(|(o, b)| *o = i64::from_le_bytes(b.try_into().unwrap()) as f32)
+        }
+        RawDType::I32 => {
+            it.for_each(|(o, b)| *o = i32::from_le_bytes(b.try_into().unwrap()) as f32)
+        }
         RawDType::U8 => it.for_each(|(o, b)| *o = b[0] as f32),
     }
     Ok(())

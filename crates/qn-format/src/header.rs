@@ -185,7 +185,10 @@ pub enum Part {
 
 /// The view `(a, b, c)` of a tensor for a granularity and the shape of its parameters (each dim the
 /// view's or 1).
-pub fn scalar_view(shape: &[usize], granularity: Granularity) -> Result<([usize; 3], [usize; 3]), String> {
+pub fn scalar_view(
+    shape: &[usize],
+    granularity: Granularity,
+) -> Result<([usize; 3], [usize; 3]), String> {
     let numel = numel(shape)?;
     if numel == 0 {
         return Err(format!("shape {shape:?} is empty"));
@@ -194,7 +197,9 @@ pub fn scalar_view(shape: &[usize], granularity: Granularity) -> Result<([usize;
         Granularity::PerTensor => ([1, 1, numel], [1, 1, 1]),
         Granularity::PerChannel { axis } => {
             if axis >= shape.len() {
-                return Err(format!("channel axis {axis} is out of range for shape {shape:?}"));
+                return Err(format!(
+                    "channel axis {axis} is out of range for shape {shape:?}"
+                ));
             }
             let pre = shape[..axis].iter().product();
             let post = shape[axis + 1..].iter().product();
@@ -204,7 +209,9 @@ pub fn scalar_view(shape: &[usize], granularity: Granularity) -> Result<([usize;
             let rows = if shape.len() >= 2 { shape[0] } else { 1 };
             let rest = numel / rows;
             if size == 0 || rest % size != 0 {
-                return Err(format!("group size {size} does not divide the row length {rest} of shape {shape:?}"));
+                return Err(format!(
+                    "group size {size} does not divide the row length {rest} of shape {shape:?}"
+                ));
             }
             ([rows, rest / size, size], [rows, rest / size, 1])
         }
@@ -221,19 +228,28 @@ pub fn numel(shape: &[usize]) -> Result<usize, String> {
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| format!("shape {shape:?} overflows"))?;
     if n > MAX_NUMEL {
-        return Err(format!("shape {shape:?} has {n} elements, more than {MAX_NUMEL}"));
+        return Err(format!(
+            "shape {shape:?} has {n} elements, more than {MAX_NUMEL}"
+        ));
     }
     Ok(n)
 }
 
 /// PQ geometry: `(rows, cols, n_subvectors, index_bits)`.
-pub fn pq_geometry(shape: &[usize], layer: LayerKind, block_size: usize, k: usize) -> Result<(usize, usize, usize, u32), String> {
+pub fn pq_geometry(
+    shape: &[usize],
+    layer: LayerKind,
+    block_size: usize,
+    k: usize,
+) -> Result<(usize, usize, usize, u32), String> {
     let rank = match layer {
         LayerKind::Linear | LayerKind::Embedding => 2,
         LayerKind::Conv2d => 4,
     };
     if shape.len() != rank {
-        return Err(format!("a {layer:?} weight has rank {rank}, got shape {shape:?}"));
+        return Err(format!(
+            "a {layer:?} weight has rank {rank}, got shape {shape:?}"
+        ));
     }
     let n = numel(shape)?;
     if n == 0 {
@@ -242,7 +258,9 @@ pub fn pq_geometry(shape: &[usize], layer: LayerKind, block_size: usize, k: usiz
     let rows = shape[0];
     let cols = n / rows;
     if block_size == 0 || cols % block_size != 0 {
-        return Err(format!("block size {block_size} does not divide the {cols} inputs per row of shape {shape:?}"));
+        return Err(format!(
+            "block size {block_size} does not divide the {cols} inputs per row of shape {shape:?}"
+        ));
     }
     if k == 0 || k > MAX_CENTROIDS {
         return Err(format!("{k} centroids is outside 1..={MAX_CENTROIDS}"));
@@ -260,8 +278,13 @@ pub fn record_parts(shape: &[usize], encoding: &Encoding) -> Result<Vec<(Part, u
     let n = numel(shape)?;
     let overflow = || format!("record size of shape {shape:?} overflows");
     Ok(match *encoding {
-        Encoding::Raw { dtype } => vec![(Part::Data, n.checked_mul(dtype.size()).ok_or_else(overflow)?)],
-        Encoding::Scalar { bits, granularity, .. } => {
+        Encoding::Raw { dtype } => vec![(
+            Part::Data,
+            n.checked_mul(dtype.size()).ok_or_else(overflow)?,
+        )],
+        Encoding::Scalar {
+            bits, granularity, ..
+        } => {
             if !(2..=8).contains(&bits) {
                 return Err(format!("{bits} bits is outside 2..=8"));
             }
@@ -270,10 +293,18 @@ pub fn record_parts(shape: &[usize], encoding: &Encoding) -> Result<Vec<(Part, u
             vec![
                 (Part::Scales, n_params * 4),
                 (Part::ZeroPoints, n_params),
-                (Part::Codes, packed_len(n, bits as u32).ok_or_else(overflow)?),
+                (
+                    Part::Codes,
+                    packed_len(n, bits as u32).ok_or_else(overflow)?,
+                ),
             ]
         }
-        Encoding::Pq { layer, block_size, k, codebook } => {
+        Encoding::Pq {
+            layer,
+            block_size,
+            k,
+            codebook,
+        } => {
             let (_, _, n_sub, bits) = pq_geometry(shape, layer, block_size, k)?;
             let entries = k.checked_mul(block_size).ok_or_else(overflow)?;
             let codebook = match codebook {
@@ -282,7 +313,13 @@ pub fn record_parts(shape: &[usize], encoding: &Encoding) -> Result<Vec<(Part, u
                 CodebookKind::Int8 => entries.checked_add(4),
             }
             .ok_or_else(overflow)?;
-            vec![(Part::Codebook, codebook), (Part::Assignments, packed_len(n_sub, bits).ok_or_else(overflow)?)]
+            vec![
+                (Part::Codebook, codebook),
+                (
+                    Part::Assignments,
+                    packed_len(n_sub, bits).ok_or_else(overflow)?,
+                ),
+            ]
         }
     })
 }

@@ -55,8 +55,8 @@ mod payload;
 mod reader;
 mod writer;
 
-pub use error::{Error, Result};
 pub(crate) use error::corrupt;
+pub use error::{Error, Result};
 pub use header::{Encoding, Header, TensorEntry};
 pub use ledger::{Ledger, LedgerEntry};
 pub use payload::{Codebook, Payload};

@@ -3,7 +3,9 @@
 use half::f16;
 
 use crate::bitpack::pack;
-use crate::header::{record_parts, scalar_view, CodebookKind, Encoding, Granularity, LayerKind, RawDType, Scheme};
+use crate::header::{
+    record_parts, scalar_view, CodebookKind, Encoding, Granularity, LayerKind, RawDType, Scheme,
+};
 use crate::{Error, Result};
 
 /// A PQ codebook, `k` centroids of the tensor's block size.
@@ -31,7 +33,10 @@ impl Codebook {
             CodebookKind::Int8 => {
                 let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-                let values = values.iter().map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8).collect();
+                let values = values
+                    .iter()
+                    .map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8)
+                    .collect();
                 Codebook::Int8 { scale, values }
             }
         }
@@ -71,8 +76,12 @@ impl Codebook {
 
     fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Codebook::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Codebook::F16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Codebook::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Codebook::F16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
             Codebook::Int8 { scale, values } => {
                 out.extend_from_slice(&scale.to_le_bytes());
                 out.extend(values.iter().map(|&q| q as u8));
@@ -124,19 +133,33 @@ pub enum Payload {
 impl Payload {
     /// f32 values stored raw.
     pub fn raw_f32(values: &[f32]) -> Self {
-        Payload::Raw { dtype: RawDType::F32, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+        Payload::Raw {
+            dtype: RawDType::F32,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
     }
 
     /// The header encoding of this payload.
     pub fn encoding(&self) -> Encoding {
         match self {
             Payload::Raw { dtype, .. } => Encoding::Raw { dtype: *dtype },
-            Payload::Scalar { bits, scheme, granularity, .. } => Encoding::Scalar {
+            Payload::Scalar {
+                bits,
+                scheme,
+                granularity,
+                ..
+            } => Encoding::Scalar {
                 bits: *bits,
                 scheme: *scheme,
                 granularity: *granularity,
             },
-            Payload::Pq { layer, block_size, k, codebook, .. } => Encoding::Pq {
+            Payload::Pq {
+                layer,
+                block_size,
+                k,
+                codebook,
+                ..
+            } => Encoding::Pq {
                 layer: *layer,
                 block_size: *block_size,
                 k: *k,
@@ -147,7 +170,10 @@ impl Payload {
 
     /// Validates against `shape` and serialises the record.
     pub(crate) fn to_record(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
-        let invalid = |reason: String| Error::Invalid { tensor: name.to_string(), reason };
+        let invalid = |reason: String| Error::Invalid {
+            tensor: name.to_string(),
+            reason,
+        };
         let parts = record_parts(shape, &self.encoding()).map_err(invalid)?;
         let total: usize = parts.iter().map(|(_, n)| n).sum();
         let n = crate::header::numel(shape).map_err(invalid)?;
@@ -155,11 +181,21 @@ impl Payload {
         match self {
             Payload::Raw { dtype, bytes } => {
                 if bytes.len() != n * dtype.size() {
-                    return Err(invalid(format!("{} bytes for {n} {dtype:?} elements", bytes.len())));
+                    return Err(invalid(format!(
+                        "{} bytes for {n} {dtype:?} elements",
+                        bytes.len()
+                    )));
                 }
                 out.extend_from_slice(bytes);
             }
-            Payload::Scalar { bits, granularity, codes, scales, zero_points, .. } => {
+            Payload::Scalar {
+                bits,
+                granularity,
+                codes,
+                scales,
+                zero_points,
+                ..
+            } => {
                 let (_, param) = scalar_view(shape, *granularity).map_err(invalid)?;
                 let n_params: usize = param.iter().product();
                 if codes.len() != n || scales.len() != n_params || zero_points.len() != n_params {
@@ -178,30 +214,51 @@ impl Payload {
                     return Err(invalid(format!("zero point {z} does not fit {bits} bits")));
                 }
                 if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
-                    return Err(invalid(format!("scale {s} is not a positive finite number")));
+                    return Err(invalid(format!(
+                        "scale {s} is not a positive finite number"
+                    )));
                 }
-                scales.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
+                scales
+                    .iter()
+                    .for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
                 out.extend_from_slice(zero_points);
                 let wide: Vec<u16> = codes.iter().map(|&c| c as u16).collect();
                 out.extend_from_slice(&pack(&wide, *bits as u32));
             }
-            Payload::Pq { layer, block_size, k, codebook, assignments } => {
-                let (_, _, n_sub, bits) = crate::header::pq_geometry(shape, *layer, *block_size, *k).map_err(invalid)?;
+            Payload::Pq {
+                layer,
+                block_size,
+                k,
+                codebook,
+                assignments,
+            } => {
+                let (_, _, n_sub, bits) =
+                    crate::header::pq_geometry(shape, *layer, *block_size, *k).map_err(invalid)?;
                 if codebook.len() != k * block_size {
-                    return Err(invalid(format!("codebook holds {} values, {k} x {block_size} expected", codebook.len())));
+                    return Err(invalid(format!(
+                        "codebook holds {} values, {k} x {block_size} expected",
+                        codebook.len()
+                    )));
                 }
                 if assignments.len() != n_sub {
-                    return Err(invalid(format!("{} assignments for {n_sub} sub-vectors", assignments.len())));
+                    return Err(invalid(format!(
+                        "{} assignments for {n_sub} sub-vectors",
+                        assignments.len()
+                    )));
                 }
                 if let Some(a) = assignments.iter().find(|&&a| a as usize >= *k) {
-                    return Err(invalid(format!("assignment {a} is out of range for {k} centroids")));
+                    return Err(invalid(format!(
+                        "assignment {a} is out of range for {k} centroids"
+                    )));
                 }
                 if let Some(v) = codebook.to_f32().iter().find(|v| !v.is_finite()) {
                     return Err(invalid(format!("codebook value {v} is not finite")));
                 }
                 if let Codebook::Int8 { scale, .. } = codebook {
                     if !scale.is_finite() || *scale <= 0.0 {
-                        return Err(invalid(format!("int8 codebook scale {scale} is not positive and finite")));
+                        return Err(invalid(format!(
+                            "int8 codebook scale {scale} is not positive and finite"
+                        )));
                     }
                 }
                 codebook.write(&mut out);

@@ -6,7 +6,10 @@ use std::path::Path;
 use crate::decode::decode_record;
 use crate::header::{numel, record_parts, Encoding, Header, Part, TensorEntry};
 use crate::ledger::{Ledger, LedgerEntry};
-use crate::{align_up, corrupt, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN, MAX_TENSORS, PREAMBLE_LEN};
+use crate::{
+    align_up, corrupt, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN, MAX_TENSORS,
+    PREAMBLE_LEN,
+};
 
 /// A validated `.qnz` file over any bytes (a memory map, a `Vec<u8>`, a slice).
 #[derive(Debug)]
@@ -37,7 +40,11 @@ impl TensorView<'_> {
         if out.len() != self.numel() {
             return Err(Error::Invalid {
                 tensor: self.entry.name.clone(),
-                reason: format!("output holds {} values, the tensor {}", out.len(), self.numel()),
+                reason: format!(
+                    "output holds {} values, the tensor {}",
+                    out.len(),
+                    self.numel()
+                ),
             });
         }
         decode_record(&self.entry.shape, &self.entry.encoding, self.record, out)
@@ -55,7 +62,10 @@ impl TensorView<'_> {
 impl Reader<memmap2::Mmap> {
     /// Maps and validates the file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| Error::Io { path: path.display().to_string(), source };
+        let io = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file changed underneath by another process can give wrong
         // bytes, which the per-record CRCs then report, but no undefined behaviour in safe code
@@ -81,7 +91,12 @@ impl<B: AsRef<[u8]>> Reader<B> {
     /// bounds, zero padding, no trailing bytes, and every record's CRC.
     pub fn new(bytes: B) -> Result<Self> {
         let (header, header_bytes, data_start) = parse(bytes.as_ref())?;
-        Ok(Self { bytes, header, header_bytes, data_start })
+        Ok(Self {
+            bytes,
+            header,
+            header_bytes,
+            data_start,
+        })
     }
 
     /// The header.
@@ -96,7 +111,12 @@ impl<B: AsRef<[u8]>> Reader<B> {
 
     /// The tensor named `name`.
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
-        let entry = self.header.tensors.iter().find(|e| e.name == name).ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let entry = self
+            .header
+            .tensors
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
         Ok(self.view(entry))
     }
 
@@ -107,7 +127,10 @@ impl<B: AsRef<[u8]>> Reader<B> {
 
     fn view<'s>(&'s self, entry: &'s TensorEntry) -> TensorView<'s> {
         let start = self.data_start + entry.offset as usize;
-        TensorView { entry, record: &self.bytes.as_ref()[start..start + entry.len as usize] }
+        TensorView {
+            entry,
+            record: &self.bytes.as_ref()[start..start + entry.len as usize],
+        }
     }
 
     /// Bytes per tensor and the overhead, adding up to the file size.
@@ -125,11 +148,25 @@ impl<B: AsRef<[u8]>> Reader<B> {
 
 fn ledger_entry(e: &TensorEntry) -> LedgerEntry {
     let parts = record_parts(&e.shape, &e.encoding).expect("validated");
-    let sum = |want: &[Part]| parts.iter().filter(|(p, _)| want.contains(p)).map(|(_, n)| *n as u64).sum::<u64>();
+    let sum = |want: &[Part]| {
+        parts
+            .iter()
+            .filter(|(p, _)| want.contains(p))
+            .map(|(_, n)| *n as u64)
+            .sum::<u64>()
+    };
     let method = match e.encoding {
         Encoding::Raw { dtype } => format!("raw {dtype:?}").to_lowercase(),
         Encoding::Scalar { bits, .. } => format!("int{bits}"),
-        Encoding::Pq { block_size, k, codebook, .. } => format!("pq d={block_size} K={k} {codebook:?}").replace("F16", "f16").replace("F32", "f32").replace("Int8", "int8"),
+        Encoding::Pq {
+            block_size,
+            k,
+            codebook,
+            ..
+        } => format!("pq d={block_size} K={k} {codebook:?}")
+            .replace("F16", "f16")
+            .replace("F32", "f32")
+            .replace("Int8", "int8"),
     };
     let numel: usize = e.shape.iter().product();
     LedgerEntry {
@@ -141,49 +178,72 @@ fn ledger_entry(e: &TensorEntry) -> LedgerEntry {
         index_bytes: sum(&[Part::Codes, Part::Assignments]),
         codebook_bytes: sum(&[Part::Codebook, Part::Scales, Part::ZeroPoints]),
         raw_bytes: sum(&[Part::Data]),
-        bits_per_weight: if numel > 0 { e.len as f64 * 8.0 / numel as f64 } else { 0.0 },
+        bits_per_weight: if numel > 0 {
+            e.len as f64 * 8.0 / numel as f64
+        } else {
+            0.0
+        },
     }
 }
 
 fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
     let len = bytes.len();
     if len < PREAMBLE_LEN {
-        return Err(corrupt(format!("{len} bytes, shorter than the {PREAMBLE_LEN}-byte preamble")));
+        return Err(corrupt(format!(
+            "{len} bytes, shorter than the {PREAMBLE_LEN}-byte preamble"
+        )));
     }
     if bytes[..4] != MAGIC {
-        return Err(corrupt(format!("magic {:?} is not {:?}: not a .qnz file", &bytes[..4], MAGIC)));
+        return Err(corrupt(format!(
+            "magic {:?} is not {:?}: not a .qnz file",
+            &bytes[..4],
+            MAGIC
+        )));
     }
     let version = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
     if version == 0 {
         return Err(corrupt("format version 0 does not exist"));
     }
     if version > FORMAT_VERSION {
-        return Err(Error::NewerVersion { found: version, supported: FORMAT_VERSION });
+        return Err(Error::NewerVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let header_len = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
     if header_len > MAX_HEADER_LEN {
-        return Err(corrupt(format!("header length {header_len} exceeds {MAX_HEADER_LEN}")));
+        return Err(corrupt(format!(
+            "header length {header_len} exceeds {MAX_HEADER_LEN}"
+        )));
     }
     let header_end = PREAMBLE_LEN + header_len as usize;
     let crc_end = header_end + 4;
     if crc_end > len {
-        return Err(corrupt(format!("truncated: the header needs {crc_end} bytes, the file has {len}")));
+        return Err(corrupt(format!(
+            "truncated: the header needs {crc_end} bytes, the file has {len}"
+        )));
     }
     let json = &bytes[PREAMBLE_LEN..header_end];
     let stored = u32::from_le_bytes(bytes[header_end..crc_end].try_into().unwrap());
     if crc32fast::hash(json) != stored {
         return Err(corrupt("header checksum mismatch"));
     }
-    let header: Header = serde_json::from_slice(json).map_err(|e| corrupt(format!("header: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(json).map_err(|e| corrupt(format!("header: {e}")))?;
     let data_start = align_up(crc_end as u64, ALIGN as u64) as usize;
     if data_start > len {
-        return Err(corrupt(format!("truncated: the data section starts at {data_start}, the file has {len} bytes")));
+        return Err(corrupt(format!(
+            "truncated: the data section starts at {data_start}, the file has {len} bytes"
+        )));
     }
     if bytes[crc_end..data_start].iter().any(|&b| b != 0) {
         return Err(corrupt("non-zero padding after the header"));
     }
     if header.tensors.len() > MAX_TENSORS {
-        return Err(corrupt(format!("{} tensors exceed {MAX_TENSORS}", header.tensors.len())));
+        return Err(corrupt(format!(
+            "{} tensors exceed {MAX_TENSORS}",
+            header.tensors.len()
+        )));
     }
     let data = &bytes[data_start..];
     let mut names = HashSet::with_capacity(header.tensors.len());
@@ -191,24 +251,46 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
     for e in &header.tensors {
         let bad = |m: String| corrupt(format!("tensor `{}`: {m}", e.name));
         if e.name.is_empty() || e.name.len() > crate::header::MAX_NAME_LEN {
-            return Err(corrupt(format!("a tensor name has {} bytes (1..=4096 allowed)", e.name.len())));
+            return Err(corrupt(format!(
+                "a tensor name has {} bytes (1..=4096 allowed)",
+                e.name.len()
+            )));
         }
         if !names.insert(e.name.as_str()) {
             return Err(bad("appears twice".into()));
         }
         numel(&e.shape).map_err(bad)?;
-        let expect: usize = record_parts(&e.shape, &e.encoding).map_err(bad)?.iter().map(|(_, n)| n).sum();
+        let expect: usize = record_parts(&e.shape, &e.encoding)
+            .map_err(bad)?
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
         if e.len != expect as u64 {
-            return Err(bad(format!("record length {} differs from the {expect} its encoding implies", e.len)));
+            return Err(bad(format!(
+                "record length {} differs from the {expect} its encoding implies",
+                e.len
+            )));
         }
         if e.offset % ALIGN as u64 != 0 || e.offset < end {
-            return Err(bad(format!("offset {} is unaligned or overlaps the previous record (ends at {end})", e.offset)));
+            return Err(bad(format!(
+                "offset {} is unaligned or overlaps the previous record (ends at {end})",
+                e.offset
+            )));
         }
-        let rec_end = e.offset.checked_add(e.len).ok_or_else(|| bad("offset + length overflows".into()))?;
+        let rec_end = e
+            .offset
+            .checked_add(e.len)
+            .ok_or_else(|| bad("offset + length overflows".into()))?;
         if rec_end > data.len() as u64 {
-            return Err(bad(format!("truncated: the record ends at {rec_end}, the data section has {} bytes", data.len())));
+            return Err(bad(format!(
+                "truncated: the record ends at {rec_end}, the data section has {} bytes",
+                data.len()
+            )));
         }
-        if data[end as usize..e.offset as usize].iter().any(|&b| b != 0) {
+        if data[end as usize..e.offset as usize]
+            .iter()
+            .any(|&b| b != 0)
+        {
             return Err(bad("non-zero padding before the record".into()));
         }
         let record = &data[e.offset as usize..rec_end as usize];
@@ -218,7 +300,10 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
         end = rec_end;
     }
     if end != data.len() as u64 {
-        return Err(corrupt(format!("{} bytes after the last record", data.len() as u64 - end)));
+        return Err(corrupt(format!(
+            "{} bytes after the last record",
+            data.len() as u64 - end
+        )));
     }
     Ok((header, crc_end, data_start))
 }

@@ -32,7 +32,10 @@ impl Writer {
 
     /// Validates and serialises one tensor; names must be unique.
     pub fn add(&mut self, name: &str, shape: &[usize], payload: &Payload) -> Result<()> {
-        let invalid = |reason: &str| Error::Invalid { tensor: name.to_string(), reason: reason.to_string() };
+        let invalid = |reason: &str| Error::Invalid {
+            tensor: name.to_string(),
+            reason: reason.to_string(),
+        };
         if name.is_empty() || name.len() > crate::header::MAX_NAME_LEN {
             return Err(invalid("a name must have 1 to 4096 bytes"));
         }
@@ -70,7 +73,10 @@ impl Writer {
 
     /// Writes the file; returns the bytes written.
     pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<u64> {
-        let header = Header { metadata: self.metadata.clone(), tensors: self.entries.clone() };
+        let header = Header {
+            metadata: self.metadata.clone(),
+            tensors: self.entries.clone(),
+        };
         let json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
         let mut head = Vec::with_capacity(PREAMBLE_LEN + json.len() + 4 + ALIGN);
         head.extend_from_slice(&MAGIC);
@@ -95,10 +101,22 @@ impl Writer {
     /// Writes atomically: a temporary file in the same directory, synced, then renamed over `path`.
     /// On any error nothing is left at `path` (nor a temporary file).
     pub fn write_file(&self, path: &Path) -> Result<u64> {
-        let io = |source| Error::Io { path: path.display().to_string(), source };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file path")))?;
-        let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+        let io = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| io(std::io::Error::other("not a file path")))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
         let result = (|| {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
             let n = self.write_to(&mut f)?;

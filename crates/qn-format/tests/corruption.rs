@@ -27,7 +27,10 @@ fn every_truncation_is_an_error() {
     // Every prefix, record boundaries included.
     for cut in 0..bytes.len() {
         let err = read_all(&bytes[..cut]);
-        assert!(matches!(err, Err(Error::Corrupt(_))), "cut at {cut}: {err:?}");
+        assert!(
+            matches!(err, Err(Error::Corrupt(_))),
+            "cut at {cut}: {err:?}"
+        );
     }
     assert!(read_all(&bytes).is_ok());
 }
@@ -35,12 +38,19 @@ fn every_truncation_is_an_error() {
 #[test]
 fn every_single_bit_flip_is_an_error() {
     let (bytes, _) = random_file(12, 4);
-    assert!(bytes.len() < 4096, "keep this exhaustive test small: {} bytes", bytes.len());
+    assert!(
+        bytes.len() < 4096,
+        "keep this exhaustive test small: {} bytes",
+        bytes.len()
+    );
     for i in 0..bytes.len() {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[i] ^= 1 << bit;
-            assert!(read_all(&b).is_err(), "flipping bit {bit} of byte {i} went unnoticed");
+            assert!(
+                read_all(&b).is_err(),
+                "flipping bit {bit} of byte {i} went unnoticed"
+            );
         }
     }
 }
@@ -76,19 +86,60 @@ fn with_header(json: &str) -> Vec<u8> {
 fn absurd_lengths_and_shapes_are_refused_before_allocating() {
     let cases = [
         // A huge header length.
-        ({
-            let mut b = with_header(r#"{"tensors":[]}"#);
-            b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-            b
-        }, "header length"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[4294967296,4294967296],"encoding":{"kind":"raw","dtype":"f32"},"offset":0,"len":16,"crc32":0}]}"#), "overflows"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[1099511627777],"encoding":{"kind":"raw","dtype":"u8"},"offset":0,"len":1099511627777,"crc32":0}]}"#), "more than"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[2],"encoding":{"kind":"raw","dtype":"f32"},"offset":18446744073709551552,"len":8,"crc32":0}]}"#), "truncated"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[2],"encoding":{"kind":"raw","dtype":"f32"},"offset":0,"len":999,"crc32":0}]}"#), "record length 999"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[8,8],"encoding":{"kind":"pq","layer":"linear","block_size":8,"k":100000,"codebook":"f16"},"offset":0,"len":8,"crc32":0}]}"#), "centroids"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[8,8],"encoding":{"kind":"scalar","bits":9,"scheme":"affine","granularity":"per_tensor"},"offset":0,"len":8,"crc32":0}]}"#), "9 bits"),
-        (with_header(r#"{"tensors":[{"name":"x","shape":[1,1,1,1,1,1,1,1,1],"encoding":{"kind":"raw","dtype":"f32"},"offset":0,"len":4,"crc32":0}]}"#), "rank 9"),
-        (with_header(r#"{"tensors":[], "surprise": 1}"#), "unknown field"),
+        (
+            {
+                let mut b = with_header(r#"{"tensors":[]}"#);
+                b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+                b
+            },
+            "header length",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[4294967296,4294967296],"encoding":{"kind":"raw","dtype":"f32"},"offset":0,"len":16,"crc32":0}]}"#,
+            ),
+            "overflows",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[1099511627777],"encoding":{"kind":"raw","dtype":"u8"},"offset":0,"len":1099511627777,"crc32":0}]}"#,
+            ),
+            "more than",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[2],"encoding":{"kind":"raw","dtype":"f32"},"offset":18446744073709551552,"len":8,"crc32":0}]}"#,
+            ),
+            "truncated",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[2],"encoding":{"kind":"raw","dtype":"f32"},"offset":0,"len":999,"crc32":0}]}"#,
+            ),
+            "record length 999",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[8,8],"encoding":{"kind":"pq","layer":"linear","block_size":8,"k":100000,"codebook":"f16"},"offset":0,"len":8,"crc32":0}]}"#,
+            ),
+            "centroids",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[8,8],"encoding":{"kind":"scalar","bits":9,"scheme":"affine","granularity":"per_tensor"},"offset":0,"len":8,"crc32":0}]}"#,
+            ),
+            "9 bits",
+        ),
+        (
+            with_header(
+                r#"{"tensors":[{"name":"x","shape":[1,1,1,1,1,1,1,1,1],"encoding":{"kind":"raw","dtype":"f32"},"offset":0,"len":4,"crc32":0}]}"#,
+            ),
+            "rank 9",
+        ),
+        (
+            with_header(r#"{"tensors":[], "surprise": 1}"#),
+            "unknown field",
+        ),
         (with_header(r#"not json"#), "header"),
     ];
     for (bytes, msg) in cases {
@@ -105,7 +156,10 @@ fn newer_versions_are_refused_with_a_clear_error() {
     assert!(matches!(err, Error::NewerVersion { found, .. } if found == FORMAT_VERSION + 1));
     assert!(err.to_string().contains("newer"), "{err}");
     bytes[..4].copy_from_slice(b"PK\x03\x04");
-    assert!(Reader::from_bytes(&bytes).unwrap_err().to_string().contains("not a .qnz file"));
+    assert!(Reader::from_bytes(&bytes)
+        .unwrap_err()
+        .to_string()
+        .contains("not a .qnz file"));
 }
 
 #[test]
@@ -120,7 +174,12 @@ fn out_of_range_assignments_with_a_valid_crc_are_an_error_not_a_panic() {
         r.push(0b11_11_11_11);
         r
     };
-    let enc = Encoding::Pq { layer: LayerKind::Linear, block_size: 2, k: 3, codebook: CodebookKind::F32 };
+    let enc = Encoding::Pq {
+        layer: LayerKind::Linear,
+        block_size: 2,
+        k: 3,
+        codebook: CodebookKind::F32,
+    };
     let json = serde_json::json!({"tensors": [{"name": "w", "shape": [2, 4], "encoding": enc, "offset": 0, "len": record.len(), "crc32": crc32fast::hash(&record)}]});
     let mut bytes = with_header(&json.to_string());
     bytes.extend_from_slice(&record);

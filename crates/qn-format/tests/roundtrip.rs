@@ -16,7 +16,11 @@ fn bit_packing_round_trips_at_every_width() {
             let max = ((1u32 << bits) - 1) as u16;
             let values: Vec<u16> = (0..n).map(|_| r.random_range(0..=max)).collect();
             let bytes = pack(&values, bits);
-            assert_eq!(bytes.len(), packed_len(n, bits).unwrap(), "bits {bits} n {n}");
+            assert_eq!(
+                bytes.len(),
+                packed_len(n, bits).unwrap(),
+                "bits {bits} n {n}"
+            );
             assert_eq!(bytes.len(), (n * bits as usize).div_ceil(8));
             let mut back = vec![0u16; n];
             unpack(&bytes, bits, &mut back);
@@ -38,11 +42,19 @@ fn random_valid_files_round_trip() {
         for (name, shape, values) in &expect {
             let view = reader.tensor(name).unwrap();
             assert_eq!(&view.entry.shape, shape);
-            assert_eq!(&view.decode_f32().unwrap(), values, "seed {seed} tensor {name} {:?}", view.entry.encoding);
+            assert_eq!(
+                &view.decode_f32().unwrap(),
+                values,
+                "seed {seed} tensor {name} {:?}",
+                view.entry.encoding
+            );
         }
         let ledger = reader.ledger();
         assert_eq!(ledger.file_bytes, bytes.len() as u64);
-        assert_eq!(ledger.file_bytes, ledger.header_bytes + ledger.padding_bytes + ledger.record_bytes());
+        assert_eq!(
+            ledger.file_bytes,
+            ledger.header_bytes + ledger.padding_bytes + ledger.record_bytes()
+        );
     }
 }
 
@@ -76,7 +88,10 @@ fn pq_sizes_are_exact() {
     assert_eq!(l.entries[0].codebook_bytes, 256 * 8 * 2);
     assert_eq!(l.entries[1].index_bytes, (1024 * 9u64).div_ceil(8));
     assert_eq!(l.entries[1].codebook_bytes, 4 + 300 * 4);
-    assert!((l.entries[0].bits_per_weight - (1.0 + 256.0 * 8.0 * 16.0 / (1024.0 * 4096.0))).abs() < 1e-9);
+    assert!(
+        (l.entries[0].bits_per_weight - (1.0 + 256.0 * 8.0 * 16.0 / (1024.0 * 4096.0))).abs()
+            < 1e-9
+    );
     assert!(l.header_bytes < 1024, "header {} bytes", l.header_bytes);
 }
 
@@ -84,7 +99,12 @@ fn pq_sizes_are_exact() {
 fn writer_rejects_inconsistent_tensors() {
     let mut w = Writer::new();
     let cases: Vec<(&str, Vec<usize>, Payload, &str)> = vec![
-        ("short", vec![2, 2], Payload::raw_f32(&[1.0, 2.0, 3.0]), "12 bytes"),
+        (
+            "short",
+            vec![2, 2],
+            Payload::raw_f32(&[1.0, 2.0, 3.0]),
+            "12 bytes",
+        ),
         (
             "code too big",
             vec![4],
@@ -141,7 +161,11 @@ fn writer_rejects_inconsistent_tensors() {
         assert!(err.contains(name) && err.contains(msg), "{name}: {err}");
     }
     w.add("x", &[1], &Payload::raw_f32(&[1.0])).unwrap();
-    assert!(w.add("x", &[1], &Payload::raw_f32(&[1.0])).unwrap_err().to_string().contains("twice"));
+    assert!(w
+        .add("x", &[1], &Payload::raw_f32(&[1.0]))
+        .unwrap_err()
+        .to_string()
+        .contains("twice"));
 }
 
 #[test]
@@ -149,17 +173,24 @@ fn files_are_written_atomically() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.qnz");
     let mut w = Writer::new();
-    w.add("x", &[3], &Payload::raw_f32(&[1.0, 2.0, 3.0])).unwrap();
+    w.add("x", &[3], &Payload::raw_f32(&[1.0, 2.0, 3.0]))
+        .unwrap();
     let n = w.write_file(&path).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), n);
     let r = Reader::open(&path).unwrap();
-    assert_eq!(r.tensor("x").unwrap().decode_f32().unwrap(), vec![1.0, 2.0, 3.0]);
+    assert_eq!(
+        r.tensor("x").unwrap().decode_f32().unwrap(),
+        vec![1.0, 2.0, 3.0]
+    );
     // Only the file itself is in the directory: no temporary left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     // A directory that does not exist: an error naming the path, and nothing written.
     let bad = dir.path().join("missing/model.qnz");
     let err = w.write_file(&bad).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("missing/model.qnz"), "{err}");
+    assert!(
+        matches!(err, Error::Io { .. }) && err.to_string().contains("missing/model.qnz"),
+        "{err}"
+    );
     assert!(!bad.exists());
 }
 
@@ -168,6 +199,8 @@ fn missing_tensor_and_missing_file_are_errors() {
     let (bytes, _) = random_file(5, 2);
     let r = Reader::from_bytes(&bytes).unwrap();
     assert!(matches!(r.tensor("nope"), Err(Error::NotFound(_))));
-    let err = Reader::open(std::path::Path::new("/nonexistent/x.qnz")).unwrap_err().to_string();
+    let err = Reader::open(std::path::Path::new("/nonexistent/x.qnz"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("/nonexistent/x.qnz"), "{err}");
 }

@@ -18,14 +18,35 @@ pub fn random_tensor(r: &mut ChaCha8Rng) -> (Vec<usize>, Payload, Vec<f32>) {
         0 => {
             let shape = vec![r.random_range(1..5), r.random_range(1..9)];
             let n: usize = shape.iter().product();
-            let dtype = [RawDType::F32, RawDType::F16, RawDType::Bf16, RawDType::I64, RawDType::I32, RawDType::U8][r.random_range(0..6)];
-            let vals: Vec<f32> = (0..n).map(|_| r.random_range(-100i32..100) as f32 / 4.0).collect();
+            let dtype = [
+                RawDType::F32,
+                RawDType::F16,
+                RawDType::Bf16,
+                RawDType::I64,
+                RawDType::I32,
+                RawDType::U8,
+            ][r.random_range(0..6)];
+            let vals: Vec<f32> = (0..n)
+                .map(|_| r.random_range(-100i32..100) as f32 / 4.0)
+                .collect();
             let bytes: Vec<u8> = match dtype {
                 RawDType::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                RawDType::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-                RawDType::Bf16 => vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-                RawDType::I64 => vals.iter().flat_map(|v| (*v as i64).to_le_bytes()).collect(),
-                RawDType::I32 => vals.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect(),
+                RawDType::F16 => vals
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                RawDType::Bf16 => vals
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                RawDType::I64 => vals
+                    .iter()
+                    .flat_map(|v| (*v as i64).to_le_bytes())
+                    .collect(),
+                RawDType::I32 => vals
+                    .iter()
+                    .flat_map(|v| (*v as i32).to_le_bytes())
+                    .collect(),
                 RawDType::U8 => vals.iter().map(|v| v.abs() as u8).collect(),
             };
             let expect = match dtype {
@@ -49,34 +70,65 @@ pub fn random_tensor(r: &mut ChaCha8Rng) -> (Vec<usize>, Payload, Vec<f32>) {
             let n_params: usize = param.iter().product();
             let qmax = (1u16 << bits) - 1;
             let codes: Vec<u8> = (0..n).map(|_| r.random_range(0..=qmax) as u8).collect();
-            let scales: Vec<f32> = (0..n_params).map(|_| r.random_range(1..100) as f32 / 64.0).collect();
-            let zero_points: Vec<u8> = (0..n_params).map(|_| r.random_range(0..=qmax) as u8).collect();
+            let scales: Vec<f32> = (0..n_params)
+                .map(|_| r.random_range(1..100) as f32 / 64.0)
+                .collect();
+            let zero_points: Vec<u8> = (0..n_params)
+                .map(|_| r.random_range(0..=qmax) as u8)
+                .collect();
             let mut expect = vec![0f32; n];
             let pick = |i: usize, p: usize| if p == 1 { 0 } else { i };
             for i in 0..view[0] {
                 for j in 0..view[1] {
                     for l in 0..view[2] {
                         let e = (i * view[1] + j) * view[2] + l;
-                        let s = (pick(i, param[0]) * param[1] + pick(j, param[1])) * param[2] + pick(l, param[2]);
+                        let s = (pick(i, param[0]) * param[1] + pick(j, param[1])) * param[2]
+                            + pick(l, param[2]);
                         expect[e] = (codes[e] as f32 - zero_points[s] as f32) * scales[s];
                     }
                 }
             }
-            let scheme = if r.random::<bool>() { Scheme::Affine } else { Scheme::Symmetric };
-            (shape, Payload::Scalar { bits, scheme, granularity, codes, scales, zero_points }, expect)
+            let scheme = if r.random::<bool>() {
+                Scheme::Affine
+            } else {
+                Scheme::Symmetric
+            };
+            (
+                shape,
+                Payload::Scalar {
+                    bits,
+                    scheme,
+                    granularity,
+                    codes,
+                    scales,
+                    zero_points,
+                },
+                expect,
+            )
         }
         _ => {
             let conv = r.random::<bool>();
             let (shape, layer, d) = if conv {
-                (vec![r.random_range(1..5), r.random_range(1..3), 3, 3], LayerKind::Conv2d, 9)
+                (
+                    vec![r.random_range(1..5), r.random_range(1..3), 3, 3],
+                    LayerKind::Conv2d,
+                    9,
+                )
             } else {
                 let d = [1, 2, 4][r.random_range(0..3)];
-                (vec![r.random_range(1..7), d * r.random_range(1..5)], LayerKind::Linear, d)
+                (
+                    vec![r.random_range(1..7), d * r.random_range(1..5)],
+                    LayerKind::Linear,
+                    d,
+                )
             };
             let n: usize = shape.iter().product();
             let k = [1, 2, 3, 16, 200, 256, 300][r.random_range(0..7)];
-            let kind = [CodebookKind::F32, CodebookKind::F16, CodebookKind::Int8][r.random_range(0..3)];
-            let values: Vec<f32> = (0..k * d).map(|_| r.random_range(-64i32..64) as f32 / 64.0).collect();
+            let kind =
+                [CodebookKind::F32, CodebookKind::F16, CodebookKind::Int8][r.random_range(0..3)];
+            let values: Vec<f32> = (0..k * d)
+                .map(|_| r.random_range(-64i32..64) as f32 / 64.0)
+                .collect();
             let codebook = Codebook::from_f32(&values, kind);
             let stored = codebook.to_f32();
             let rows = shape[0];
@@ -87,10 +139,21 @@ pub fn random_tensor(r: &mut ChaCha8Rng) -> (Vec<usize>, Payload, Vec<f32>) {
             for o in 0..rows {
                 for b in 0..cols / d {
                     let a = assignments[b * rows + o] as usize;
-                    expect[o * cols + b * d..o * cols + (b + 1) * d].copy_from_slice(&stored[a * d..(a + 1) * d]);
+                    expect[o * cols + b * d..o * cols + (b + 1) * d]
+                        .copy_from_slice(&stored[a * d..(a + 1) * d]);
                 }
             }
-            (shape, Payload::Pq { layer, block_size: d, k, codebook, assignments }, expect)
+            (
+                shape,
+                Payload::Pq {
+                    layer,
+                    block_size: d,
+                    k,
+                    codebook,
+                    assignments,
+                },
+                expect,
+            )
         }
     }
 }

@@ -1,7 +1,6 @@
 //! PQ codes of one weight: centroids, compact assignments and the layout to rebuild it.
 
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 
 use super::kmeans::{kmeans_tensor, KMeansConfig, KMeansProgress};
 use crate::{layout::BlockLayout, Error, Result};
@@ -153,18 +152,13 @@ impl PqCodes {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let (rows, bpr, cols) = (
-            self.layout.rows(),
-            self.layout.blocks_per_row(),
-            self.layout.cols(),
-        );
+        let (rows, cols) = (self.layout.rows(), self.layout.cols());
         let mut out = vec![0f32; self.layout.numel()];
-        out.par_chunks_mut(cols).enumerate().for_each(|(o, row)| {
-            for (b, dst) in row.chunks_exact_mut(d).enumerate().take(bpr) {
-                let a = self.assignments.get(b * rows + o);
-                dst.copy_from_slice(&c[a * d..(a + 1) * d]);
-            }
-        });
+        // The format crate owns the gather, so that a file decodes exactly like the tensor.
+        match &self.assignments {
+            Assignments::U8(a) => qn_format::decode::pq_gather(&c, d, rows, cols, a, &mut out),
+            Assignments::U16(a) => qn_format::decode::pq_gather(&c, d, rows, cols, a, &mut out),
+        }
         Ok(Tensor::from_vec(out, self.layout.shape(), &Device::Cpu)?)
     }
 

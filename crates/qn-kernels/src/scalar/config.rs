@@ -126,3 +126,22 @@ impl ScalarConfig {
         Ok(())
     }
 }
+
+impl From<Granularity> for qn_format::header::Granularity {
+    fn from(g: Granularity) -> Self {
+        match g {
+            Granularity::PerTensor => Self::PerTensor,
+            Granularity::PerChannel { axis } => Self::PerChannel { axis },
+            Granularity::PerGroup { size } => Self::PerGroup { size },
+        }
+    }
+}
+
+impl From<Scheme> for qn_format::header::Scheme {
+    fn from(s: Scheme) -> Self {
+        match s {
+            Scheme::Affine => Self::Affine,
+            Scheme::Symmetric => Self::Symmetric,
+        }
+    }
+}

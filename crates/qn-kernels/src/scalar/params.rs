@@ -17,35 +17,9 @@ pub struct ParamView {
 impl ParamView {
     /// The view of a tensor of `shape` for `granularity`; errors name `tensor`.
     pub fn new(tensor: &str, shape: &[usize], granularity: Granularity) -> Result<Self> {
-        let numel: usize = shape.iter().product();
-        if numel == 0 {
-            return Err(Error::shape(tensor, format!("shape {shape:?} is empty")));
-        }
-        let (view, param) = match granularity {
-            Granularity::PerTensor => ([1, 1, numel], [1, 1, 1]),
-            Granularity::PerChannel { axis } => {
-                if axis >= shape.len() {
-                    return Err(Error::shape(
-                        tensor,
-                        format!("channel axis {axis} is out of range for shape {shape:?}"),
-                    ));
-                }
-                let pre = shape[..axis].iter().product();
-                let post = shape[axis + 1..].iter().product();
-                ([pre, shape[axis], post], [1, shape[axis], 1])
-            }
-            Granularity::PerGroup { size } => {
-                let rows = if shape.len() >= 2 { shape[0] } else { 1 };
-                let rest = numel / rows;
-                if size == 0 || rest % size != 0 {
-                    return Err(Error::shape(
-                        tensor,
-                        format!("group size {size} does not divide the row length {rest} of shape {shape:?}"),
-                    ));
-                }
-                ([rows, rest / size, size], [rows, rest / size, 1])
-            }
-        };
+        // The format owns the definition, so that what is written is what is decoded.
+        let (view, param) = qn_format::header::scalar_view(shape, granularity.into())
+            .map_err(|reason| Error::shape(tensor, reason))?;
         Ok(Self {
             shape: shape.to_vec(),
             view,
