@@ -1,14 +1,21 @@
 //! `qn` — compress models with quantization noise.
 //!
-//! For now one command: `qn demo`, which quantizes real weight matrices (shipped in `assets/`) with
-//! int8, int4 and product quantization and prints bits per weight, relative MSE and time. The
-//! post-training compression commands (`quantize`, `inspect`, `decompress`) come with the format.
-//!
 //! ```text
-//! qn demo [--weights FILE.safetensors] [--seed N]
+//! qn quantize model.safetensors -o model.qnz --method pq --block-size 8 --centroids 256
+//! qn inspect model.qnz [--json]
+//! qn decompress model.qnz -o restored.safetensors
+//! qn demo [--weights FILE.safetensors]
 //! ```
+//!
+//! Errors are one line naming the file and tensor at fault, with exit code 1 (2 for bad usage);
+//! outputs are written atomically, so a failed run never leaves a partial file.
 
+mod decompress;
 mod demo;
+mod input;
+mod inspect;
+mod quantize;
+mod rules;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Compress a safetensors file to .qnz (int-N or PQ per tensor).
+    Quantize(quantize::QuantizeArgs),
+    /// Show where the bytes of a .qnz file go.
+    Inspect(inspect::InspectArgs),
+    /// Write the dequantized weights of a .qnz file as safetensors.
+    Decompress(decompress::DecompressArgs),
     /// Quantize real weight matrices with int8, int4 and PQ and print a rate/distortion table.
     Demo(demo::DemoArgs),
 }
@@ -32,12 +45,16 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Quantize(args) => quantize::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
+        Command::Decompress(args) => decompress::run(&args),
         Command::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("qn: error: {e:#}");
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("qn: error: {msg}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use crate::header::{Header, TensorEntry};
+use crate::header::{Encoding, Header, TensorEntry};
 use crate::payload::Payload;
+use crate::reader::TensorView;
 use crate::{align_up, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_TENSORS, PREAMBLE_LEN};
 
 /// Collects tensors, then writes them as one file.
@@ -32,6 +33,25 @@ impl Writer {
 
     /// Validates and serialises one tensor; names must be unique.
     pub fn add(&mut self, name: &str, shape: &[usize], payload: &Payload) -> Result<()> {
+        self.check_name(name)?;
+        let record = payload.to_record(name, shape)?;
+        self.push(name, shape, payload.encoding(), record);
+        Ok(())
+    }
+
+    /// Copies a tensor of another file unchanged (its record was validated when that file was read).
+    pub fn add_record(&mut self, view: TensorView<'_>) -> Result<()> {
+        self.check_name(&view.entry.name)?;
+        self.push(
+            &view.entry.name,
+            &view.entry.shape,
+            view.entry.encoding,
+            view.record.to_vec(),
+        );
+        Ok(())
+    }
+
+    fn check_name(&self, name: &str) -> Result<()> {
         let invalid = |reason: &str| Error::Invalid {
             tensor: name.to_string(),
             reason: reason.to_string(),
@@ -45,20 +65,22 @@ impl Writer {
         if self.entries.len() >= MAX_TENSORS {
             return Err(invalid("one tensor too many for a .qnz file"));
         }
-        let record = payload.to_record(name, shape)?;
+        Ok(())
+    }
+
+    fn push(&mut self, name: &str, shape: &[usize], encoding: Encoding, record: Vec<u8>) {
         let offset = self.next_offset;
         self.next_offset = align_up(offset + record.len() as u64, ALIGN as u64);
         self.entries.push(TensorEntry {
             name: name.to_string(),
             shape: shape.to_vec(),
-            encoding: payload.encoding(),
+            encoding,
             offset,
             len: record.len() as u64,
             crc32: crc32fast::hash(&record),
         });
         self.names.insert(name.to_string());
         self.records.push(record);
-        Ok(())
     }
 
     /// Number of tensors added.

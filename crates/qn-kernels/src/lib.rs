@@ -28,6 +28,7 @@
 //! ```
 
 pub mod error;
+pub mod export;
 pub mod layout;
 pub mod noise;
 pub mod pq;
