@@ -1,4 +1,5 @@
-//! `bench-kernels --vs-faiss`: our k-means and faiss-cpu's on the same matrix, alternated in one run.
+//! Peer comparisons in one run: `bench-kernels --vs-faiss` (k-means against faiss-cpu) and
+//! `bench-format --vs-numpy` (PQ decode against numpy's gather).
 
 use std::process::Command;
 
@@ -111,6 +112,79 @@ pub(crate) fn compare(rounds: usize) -> Result<()> {
         "time ratio ours/faiss = {:.2}; MSE difference = {:+.2} %",
         o / t,
         (ours_mse / theirs_mse - 1.0) * 100.0
+    );
+    Ok(())
+}
+
+/// `bench-format [--vs-numpy]`.
+pub(crate) fn bench_format(args: &[String]) -> Result<()> {
+    match args {
+        [] => run(cargo().args(["bench", "--package", "qn-format"])),
+        [flag] if flag == "--vs-numpy" => decode_vs_numpy(),
+        _ => bail!("bench-format: expected no argument or --vs-numpy"),
+    }
+}
+
+fn decode_vs_numpy() -> Result<()> {
+    let python = venv(&["numpy"])?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "qn-format",
+        "--example",
+        "decode_vs_numpy",
+    ]))?;
+    let dir = root().join("target/decode-bench");
+    std::fs::create_dir_all(&dir)?;
+    let dims = [ROWS, COLS, D].map(|v| v.to_string());
+    run(Command::new(&python)
+        .arg("scripts/numpy_gather.py")
+        .arg("make")
+        .arg(&dir)
+        .args(&dims)
+        .args([K.to_string(), "0".into()]))?;
+    let ours_bin = root().join("target/release/examples/decode_vs_numpy");
+    let mut rows = Vec::new();
+    for round in 1..=3 {
+        let n = output(
+            Command::new(&python)
+                .env_remove("OPENBLAS_CORETYPE")
+                .env_remove("OPENBLAS_L2_SIZE")
+                .arg("scripts/numpy_gather.py")
+                .arg("run")
+                .arg(&dir)
+                .args(&dims)
+                .arg("20"),
+        )?;
+        let o = output(
+            Command::new(&ours_bin)
+                .arg(dir.join("centroids.f32"))
+                .arg(dir.join("assign.u8"))
+                .args(&dims)
+                .arg("20"),
+        )?;
+        eprintln!("round {round}: numpy {n}\nround {round}: ours  {o}");
+        rows.push((
+            json_number(&o, "gbps")?,
+            json_number(&n, "gather_gbps")?,
+            json_number(&n, "layout_gbps")?,
+        ));
+    }
+    let med = |f: fn(&(f64, f64, f64)) -> f64| median(rows.iter().map(f).collect());
+    let (ours, gather, layout) = (med(|r| r.0), med(|r| r.1), med(|r| r.2));
+    println!("PQ decode {ROWS}x{COLS}, d = {D}, K = {K}, GB/s of f32 written (median of 3 rounds, best of 20 each)");
+    println!("| decoder | GB/s | ours / it |");
+    println!("|---|---|---|");
+    println!("| qn-format decode_into (final layout) | {ours:.2} | 1.00 |");
+    println!(
+        "| numpy take (sub-vector order only) | {gather:.2} | {:.2} |",
+        ours / gather
+    );
+    println!(
+        "| numpy take + transpose to the weight layout | {layout:.2} | {:.2} |",
+        ours / layout
     );
     Ok(())
 }

@@ -7,6 +7,8 @@
 //!                                       criterion benches of the kernels; with --vs-faiss, k-means
 //!                                       against faiss-cpu in one run (installs numpy + faiss-cpu
 //!                                       into .venv)
+//! cargo xtask bench-format [--vs-numpy] criterion benches of the format's decoders; with
+//!                                       --vs-numpy, PQ decode against numpy's gather in one run
 //! cargo xtask check-cuda                `cargo check --features cuda` with NVIDIA's CUDA 13 wheels
 //!                                       from PyPI (no GPU or system toolkit needed)
 //! ```
@@ -31,9 +33,10 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "demo" => demo(rest),
         "bench-kernels" => bench_kernels(rest),
+        "bench-format" => faiss::bench_format(rest),
         "check-cuda" => cuda::check_cuda(rest),
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <test | demo | bench-kernels [--vs-faiss] [--rounds N] | check-cuda>");
+            println!("usage: cargo xtask <test | demo | bench-kernels [--vs-faiss] [--rounds N] | bench-format [--vs-numpy] | check-cuda>");
             Ok(())
         }
         other => bail!("unknown xtask command `{other}`; try `cargo xtask help`"),

@@ -13,13 +13,22 @@ fn every_version_fixture_decodes() {
         for file in std::fs::read_dir(&dir).unwrap() {
             let path = file.unwrap().path();
             if path.extension().is_some_and(|e| e == "qnz") {
-                let expect: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+                let expect: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+                    &std::fs::read_to_string(path.with_extension("json")).unwrap(),
+                )
+                .unwrap();
                 let r = Reader::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 assert_eq!(r.tensors().len(), expect.len(), "{}", path.display());
                 for v in r.views() {
-                    let want: Vec<f32> = serde_json::from_value(expect[&v.entry.name].clone()).unwrap();
-                    assert_eq!(v.decode_f32().unwrap(), want, "{}: {}", path.display(), v.entry.name);
+                    let want: Vec<f32> =
+                        serde_json::from_value(expect[&v.entry.name].clone()).unwrap();
+                    assert_eq!(
+                        v.decode_f32().unwrap(),
+                        want,
+                        "{}: {}",
+                        path.display(),
+                        v.entry.name
+                    );
                 }
                 checked += 1;
             }
