@@ -181,11 +181,16 @@ mod avx2 {
             let mut kb = 0;
             while kb < kp {
                 // SAFETY: kb + 8 <= kp and every row of neg2_t has kp values.
-                let mut acc = unsafe { _mm256_loadu_ps(norms.add(kb)) };
+                // Two partial sums: one chain of D dependent FMAs would make the loop latency-bound.
+                let mut acc = [
+                    unsafe { _mm256_loadu_ps(norms.add(kb)) },
+                    _mm256_setzero_ps(),
+                ];
                 for (j, xj) in xb.iter().enumerate() {
                     let c = unsafe { _mm256_loadu_ps(ct.add(j * kp + kb)) };
-                    acc = _mm256_fmadd_ps(*xj, c, acc);
+                    acc[j % 2] = _mm256_fmadd_ps(*xj, c, acc[j % 2]);
                 }
+                let acc = _mm256_add_ps(acc[0], acc[1]);
                 let lt = _mm256_cmp_ps::<_CMP_LT_OQ>(acc, best);
                 best = _mm256_blendv_ps(best, acc, lt);
                 best_k = _mm256_blendv_epi8(best_k, k_vec, _mm256_castps_si256(lt));
