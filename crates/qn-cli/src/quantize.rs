@@ -72,6 +72,9 @@ pub struct QuantizeArgs {
     /// A TOML rule file setting method / block size / centroids per tensor-name regex.
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Also try rANS coding of PQ assignments; kept per tensor only where the file gets smaller.
+    #[arg(long)]
+    entropy_code: bool,
     /// Start from scratch instead of reusing finished tensors of an interrupted run.
     #[arg(long)]
     no_resume: bool,
@@ -135,10 +138,11 @@ fn fingerprint(name: &str, bytes: &[u8], plan: &Plan, args: &QuantizeArgs) -> u3
     h.update(bytes);
     h.update(
         format!(
-            "{plan:?} {} {} {:?} v{}",
+            "{plan:?} {} {} {:?} {} v{}",
             args.seed,
             args.iters,
             args.max_points,
+            args.entropy_code,
             qn_format::FORMAT_VERSION
         )
         .as_bytes(),
@@ -187,6 +191,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             .expect("valid template"),
         );
         let mut writer = Writer::new()
+            .with_entropy_coding(args.entropy_code)
             .with_metadata("producer", format!("qn {}", env!("CARGO_PKG_VERSION")))
             .with_metadata(
                 "source",
@@ -238,11 +243,11 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             } else {
                 compress(name, &shape, to_f32(t.dtype(), t.data()), &plan, args, &bar)?
             };
-            let mut one = Writer::new();
+            let mut one = Writer::new().with_entropy_coding(args.entropy_code);
             one.add(name, &shape, &payload)
                 .with_context(|| format!("{}", input.display()))?;
             one.write_file(&part)?;
-            writer.add(name, &shape, &payload)?;
+            writer.add_record(Reader::from_bytes(&std::fs::read(&part)?)?.tensor(name)?)?;
             bar.inc(1);
         }
         bar.finish_and_clear();

@@ -226,6 +226,43 @@ fn rule_file_sets_method_per_tensor() {
 }
 
 #[test]
+fn entropy_coding_never_grows_the_file_and_decodes_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, coded) = (dir.path().join("plain.qnz"), dir.path().join("coded.qnz"));
+    // Few centroids on a small layer: uneven cluster sizes leave entropy to remove.
+    let common: [&dyn AsRef<std::ffi::OsStr>; 8] = [
+        &"quantize",
+        &asset(),
+        &"--method",
+        &"pq",
+        &"--block-size",
+        &"4",
+        &"--centroids",
+        &"16",
+    ];
+    let run = |out: &PathBuf, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = common.to_vec();
+        args.extend_from_slice(&[&"-o", out]);
+        args.extend_from_slice(extra);
+        ok(&qn(&args));
+    };
+    run(&plain, &[]);
+    run(&coded, &[&"--entropy-code"]);
+    let (sp, sc) = (
+        std::fs::metadata(&plain).unwrap().len(),
+        std::fs::metadata(&coded).unwrap().len(),
+    );
+    assert!(sc <= sp, "{sc} > {sp}");
+    let (rp, rc) = (Reader::open(&plain).unwrap(), Reader::open(&coded).unwrap());
+    for v in rp.views() {
+        assert_eq!(
+            v.decode_f32().unwrap(),
+            rc.tensor(&v.entry.name).unwrap().decode_f32().unwrap()
+        );
+    }
+}
+
+#[test]
 fn include_exclude_and_min_numel_keep_tensors_raw() {
     let dir = tempfile::tempdir().unwrap();
     let qnz = dir.path().join("m.qnz");

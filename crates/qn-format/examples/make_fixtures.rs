@@ -11,7 +11,9 @@ use qn_format::header::{CodebookKind, Granularity, LayerKind, RawDType, Scheme};
 use qn_format::{Codebook, Payload, Reader, Writer, FORMAT_VERSION};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut w = Writer::new().with_metadata("fixture", "all encodings");
+    let mut w = Writer::new()
+        .with_metadata("fixture", "all encodings")
+        .with_entropy_coding(true);
     let vals = |n: usize| -> Vec<f32> { (0..n).map(|i| (i as f32 - 5.0) / 4.0).collect() };
     w.add("raw.f32", &[2, 3], &Payload::raw_f32(&vals(6)))?;
     w.add(
@@ -127,6 +129,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             assignments: vec![0, 1, 1, 0],
         },
     )?;
+    // Skewed assignments: rANS beats 2-bit packing, so this tensor is stored entropy-coded.
+    w.add(
+        "pq.linear.rans.k4",
+        &[32, 64],
+        &Payload::Pq {
+            layer: LayerKind::Linear,
+            block_size: 2,
+            k: 4,
+            codebook: Codebook::from_f32(
+                &[0.0, 0.5, 1.0, 1.5, -1.0, -0.5, 2.0, 2.5],
+                CodebookKind::F16,
+            ),
+            assignments: (0..32 * 64 / 2)
+                .map(|j| [0u16, 0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 3][(j * 7) % 12])
+                .collect(),
+        },
+    )?;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(format!("tests/fixtures/v{FORMAT_VERSION}"));
     std::fs::create_dir_all(&dir)?;
@@ -141,6 +160,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dir.join("all-encodings.json"),
         serde_json::to_string_pretty(&expect)?,
     )?;
+    assert!(
+        r.views().any(|v| matches!(
+            v.entry.encoding,
+            qn_format::Encoding::Pq {
+                rans_words: Some(_),
+                ..
+            }
+        )),
+        "the fixture must hold an entropy-coded tensor"
+    );
     println!("wrote {} ({} tensors)", path.display(), r.tensors().len());
     Ok(())
 }

@@ -82,6 +82,7 @@ pub(crate) fn decode_record(
             block_size,
             k,
             codebook,
+            rans_words,
         } => {
             let (rows, cols, n_sub, bits) =
                 pq_geometry(shape, layer, block_size, k).expect("validated");
@@ -116,7 +117,16 @@ pub(crate) fn decode_record(
                 return Err(format!("codebook value {v} is not finite"));
             }
             debug_assert_eq!(bits, index_bits(k));
-            if bits == 8 && k == 256 {
+            if rans_words.is_some() {
+                let words: Vec<u32> = rest
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                let (probs, words) = words.split_at(k);
+                let mut idx = vec![0u16; n_sub];
+                crate::entropy::decode(probs, words, &mut idx)?;
+                pq_gather(&centroids, block_size, rows, cols, &idx, out);
+            } else if bits == 8 && k == 256 {
                 pq_gather(&centroids, block_size, rows, cols, &rest[..n_sub], out);
             } else {
                 let mut idx = vec![0u16; n_sub];

@@ -163,6 +163,10 @@ pub enum Encoding {
         k: usize,
         /// Codebook storage.
         codebook: CodebookKind,
+        /// Absent: assignments bit-packed. Present: rANS-coded in this many 32-bit words (after a
+        /// table of `k` symbol probabilities).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rans_words: Option<usize>,
     },
 }
 
@@ -179,8 +183,10 @@ pub enum Part {
     Codes,
     /// The PQ codebook.
     Codebook,
-    /// Bit-packed PQ assignments.
+    /// PQ assignments: bit-packed, or rANS words.
     Assignments,
+    /// rANS symbol probabilities (`k` u32, 24-bit fixed point).
+    Probabilities,
 }
 
 /// The view `(a, b, c)` of a tensor for a granularity and the shape of its parameters (each dim the
@@ -304,6 +310,7 @@ pub fn record_parts(shape: &[usize], encoding: &Encoding) -> Result<Vec<(Part, u
             block_size,
             k,
             codebook,
+            rans_words,
         } => {
             let (_, _, n_sub, bits) = pq_geometry(shape, layer, block_size, k)?;
             let entries = k.checked_mul(block_size).ok_or_else(overflow)?;
@@ -313,13 +320,23 @@ pub fn record_parts(shape: &[usize], encoding: &Encoding) -> Result<Vec<(Part, u
                 CodebookKind::Int8 => entries.checked_add(4),
             }
             .ok_or_else(overflow)?;
-            vec![
-                (Part::Codebook, codebook),
-                (
-                    Part::Assignments,
-                    packed_len(n_sub, bits).ok_or_else(overflow)?,
-                ),
-            ]
+            let packed = packed_len(n_sub, bits).ok_or_else(overflow)?;
+            match rans_words {
+                None => vec![(Part::Codebook, codebook), (Part::Assignments, packed)],
+                Some(words) => {
+                    // The writer keeps rANS only when it is smaller than packing.
+                    if words == 0 || words.checked_mul(4).is_none_or(|b| b + 4 * k > packed) {
+                        return Err(format!(
+                            "{words} rANS words is implausible for {n_sub} assignments"
+                        ));
+                    }
+                    vec![
+                        (Part::Codebook, codebook),
+                        (Part::Probabilities, 4 * k),
+                        (Part::Assignments, 4 * words),
+                    ]
+                }
+            }
         }
     })
 }

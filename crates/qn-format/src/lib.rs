@@ -48,6 +48,7 @@
 
 pub mod bitpack;
 pub mod decode;
+mod entropy;
 mod error;
 pub mod header;
 pub mod ledger;

@@ -164,8 +164,55 @@ impl Payload {
                 block_size: *block_size,
                 k: *k,
                 codebook: codebook.kind(),
+                rans_words: None,
             },
         }
+    }
+
+    /// The rANS form of a PQ payload's record, when it is smaller than the bit-packed `packed`.
+    pub(crate) fn smaller_rans_record(&self, packed: &[u8]) -> Option<(Encoding, Vec<u8>)> {
+        let Payload::Pq {
+            k,
+            codebook,
+            assignments,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let (probs, words) = crate::entropy::encode(assignments, *k)?;
+        let mut codebook_bytes = Vec::new();
+        codebook.write(&mut codebook_bytes);
+        let len = codebook_bytes.len() + 4 * probs.len() + 4 * words.len();
+        if len >= packed.len() {
+            return None;
+        }
+        let mut out = codebook_bytes;
+        out.reserve(len - out.len());
+        probs
+            .iter()
+            .chain(&words)
+            .for_each(|w| out.extend_from_slice(&w.to_le_bytes()));
+        let Encoding::Pq {
+            layer,
+            block_size,
+            k,
+            codebook,
+            ..
+        } = self.encoding()
+        else {
+            unreachable!("a PQ payload has a PQ encoding")
+        };
+        Some((
+            Encoding::Pq {
+                layer,
+                block_size,
+                k,
+                codebook,
+                rans_words: Some(words.len()),
+            },
+            out,
+        ))
     }
 
     /// Validates against `shape` and serialises the record.

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use crate::decode::decode_record;
-use crate::header::{numel, record_parts, Encoding, Header, Part, TensorEntry};
+use crate::header::{numel, record_parts, CodebookKind, Encoding, Header, Part, TensorEntry};
 use crate::ledger::{Ledger, LedgerEntry};
 use crate::{
     align_up, corrupt, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN, MAX_TENSORS,
@@ -162,11 +162,17 @@ fn ledger_entry(e: &TensorEntry) -> LedgerEntry {
             block_size,
             k,
             codebook,
+            rans_words,
             ..
-        } => format!("pq d={block_size} K={k} {codebook:?}")
-            .replace("F16", "f16")
-            .replace("F32", "f32")
-            .replace("Int8", "int8"),
+        } => {
+            let codebook = match codebook {
+                CodebookKind::F32 => "f32",
+                CodebookKind::F16 => "f16",
+                CodebookKind::Int8 => "int8",
+            };
+            let rans = if rans_words.is_some() { " rans" } else { "" };
+            format!("pq d={block_size} K={k} {codebook}{rans}")
+        }
     };
     let numel: usize = e.shape.iter().product();
     LedgerEntry {
@@ -175,7 +181,7 @@ fn ledger_entry(e: &TensorEntry) -> LedgerEntry {
         shape: e.shape.clone(),
         numel: numel as u64,
         bytes: e.len,
-        index_bytes: sum(&[Part::Codes, Part::Assignments]),
+        index_bytes: sum(&[Part::Codes, Part::Assignments, Part::Probabilities]),
         codebook_bytes: sum(&[Part::Codebook, Part::Scales, Part::ZeroPoints]),
         raw_bytes: sum(&[Part::Data]),
         bits_per_weight: if numel > 0 {

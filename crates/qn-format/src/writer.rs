@@ -17,6 +17,7 @@ pub struct Writer {
     records: Vec<Vec<u8>>,
     names: HashSet<String>,
     next_offset: u64,
+    entropy_coding: bool,
 }
 
 impl Writer {
@@ -31,11 +32,26 @@ impl Writer {
         self
     }
 
+    /// Also try rANS coding of PQ assignments, keeping it for each tensor whose record it makes
+    /// smaller (see `docs/format.md`).
+    pub fn with_entropy_coding(mut self, on: bool) -> Self {
+        self.entropy_coding = on;
+        self
+    }
+
     /// Validates and serialises one tensor; names must be unique.
     pub fn add(&mut self, name: &str, shape: &[usize], payload: &Payload) -> Result<()> {
         self.check_name(name)?;
         let record = payload.to_record(name, shape)?;
-        self.push(name, shape, payload.encoding(), record);
+        let smaller = if self.entropy_coding {
+            payload.smaller_rans_record(&record)
+        } else {
+            None
+        };
+        match smaller {
+            Some((encoding, coded)) => self.push(name, shape, encoding, coded),
+            None => self.push(name, shape, payload.encoding(), record),
+        }
         Ok(())
     }
 

@@ -179,6 +179,7 @@ fn out_of_range_assignments_with_a_valid_crc_are_an_error_not_a_panic() {
         block_size: 2,
         k: 3,
         codebook: CodebookKind::F32,
+        rans_words: None,
     };
     let json = serde_json::json!({"tensors": [{"name": "w", "shape": [2, 4], "encoding": enc, "offset": 0, "len": record.len(), "crc32": crc32fast::hash(&record)}]});
     let mut bytes = with_header(&json.to_string());
@@ -186,4 +187,42 @@ fn out_of_range_assignments_with_a_valid_crc_are_an_error_not_a_panic() {
     let r = Reader::from_bytes(&bytes).unwrap();
     let err = r.tensor("w").unwrap().decode_f32().unwrap_err().to_string();
     assert!(err.contains("assignment 3") && err.contains("`w`"), "{err}");
+}
+
+#[test]
+fn garbage_rans_streams_with_valid_checksums_never_panic() {
+    use qn_format::header::{CodebookKind, Encoding, LayerKind};
+    let mut r = rng(15);
+    let (k, n_sub) = (4usize, 64usize);
+    for case in 0..300 {
+        let words = r.random_range(1..8usize);
+        let mut record = Vec::new();
+        for v in 0..k * 2 {
+            record.extend_from_slice(&(v as f32).to_le_bytes());
+        }
+        // Probabilities: valid (sum 2^24) for even cases, random otherwise.
+        let probs: Vec<u32> = if case % 2 == 0 {
+            vec![1 << 22; 4]
+        } else {
+            (0..k).map(|_| r.random()).collect()
+        };
+        probs
+            .iter()
+            .for_each(|p| record.extend_from_slice(&p.to_le_bytes()));
+        (0..words).for_each(|_| record.extend_from_slice(&r.random::<u32>().to_le_bytes()));
+        let enc = Encoding::Pq {
+            layer: LayerKind::Linear,
+            block_size: 2,
+            k,
+            codebook: CodebookKind::F32,
+            rans_words: Some(words),
+        };
+        let json = serde_json::json!({"tensors": [{"name": "w", "shape": [8, 16], "encoding": enc, "offset": 0, "len": record.len(), "crc32": crc32fast::hash(&record)}]});
+        let mut bytes = with_header(&json.to_string());
+        bytes.extend_from_slice(&record);
+        assert_eq!(n_sub, 8 * 16 / 2);
+        if let Ok(reader) = Reader::from_bytes(&bytes) {
+            let _ = reader.tensor("w").unwrap().decode_f32();
+        }
+    }
 }

@@ -35,4 +35,17 @@ fn every_version_fixture_decodes() {
         }
     }
     assert!(checked >= 1, "no fixture found under {}", root.display());
+    // The current version's fixture exercises every encoding, rANS-coded assignments included.
+    let current = root.join(format!("v{}/all-encodings.qnz", qn_format::FORMAT_VERSION));
+    let r = Reader::open(&current).unwrap();
+    assert!(r.views().any(|v| matches!(
+        v.entry.encoding,
+        qn_format::Encoding::Pq {
+            rans_words: Some(_),
+            ..
+        }
+    )));
+    assert!(r
+        .views()
+        .any(|v| matches!(v.entry.encoding, qn_format::Encoding::Scalar { .. })));
 }

@@ -204,3 +204,102 @@ fn missing_tensor_and_missing_file_are_errors() {
         .to_string();
     assert!(err.contains("/nonexistent/x.qnz"), "{err}");
 }
+
+fn skewed_pq(k: usize, n_sub: usize, d: usize, seed: u64) -> Payload {
+    let mut r = rng(seed);
+    // Geometric-like cluster usage: low indices far more frequent.
+    let assignments = (0..n_sub)
+        .map(|_| (r.random::<f64>().powi(3) * k as f64) as u16)
+        .collect();
+    Payload::Pq {
+        layer: LayerKind::Linear,
+        block_size: d,
+        k,
+        codebook: Codebook::from_f32(
+            &(0..k * d).map(|i| i as f32 / 100.0).collect::<Vec<_>>(),
+            CodebookKind::F16,
+        ),
+        assignments,
+    }
+}
+
+#[test]
+fn rans_is_used_only_where_it_makes_the_record_smaller() {
+    let shape = [256usize, 512];
+    let skewed = skewed_pq(256, 256 * 512 / 8, 8, 1);
+    let mut uniform_r = rng(2);
+    let uniform = Payload::Pq {
+        layer: LayerKind::Linear,
+        block_size: 8,
+        k: 256,
+        codebook: Codebook::from_f32(&vec![0.0; 2048], CodebookKind::F16),
+        assignments: (0..256 * 512 / 8)
+            .map(|_| uniform_r.random_range(0..256u16))
+            .collect(),
+    };
+    let write = |entropy: bool| {
+        let mut w = Writer::new().with_entropy_coding(entropy);
+        w.add("skewed", &shape, &skewed).unwrap();
+        w.add("uniform", &shape, &uniform).unwrap();
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        bytes
+    };
+    let (packed, coded) = (write(false), write(true));
+    let (rp, rc) = (
+        Reader::from_bytes(&packed).unwrap(),
+        Reader::from_bytes(&coded).unwrap(),
+    );
+    let enc = |r: &Reader<&[u8]>, n: &str| r.tensor(n).unwrap().entry.encoding;
+    assert!(matches!(
+        enc(&rc, "skewed"),
+        qn_format::Encoding::Pq {
+            rans_words: Some(_),
+            ..
+        }
+    ));
+    assert!(matches!(
+        enc(&rc, "uniform"),
+        qn_format::Encoding::Pq {
+            rans_words: None,
+            ..
+        }
+    ));
+    for name in ["skewed", "uniform"] {
+        assert_eq!(
+            rp.tensor(name).unwrap().decode_f32().unwrap(),
+            rc.tensor(name).unwrap().decode_f32().unwrap(),
+            "{name}"
+        );
+    }
+    let (lp, lc) = (rp.ledger(), rc.ledger());
+    // rANS lands within 1 % of the empirical entropy (plus its 4-byte-per-symbol table).
+    let Payload::Pq { assignments, .. } = &skewed else {
+        unreachable!()
+    };
+    let mut counts = [0f64; 256];
+    assignments.iter().for_each(|&a| counts[a as usize] += 1.0);
+    let n = assignments.len() as f64;
+    let entropy_bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0.0)
+        .map(|&c| -c * (c / n).log2())
+        .sum();
+    let index_bytes = lc.entries[0].index_bytes as f64 - 4.0 * 256.0;
+    assert!(
+        index_bytes >= entropy_bits / 8.0 - 8.0,
+        "{index_bytes} below the entropy {}",
+        entropy_bits / 8.0
+    );
+    assert!(
+        index_bytes <= entropy_bits / 8.0 * 1.01 + 16.0,
+        "{index_bytes} vs entropy {}",
+        entropy_bits / 8.0
+    );
+    assert!(lc.entries[0].bytes < lp.entries[0].bytes);
+    assert_eq!(lc.entries[1].bytes, lp.entries[1].bytes);
+    assert_eq!(
+        lc.file_bytes,
+        lc.header_bytes + lc.padding_bytes + lc.record_bytes()
+    );
+}

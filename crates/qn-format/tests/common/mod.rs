@@ -133,7 +133,10 @@ pub fn random_tensor(r: &mut ChaCha8Rng) -> (Vec<usize>, Payload, Vec<f32>) {
             let stored = codebook.to_f32();
             let rows = shape[0];
             let n_sub = n / d;
-            let assignments: Vec<u16> = (0..n_sub).map(|_| r.random_range(0..k) as u16).collect();
+            // Skewed usage (the minimum of two draws), as k-means clusters are uneven.
+            let assignments: Vec<u16> = (0..n_sub)
+                .map(|_| r.random_range(0..k).min(r.random_range(0..k)) as u16)
+                .collect();
             let mut expect = vec![0f32; n];
             let cols = n / rows;
             for o in 0..rows {
@@ -161,7 +164,10 @@ pub fn random_tensor(r: &mut ChaCha8Rng) -> (Vec<usize>, Payload, Vec<f32>) {
 /// A random valid file with `n` tensors: its bytes and the expected decoded values per name.
 pub fn random_file(seed: u64, n: usize) -> (Vec<u8>, Vec<(String, Vec<usize>, Vec<f32>)>) {
     let mut r = rng(seed);
-    let mut w = Writer::new().with_metadata("seed", seed.to_string());
+    // Odd seeds also try rANS for PQ assignments (kept only where smaller).
+    let mut w = Writer::new()
+        .with_metadata("seed", seed.to_string())
+        .with_entropy_coding(seed % 2 == 1);
     let mut expect = Vec::new();
     for i in 0..n {
         let (shape, payload, values) = random_tensor(&mut r);
