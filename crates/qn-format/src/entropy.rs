@@ -43,7 +43,7 @@ fn probabilities(assignments: &[u16], k: usize) -> Vec<u32> {
 
 /// Codes `assignments` (each `< k`); returns the probability table and the compressed words.
 pub(crate) fn encode(assignments: &[u16], k: usize) -> Option<(Vec<u32>, Vec<u32>)> {
-    if k < 2 || k > 1 << 16 || assignments.is_empty() {
+    if !(2..=1 << 16).contains(&k) || assignments.is_empty() {
         return None;
     }
     let probs = probabilities(assignments, k);

@@ -34,7 +34,7 @@ fn int4_uses_sixteen_levels_on_a_0_to_15_grid() {
         assert!(max <= 15, "{scheme:?}: code {max}");
         let levels = distinct_codes(&q.codes);
         // Symmetric leaves code 0 (the most negative level) unused when |min| < max.
-        assert!(levels >= 15 && levels <= 16, "{scheme:?}: {levels} levels");
+        assert!((15..=16).contains(&levels), "{scheme:?}: {levels} levels");
     }
     let fq = fake_quantize(&w, &observe(&w, &ScalarConfig::int4()).unwrap()).unwrap();
     let mut values = fq.flatten_all().unwrap().to_vec1::<f32>().unwrap();

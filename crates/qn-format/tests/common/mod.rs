@@ -162,7 +162,10 @@ pub fn random_tensor(r: &mut ChaCha8Rng) -> (Vec<usize>, Payload, Vec<f32>) {
 }
 
 /// A random valid file with `n` tensors: its bytes and the expected decoded values per name.
-pub fn random_file(seed: u64, n: usize) -> (Vec<u8>, Vec<(String, Vec<usize>, Vec<f32>)>) {
+/// (name, shape, decoded values) of one tensor of a random file.
+pub type Expected = (String, Vec<usize>, Vec<f32>);
+
+pub fn random_file(seed: u64, n: usize) -> (Vec<u8>, Vec<Expected>) {
     let mut r = rng(seed);
     // Odd seeds also try rANS for PQ assignments (kept only where smaller).
     let mut w = Writer::new()
