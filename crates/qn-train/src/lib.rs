@@ -1,14 +1,43 @@
 //! # qn-train — training with quantization noise
 //!
-//! This crate will hold the quant-noise layers (`QLinear`, `QEmbedding`, `QConv2d`), centroid
-//! fine-tuning, the iterative-PQ stage runner and the trainer. It builds on the noise primitives of
-//! [`qn_kernels::noise`], which already exist.
+//! Candle layers whose weights receive quantization noise in training mode (Fan, Stock et al.,
+//! "Training with Quantization Noise for Extreme Model Compression", ICLR 2021; the reference is
+//! fairseq's `quant_noise` and `quantization/pq`, whose in-place noise, 1x1-conv mask bug and
+//! skipped attention projections this crate does not copy):
 //!
-//! Status: not written yet (see the qn-train issue); it re-exports the kernels it will stand on.
+//! - [`layers`]: `QLinear`, `QEmbedding` (exact `padding_idx` row), `QConv2d` (any kernel, stride,
+//!   padding, groups), each with a float or PQ weight and a [`NoiseConfig`] switchable at run time;
+//! - [`PqWeight`]: trainable centroids with fixed assignments; a centroid's gradient is the mean of
+//!   its blocks' gradients (or the sum), unused centroids get zero;
+//! - [`apply_noise`] / [`vars_without_gradient`]: model-level helpers.
 //!
 //! ```
-//! let p = qn_train::kernels::noise::NoiseRate::new(0.1).unwrap();
-//! assert_eq!(p.get(), 0.1);
+//! use candle_core::{DType, Device, ModuleT, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use qn_train::{layers::{qlinear, QuantNoiseLayer}, NoiseConfig};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let fc = qlinear(16, 8, true, vb.pp("fc"))?;
+//! fc.set_noise(NoiseConfig::BlockDrop { p: 0.1, block_size: 4 }, 0);
+//! let x = Tensor::randn(0f32, 1.0, (2, 16), &Device::Cpu)?;
+//! let noisy = fc.forward_t(&x, true)?;   // some weight blocks dropped, the rest scaled by 1/0.9
+//! let exact = fc.forward_t(&x, false)?;  // eval mode: no noise
+//! assert_eq!(noisy.dims(), exact.dims());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+mod apply;
+mod error;
+pub mod layers;
+mod noise;
+mod pq_weight;
+mod qweight;
+
+pub use apply::{apply_noise, vars_without_gradient};
+pub use error::{Error, Result};
+pub use noise::NoiseConfig;
+pub use pq_weight::{CentroidGrad, PqWeight};
+pub use qweight::{QWeight, WeightState};
 
 pub use qn_kernels as kernels;

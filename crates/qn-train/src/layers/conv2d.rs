@@ -1,0 +1,80 @@
+//! `QConv2d`: a 2-D convolution (any kernel, stride, padding, groups) with a quant-noise weight.
+
+use candle_core::{ModuleT, Tensor, Var};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use qn_kernels::layout::LayerKind;
+
+use super::QuantNoiseLayer;
+use crate::{qweight::QWeight, Result};
+
+/// A convolution with weight `(out, in/groups, kh, kw)`. Noise blocks follow
+/// [`qn_kernels::layout`]: whole kernels for k x k, runs of input channels for 1x1, depthwise alike.
+#[derive(Debug)]
+pub struct QConv2d {
+    weight: QWeight,
+    bias: Option<Var>,
+    config: Conv2dConfig,
+}
+
+impl QConv2d {
+    /// From a weight, an optional bias `(out)` and the convolution settings.
+    pub fn new(name: &str, weight: Var, bias: Option<Var>, config: Conv2dConfig) -> Result<Self> {
+        Ok(Self {
+            weight: QWeight::new(name, LayerKind::Conv2d, weight)?,
+            bias,
+            config,
+        })
+    }
+}
+
+/// A `QConv2d` whose `weight` / `bias` come from `vb` (PyTorch's `nn.Conv2d` names).
+pub fn qconv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    bias: bool,
+    config: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<QConv2d> {
+    let fan_in = in_c / config.groups * kernel * kernel;
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let init = candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let w = vb.get_with_hints(
+        (out_c, in_c / config.groups, kernel, kernel),
+        "weight",
+        init,
+    )?;
+    let b = if bias {
+        Some(Var::from_tensor(&vb.get_with_hints(out_c, "bias", init)?)?)
+    } else {
+        None
+    };
+    QConv2d::new(&vb.prefix(), Var::from_tensor(&w)?, b, config)
+}
+
+impl ModuleT for QConv2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let w = self.weight.weight_t(train)?;
+        let c = &self.config;
+        let y = x.conv2d(&w, c.padding, c.stride, c.dilation, c.groups)?;
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?),
+        }
+    }
+}
+
+impl QuantNoiseLayer for QConv2d {
+    fn qweight(&self) -> &QWeight {
+        &self.weight
+    }
+    fn qweight_mut(&mut self) -> &mut QWeight {
+        &mut self.weight
+    }
+    fn other_vars(&self) -> Vec<Var> {
+        self.bias.iter().cloned().collect()
+    }
+}

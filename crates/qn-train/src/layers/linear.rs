@@ -1,0 +1,62 @@
+//! `QLinear`: `y = x Wᵀ + b` with a quant-noise weight.
+
+use candle_core::{Module, ModuleT, Tensor, Var};
+use candle_nn::VarBuilder;
+use qn_kernels::layout::LayerKind;
+
+use super::QuantNoiseLayer;
+use crate::{qweight::QWeight, Result};
+
+/// A linear layer whose weight `(out, in)` can be noised or product-quantized.
+#[derive(Debug)]
+pub struct QLinear {
+    weight: QWeight,
+    bias: Option<Var>,
+}
+
+impl QLinear {
+    /// From a weight `(out, in)` and an optional bias `(out)`.
+    pub fn new(name: &str, weight: Var, bias: Option<Var>) -> Result<Self> {
+        Ok(Self {
+            weight: QWeight::new(name, LayerKind::Linear, weight)?,
+            bias,
+        })
+    }
+}
+
+/// A `QLinear` whose `weight` and `bias` come from `vb` (PyTorch's `nn.Linear` names).
+pub fn qlinear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<QLinear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let init = candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let b = if bias {
+        Some(Var::from_tensor(
+            &vb.get_with_hints(out_dim, "bias", init)?,
+        )?)
+    } else {
+        None
+    };
+    QLinear::new(&vb.prefix(), Var::from_tensor(&w)?, b)
+}
+
+impl ModuleT for QLinear {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let w = self.weight.weight_t(train)?;
+        candle_nn::Linear::new(w, self.bias.as_ref().map(|b| b.as_tensor().clone())).forward(x)
+    }
+}
+
+impl QuantNoiseLayer for QLinear {
+    fn qweight(&self) -> &QWeight {
+        &self.weight
+    }
+    fn qweight_mut(&mut self) -> &mut QWeight {
+        &mut self.weight
+    }
+    fn other_vars(&self) -> Vec<Var> {
+        self.bias.iter().cloned().collect()
+    }
+}

@@ -1,0 +1,140 @@
+//! Noise configuration of a layer, switchable at run time, and the per-layer state it needs.
+
+use qn_kernels::{
+    layout::BlockLayout,
+    noise::{block_drop, pq_noise, scalar_noise, BlockMask, NoiseRate},
+    pq::{encode, KMeansConfig, PqCodes},
+    scalar::{observe, Granularity, ObserverKind, QParams, ScalarConfig},
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// What distortion a layer's weight receives in training mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoiseConfig {
+    /// Ordinary training.
+    None,
+    /// Blocks dropped with probability `p`, kept ones scaled by `1/(1-p)` (the paper's PQ proxy).
+    BlockDrop {
+        /// Drop probability.
+        p: f64,
+        /// Elements per block (see [`BlockLayout`]).
+        block_size: usize,
+    },
+    /// Blocks replaced by their nearest centroid with probability `p` (the paper's exact φ_PQ); the
+    /// centroids are re-learned from the current weight every `update_every` training steps.
+    Pq {
+        /// Noise probability.
+        p: f64,
+        /// Elements per block.
+        block_size: usize,
+        /// Number of centroids.
+        n_centroids: usize,
+        /// Training steps between k-means refreshes.
+        update_every: usize,
+    },
+    /// Elements (or blocks, with `block_size > 1`) replaced by their int-N value with probability
+    /// `p`; the quantization parameters are re-observed every `update_every` steps. `p = 1` is
+    /// ordinary quantization-aware training.
+    Scalar {
+        /// Bits.
+        bits: u8,
+        /// Noise probability.
+        p: f64,
+        /// 1 for per-element noise, more for blocks.
+        block_size: usize,
+        /// Range observer.
+        observer: ObserverKind,
+        /// Parameter granularity.
+        granularity: Granularity,
+        /// Training steps between observations.
+        update_every: usize,
+    },
+}
+
+/// The mutable part of a layer's noise: its generator, step count and cached quantizers.
+#[derive(Debug)]
+pub(crate) struct NoiseState {
+    pub(crate) config: NoiseConfig,
+    rng: ChaCha8Rng,
+    step: u64,
+    codes: Option<PqCodes>,
+    params: Option<QParams>,
+}
+
+impl NoiseState {
+    pub(crate) fn new(config: NoiseConfig, seed: u64) -> Self {
+        Self {
+            config,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            step: 0,
+            codes: None,
+            params: None,
+        }
+    }
+
+    /// Training steps seen (forward passes in training mode).
+    pub(crate) fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The noisy weight for one training forward pass; `weight` is never modified.
+    pub(crate) fn apply(
+        &mut self,
+        name: &str,
+        weight: &Tensor,
+        layout: &BlockLayout,
+    ) -> Result<Tensor> {
+        let step = self.step;
+        self.step += 1;
+        let refresh = |every: usize| every > 0 && step % every as u64 == 0;
+        let out = match self.config {
+            NoiseConfig::None => weight.clone(),
+            NoiseConfig::BlockDrop { p, block_size } => {
+                let layout = layout.with_block_size(name, block_size)?;
+                let p = NoiseRate::new(p)?;
+                let mask = BlockMask::sample(&layout, p, &mut self.rng);
+                block_drop(weight, &mask, p)?
+            }
+            NoiseConfig::Pq {
+                p,
+                block_size,
+                n_centroids,
+                update_every,
+            } => {
+                let layout = layout.with_block_size(name, block_size)?;
+                if self.codes.is_none() || refresh(update_every) {
+                    let cfg = KMeansConfig::new(n_centroids)
+                        .with_iters(10)
+                        .with_seed(step);
+                    self.codes = Some(encode(&weight.detach(), &layout, &cfg, &mut |_| {})?);
+                }
+                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut self.rng);
+                pq_noise(weight, self.codes.as_ref().expect("just set"), &mask)?
+            }
+            NoiseConfig::Scalar {
+                bits,
+                p,
+                block_size,
+                observer,
+                granularity,
+                update_every,
+            } => {
+                let layout = layout.with_block_size(name, block_size)?;
+                if self.params.is_none() || refresh(update_every) {
+                    let cfg = ScalarConfig::new(bits)?
+                        .with_observer(observer)
+                        .with_granularity(granularity);
+                    self.params = Some(observe(&weight.detach(), &cfg)?);
+                }
+                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut self.rng);
+                scalar_noise(weight, self.params.as_ref().expect("just set"), &mask)?
+            }
+        };
+        Ok(out)
+    }
+}

@@ -1,0 +1,161 @@
+//! The weight of a quant-noise layer: float or PQ state, plus its noise.
+
+use std::sync::Mutex;
+
+use candle_core::{Tensor, Var};
+use qn_kernels::{
+    layout::{BlockLayout, LayerKind},
+    pq::{encode, KMeansConfig, PqCodes},
+};
+
+use crate::{
+    noise::{NoiseConfig, NoiseState},
+    pq_weight::{CentroidGrad, PqWeight},
+    Error, Result,
+};
+
+/// Float or product-quantized storage.
+#[derive(Debug, Clone)]
+pub enum WeightState {
+    /// A trainable float weight.
+    Float(Var),
+    /// Trainable centroids and fixed assignments.
+    Pq(PqWeight),
+}
+
+/// A layer's weight with its noise. Noise never writes to the stored weight: every training forward
+/// builds a new noisy tensor from it.
+#[derive(Debug)]
+pub struct QWeight {
+    name: String,
+    layout: BlockLayout,
+    state: WeightState,
+    noise: Mutex<NoiseState>,
+    /// A row kept exactly (an embedding's padding row): no noise, no gradient, survives PQ.
+    frozen_row: Option<(usize, Tensor)>,
+}
+
+impl QWeight {
+    /// A float weight of a `kind` layer.
+    pub fn new(name: &str, kind: LayerKind, weight: Var) -> Result<Self> {
+        let layout = BlockLayout::new(name, kind, weight.dims(), 1)?;
+        Ok(Self {
+            name: name.to_string(),
+            layout,
+            state: WeightState::Float(weight),
+            noise: Mutex::new(NoiseState::new(NoiseConfig::None, 0)),
+            frozen_row: None,
+        })
+    }
+
+    pub(crate) fn freeze_row(&mut self, row: usize) -> Result<()> {
+        if row >= self.layout.rows() {
+            return Err(self.err(format!(
+                "row {row} is out of range for {} rows",
+                self.layout.rows()
+            )));
+        }
+        let value = self.stored()?.get(row)?.detach().copy()?;
+        self.frozen_row = Some((row, value));
+        Ok(())
+    }
+
+    fn err(&self, reason: String) -> Error {
+        Error::Layer {
+            layer: self.name.clone(),
+            reason,
+        }
+    }
+
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The weight's shape and kind (block size 1).
+    pub fn layout(&self) -> &BlockLayout {
+        &self.layout
+    }
+
+    /// Float or PQ.
+    pub fn state(&self) -> &WeightState {
+        &self.state
+    }
+
+    /// Sets the noise of training-mode forward passes; `seed` makes the masks reproducible.
+    pub fn set_noise(&self, config: NoiseConfig, seed: u64) {
+        *self.noise.lock().expect("noise lock") = NoiseState::new(config, seed);
+    }
+
+    /// The current noise.
+    pub fn noise(&self) -> NoiseConfig {
+        self.noise.lock().expect("noise lock").config
+    }
+
+    /// Training forward passes seen since the noise was set.
+    pub fn noise_step(&self) -> u64 {
+        self.noise.lock().expect("noise lock").step()
+    }
+
+    /// The weight without noise.
+    pub fn stored(&self) -> Result<Tensor> {
+        match &self.state {
+            WeightState::Float(v) => Ok(v.as_tensor().clone()),
+            WeightState::Pq(p) => p.weight(),
+        }
+    }
+
+    /// The weight a forward pass uses: noisy in training mode (float state only), exact otherwise.
+    pub fn weight_t(&self, train: bool) -> Result<Tensor> {
+        let stored = self.stored()?;
+        let w = match (&self.state, train) {
+            (WeightState::Float(_), true) => {
+                self.noise
+                    .lock()
+                    .expect("noise lock")
+                    .apply(&self.name, &stored, &self.layout)?
+            }
+            _ => stored,
+        };
+        match &self.frozen_row {
+            None => Ok(w),
+            Some((row, value)) => {
+                let rows = self.layout.rows();
+                let mut flags = vec![0u8; rows];
+                flags[*row] = 1;
+                let mask = Tensor::from_vec(flags, rows, w.device())?;
+                let shape = w.dims().to_vec();
+                let w2 = w.reshape((rows, ()))?;
+                let cols = w2.dim(1)?;
+                let mask = mask.reshape((rows, 1))?.broadcast_as((rows, cols))?;
+                let frozen = value.reshape((1, cols))?.broadcast_as((rows, cols))?;
+                Ok(mask.where_cond(&frozen, &w2)?.reshape(shape)?)
+            }
+        }
+    }
+
+    /// Replaces the float weight by PQ codes learned with k-means; the float variable stops being
+    /// trainable and the centroids start.
+    pub fn quantize_pq(
+        &mut self,
+        block_size: usize,
+        kmeans: &KMeansConfig,
+        reduction: CentroidGrad,
+    ) -> Result<PqCodes> {
+        let WeightState::Float(v) = &self.state else {
+            return Err(self.err("is already product-quantized".into()));
+        };
+        let layout = self.layout.with_block_size(&self.name, block_size)?;
+        let codes = encode(&v.as_tensor().detach(), &layout, kmeans, &mut |_| {})?;
+        self.state = WeightState::Pq(PqWeight::from_codes(&codes, reduction)?);
+        Ok(codes)
+    }
+
+    /// The variables an optimizer should update.
+    pub fn vars(&self) -> Vec<Var> {
+        match &self.state {
+            WeightState::Float(v) => vec![v.clone()],
+            WeightState::Pq(p) => vec![p.centroids().clone()],
+        }
+    }
+}

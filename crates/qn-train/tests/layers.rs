@@ -1,0 +1,514 @@
+//! Quant-noise layers: rates, unbiasedness, eval determinism, gradients, PQ state, padding rows.
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::Conv2dConfig;
+use qn_train::kernels::{
+    layout::BlockLayout,
+    pq::KMeansConfig,
+    scalar::{Granularity, ObserverKind},
+};
+use qn_train::layers::{QConv2d, QEmbedding, QLinear, QuantNoiseLayer};
+use qn_train::{apply_noise, vars_without_gradient, CentroidGrad, NoiseConfig, WeightState};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+fn gaussian(shape: &[usize], seed: u64) -> Tensor {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| Normal::new(0.0f32, 1.0).unwrap().sample(&mut r))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn var(shape: &[usize], seed: u64) -> Var {
+    Var::from_tensor(&gaussian(shape, seed)).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+/// One layer of each kind, with the block size its noise uses.
+fn layers() -> Vec<(Box<dyn QuantNoiseLayer>, usize)> {
+    let conv = |shape: &[usize], groups: usize, seed| {
+        QConv2d::new(
+            "conv",
+            var(shape, seed),
+            None,
+            Conv2dConfig {
+                groups,
+                padding: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    vec![
+        (
+            Box::new(
+                QLinear::new(
+                    "encoder.layer.0.attention.self.query",
+                    var(&[32, 64], 1),
+                    None,
+                )
+                .unwrap(),
+            ),
+            8,
+        ),
+        (
+            Box::new(
+                QEmbedding::new("embeddings.word_embeddings", var(&[50, 16], 2), None).unwrap(),
+            ),
+            4,
+        ),
+        (Box::new(conv(&[8, 4, 3, 3], 1, 3)), 9),
+        (Box::new(conv(&[16, 8, 1, 1], 1, 4)), 4),
+        (Box::new(conv(&[8, 1, 3, 3], 8, 5)), 9),
+    ]
+}
+
+#[test]
+fn block_drop_rate_and_expectation_for_every_layer_kind() {
+    for (layer, bs) in layers() {
+        let p = 0.3;
+        layer.set_noise(NoiseConfig::BlockDrop { p, block_size: bs }, 11);
+        let w = layer.qweight().stored().unwrap();
+        let exact = values(&w);
+        let draws = 300;
+        let (mut sum, mut dropped, mut total) = (vec![0f64; exact.len()], 0usize, 0usize);
+        for _ in 0..draws {
+            let noisy = values(&layer.qweight().weight_t(true).unwrap());
+            for (i, v) in noisy.iter().enumerate() {
+                sum[i] += v;
+                if *v == 0.0 {
+                    dropped += 1;
+                }
+                total += 1;
+            }
+        }
+        let frac = dropped as f64 / total as f64;
+        let blocks = (total / bs) as f64;
+        assert!(
+            (frac - p).abs() < 4.0 * (p * (1.0 - p) / blocks).sqrt() + 1e-3,
+            "{}: dropped {frac}",
+            layer.name()
+        );
+        // E[noisy] = W within 5 standard errors per element.
+        let se = (p / (1.0 - p) / draws as f64).sqrt();
+        for (i, (s, w)) in sum.iter().zip(&exact).enumerate() {
+            assert!(
+                (s / draws as f64 - w).abs() <= 5.0 * se * w.abs() + 1e-9,
+                "{}: element {i}",
+                layer.name()
+            );
+        }
+        // The stored weight is untouched by all those draws.
+        assert_eq!(bits(&layer.qweight().stored().unwrap()), bits(&w));
+        assert_eq!(layer.qweight().noise_step(), draws as u64);
+    }
+}
+
+#[test]
+fn eval_mode_is_noise_free_and_deterministic() {
+    let fc = QLinear::new("fc", var(&[8, 16], 6), Some(var(&[8], 7))).unwrap();
+    fc.set_noise(
+        NoiseConfig::BlockDrop {
+            p: 0.5,
+            block_size: 4,
+        },
+        1,
+    );
+    let x = gaussian(&[3, 16], 8);
+    let a = fc.forward_t(&x, false).unwrap();
+    let b = fc.forward_t(&x, false).unwrap();
+    assert_eq!(bits(&a), bits(&b));
+    let w = fc.qweight().stored().unwrap();
+    let expect = x
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&fc.vars()[1].as_tensor().clone())
+        .unwrap();
+    assert_eq!(bits(&a), bits(&expect));
+    assert_ne!(
+        bits(&fc.forward_t(&x, true).unwrap()),
+        bits(&a),
+        "training mode is noisy"
+    );
+    assert_eq!(
+        fc.qweight().noise_step(),
+        1,
+        "eval passes do not advance the noise"
+    );
+}
+
+#[test]
+fn same_seed_same_masks() {
+    let fc = QLinear::new("fc", var(&[8, 16], 9), None).unwrap();
+    let cfg = NoiseConfig::BlockDrop {
+        p: 0.5,
+        block_size: 4,
+    };
+    let x = gaussian(&[2, 16], 10);
+    fc.set_noise(cfg, 42);
+    let a: Vec<_> = (0..3)
+        .map(|_| bits(&fc.forward_t(&x, true).unwrap()))
+        .collect();
+    fc.set_noise(cfg, 42);
+    let b: Vec<_> = (0..3)
+        .map(|_| bits(&fc.forward_t(&x, true).unwrap()))
+        .collect();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn block_drop_gradient_through_a_layer_matches_finite_differences() {
+    let (w0, x, g) = (
+        gaussian(&[4, 8], 12),
+        gaussian(&[3, 8], 13),
+        gaussian(&[3, 4], 14),
+    );
+    let cfg = NoiseConfig::BlockDrop {
+        p: 0.4,
+        block_size: 2,
+    };
+    let loss_of = |w: &Tensor| -> (f64, Option<Vec<f64>>) {
+        let v = Var::from_tensor(&w.to_dtype(DType::F64).unwrap()).unwrap();
+        let fc = QLinear::new("fc", v.clone(), None).unwrap();
+        fc.set_noise(cfg, 5);
+        let y = fc
+            .forward_t(&x.to_dtype(DType::F64).unwrap(), true)
+            .unwrap();
+        let loss = (y * g.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        (values(&loss)[0], grads.get(v.as_tensor()).map(values))
+    };
+    let (_, grad) = loss_of(&w0);
+    let grad = grad.unwrap();
+    let base = values(&w0);
+    for i in 0..base.len() {
+        let at = |d: f64| {
+            let mut v = base.clone();
+            v[i] += d;
+            loss_of(&Tensor::from_vec(v, (4, 8), &Device::Cpu).unwrap()).0
+        };
+        let fd = (at(1e-3) - at(-1e-3)) / 2e-3;
+        assert!(
+            (grad[i] - fd).abs() < 1e-6,
+            "element {i}: {} vs {fd}",
+            grad[i]
+        );
+    }
+}
+
+#[test]
+fn scalar_noise_at_p_one_is_quantization_aware_training() {
+    let fc = QLinear::new("fc", var(&[8, 32], 15), None).unwrap();
+    fc.set_noise(
+        NoiseConfig::Scalar {
+            bits: 4,
+            p: 1.0,
+            block_size: 1,
+            observer: ObserverKind::MinMax,
+            granularity: Granularity::PerChannel { axis: 0 },
+            update_every: 1,
+        },
+        0,
+    );
+    let w = fc.qweight().stored().unwrap();
+    let params = qn_train::kernels::scalar::observe(
+        &w,
+        &qn_train::kernels::scalar::ScalarConfig::int4()
+            .with_granularity(Granularity::PerChannel { axis: 0 }),
+    )
+    .unwrap();
+    let fq = qn_train::kernels::scalar::fake_quantize(&w, &params).unwrap();
+    assert_eq!(bits(&fc.qweight().weight_t(true).unwrap()), bits(&fq));
+    fc.set_noise(
+        NoiseConfig::Scalar {
+            bits: 4,
+            p: 0.0,
+            block_size: 1,
+            observer: ObserverKind::MinMax,
+            granularity: Granularity::PerTensor,
+            update_every: 1,
+        },
+        0,
+    );
+    assert_eq!(bits(&fc.qweight().weight_t(true).unwrap()), bits(&w));
+}
+
+#[test]
+fn pq_noise_uses_current_centroids_and_keeps_the_weight() {
+    let fc = QLinear::new("fc", var(&[32, 64], 16), None).unwrap();
+    fc.set_noise(
+        NoiseConfig::Pq {
+            p: 1.0,
+            block_size: 8,
+            n_centroids: 16,
+            update_every: 100,
+        },
+        0,
+    );
+    let w = fc.qweight().stored().unwrap();
+    let noisy = fc.qweight().weight_t(true).unwrap();
+    // p = 1: every block is a centroid, so there are at most 16 distinct blocks.
+    let layout = BlockLayout::linear("fc", &[32, 64], 8).unwrap();
+    let mut blocks: Vec<Vec<u32>> = layout
+        .to_subvectors(&noisy)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .map(|r| r.iter().map(|v| v.to_bits()).collect())
+        .collect();
+    blocks.sort();
+    blocks.dedup();
+    assert!(blocks.len() <= 16, "{} distinct blocks", blocks.len());
+    let rel = qn_train::kernels::relative_mse(&w, &noisy).unwrap();
+    assert!(rel > 0.05 && rel < 0.9, "{rel}");
+    assert_eq!(bits(&fc.qweight().stored().unwrap()), bits(&w));
+}
+
+#[test]
+fn centroid_gradient_is_the_mean_or_sum_of_its_blocks() {
+    let x = gaussian(&[5, 32], 17);
+    let g = gaussian(&[5, 16], 18);
+    for reduction in [CentroidGrad::Mean, CentroidGrad::Sum] {
+        let mut fc = QLinear::new("fc", var(&[16, 32], 19), None).unwrap();
+        let codes = fc
+            .quantize_pq(4, &KMeansConfig::new(40).with_iters(3), reduction)
+            .unwrap();
+        let WeightState::Pq(pq) = fc.qweight().state() else {
+            panic!("not PQ")
+        };
+        let centroids = pq.centroids().clone();
+        let loss = (fc.forward_t(&x, true).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let got = grads
+            .get(centroids.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // The gradient with respect to the decoded weight, cut into blocks.
+        let w = Var::from_tensor(&codes.decode().unwrap()).unwrap();
+        let dw = (x.matmul(&w.as_tensor().t().unwrap()).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let block_grads = codes
+            .layout
+            .to_subvectors(dw.get(w.as_tensor()).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let assign = codes.assignments.to_u32();
+        for c in 0..40 {
+            let members: Vec<usize> = (0..assign.len())
+                .filter(|&j| assign[j] as usize == c)
+                .collect();
+            for e in 0..4 {
+                let sum: f32 = members.iter().map(|&j| block_grads[j][e]).sum();
+                let expect = match (reduction, members.len()) {
+                    (_, 0) => 0.0,
+                    (CentroidGrad::Mean, n) => sum / n as f32,
+                    (CentroidGrad::Sum, _) => sum,
+                };
+                assert!(got[c][e].is_finite());
+                assert!(
+                    (got[c][e] - expect).abs() < 1e-4 * (1.0 + expect.abs()),
+                    "{reduction:?} centroid {c}: {} vs {expect}",
+                    got[c][e]
+                );
+            }
+        }
+        // The centroids replaced the float weight among the trainable variables.
+        assert_eq!(fc.vars().len(), 1);
+        assert_eq!(fc.vars()[0].dims(), &[40, 4]);
+    }
+}
+
+#[test]
+fn embedding_padding_row_is_exact_untrained_and_survives_pq() {
+    let mut weight = gaussian(&[20, 8], 20).to_vec2::<f32>().unwrap();
+    weight[1] = vec![0.0; 8];
+    let w = Var::from_tensor(&Tensor::new(weight, &Device::Cpu).unwrap()).unwrap();
+    let mut emb = QEmbedding::new("embeddings.word_embeddings", w.clone(), Some(1)).unwrap();
+    emb.set_noise(
+        NoiseConfig::BlockDrop {
+            p: 0.5,
+            block_size: 4,
+        },
+        3,
+    );
+    let ids = Tensor::new(&[[1u32, 2, 1], [3, 1, 0]], &Device::Cpu).unwrap();
+    let out = emb.forward_t(&ids, true).unwrap();
+    assert_eq!(out.dims(), &[2, 3, 8]);
+    let loss = out.sqr().unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let gw = grads.get(w.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    assert!(
+        gw[1].iter().all(|&v| v == 0.0),
+        "padding row got a gradient"
+    );
+    // After PQ the padding row still reads back exactly zero.
+    emb.quantize_pq(4, &KMeansConfig::new(8).with_iters(3), CentroidGrad::Mean)
+        .unwrap();
+    let out = emb
+        .forward_t(&Tensor::new(&[1u32], &Device::Cpu).unwrap(), false)
+        .unwrap();
+    assert!(values(&out).iter().all(|&v| v == 0.0));
+    assert_eq!(emb.padding_idx(), Some(1));
+}
+
+#[test]
+fn noise_reaches_every_matching_layer_and_no_other() {
+    let q = QLinear::new(
+        "encoder.layer.0.attention.self.query",
+        var(&[8, 8], 21),
+        None,
+    )
+    .unwrap();
+    let k = QLinear::new("encoder.layer.0.attention.self.key", var(&[8, 8], 22), None).unwrap();
+    let ffn = QLinear::new(
+        "encoder.layer.0.intermediate.dense",
+        var(&[32, 8], 23),
+        None,
+    )
+    .unwrap();
+    let head = QLinear::new("classifier", var(&[2, 8], 24), None).unwrap();
+    let emb = QEmbedding::new("embeddings.word_embeddings", var(&[10, 8], 25), Some(0)).unwrap();
+    let all: Vec<&dyn QuantNoiseLayer> = vec![&q, &k, &ffn, &head, &emb];
+    let cfg = NoiseConfig::BlockDrop {
+        p: 0.2,
+        block_size: 4,
+    };
+    let touched = apply_noise(
+        &all,
+        &regex::Regex::new("attention|intermediate|classifier").unwrap(),
+        cfg,
+        0,
+    );
+    assert_eq!(
+        touched,
+        vec![
+            "encoder.layer.0.attention.self.query",
+            "encoder.layer.0.attention.self.key",
+            "encoder.layer.0.intermediate.dense",
+            "classifier",
+        ]
+    );
+    for l in [&q as &dyn QuantNoiseLayer, &k, &ffn, &head] {
+        assert_eq!(l.qweight().noise(), cfg, "{}", l.name());
+    }
+    assert_eq!(emb.qweight().noise(), NoiseConfig::None);
+}
+
+#[test]
+fn convs_train_with_noise_and_every_variable_gets_a_gradient() {
+    let x = gaussian(&[2, 8, 6, 6], 26);
+    let conv = QConv2d::new(
+        "conv",
+        var(&[8, 8, 3, 3], 27),
+        Some(var(&[8], 28)),
+        Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pw = QConv2d::new(
+        "pw",
+        var(&[16, 8, 1, 1], 29),
+        Some(var(&[16], 30)),
+        Conv2dConfig::default(),
+    )
+    .unwrap();
+    let dw = QConv2d::new(
+        "dw",
+        var(&[16, 1, 3, 3], 31),
+        None,
+        Conv2dConfig {
+            padding: 1,
+            groups: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    conv.set_noise(
+        NoiseConfig::BlockDrop {
+            p: 0.2,
+            block_size: 9,
+        },
+        1,
+    );
+    pw.set_noise(
+        NoiseConfig::BlockDrop {
+            p: 0.2,
+            block_size: 4,
+        },
+        2,
+    );
+    dw.set_noise(
+        NoiseConfig::BlockDrop {
+            p: 0.2,
+            block_size: 9,
+        },
+        3,
+    );
+    let y = dw
+        .forward_t(
+            &pw.forward_t(&conv.forward_t(&x, true).unwrap(), true)
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(y.dims(), &[2, 16, 6, 6]);
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let mut vars = Vec::new();
+    for (l, n) in [(&conv, "conv"), (&pw, "pw"), (&dw, "dw")] {
+        for (i, v) in l.vars().into_iter().enumerate() {
+            vars.push((format!("{n}.{i}"), v));
+        }
+    }
+    assert_eq!(vars.len(), 5);
+    assert!(vars_without_gradient(&grads, &vars).is_empty());
+}
+
+#[test]
+fn the_gradient_check_catches_candles_fused_layer_norm() {
+    // candle 0.11's fused layer_norm has no backward: a weight behind it gets no gradient.
+    let w = Var::from_tensor(&Tensor::ones(8, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let x = gaussian(&[4, 8], 32);
+    let y = candle_nn::ops::layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let missing = vars_without_gradient(&grads, &[("ln.weight".into(), w), ("ln.bias".into(), b)]);
+    assert_eq!(
+        missing,
+        vec!["ln.weight".to_string(), "ln.bias".to_string()]
+    );
+}
