@@ -28,14 +28,21 @@
 //! ```
 
 mod apply;
+pub mod checkpoint;
+pub mod data;
 mod error;
 pub mod layers;
+pub mod mlp;
+mod model;
 mod noise;
+pub mod optim;
 mod pq_weight;
 mod qweight;
+pub mod trainer;
 
 pub use apply::{apply_noise, vars_without_gradient};
 pub use error::{Error, Result};
+pub use model::{named_vars, QuantModel};
 pub use noise::NoiseConfig;
 pub use pq_weight::{CentroidGrad, PqWeight};
 pub use qweight::{QWeight, WeightState};

@@ -60,7 +60,7 @@ pub enum NoiseConfig {
 #[derive(Debug)]
 pub(crate) struct NoiseState {
     pub(crate) config: NoiseConfig,
-    rng: ChaCha8Rng,
+    seed: u64,
     step: u64,
     codes: Option<PqCodes>,
     params: Option<QParams>,
@@ -70,11 +70,20 @@ impl NoiseState {
     pub(crate) fn new(config: NoiseConfig, seed: u64) -> Self {
         Self {
             config,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
             step: 0,
             codes: None,
             params: None,
         }
+    }
+
+    /// Continues from training step `step` (after a resume). Masks depend only on the seed and the
+    /// step, so a resumed run draws exactly the masks of an uninterrupted one; cached PQ centroids and
+    /// scalar ranges are re-derived from the current weight at the next forward pass.
+    pub(crate) fn set_step(&mut self, step: u64) {
+        self.step = step;
+        self.codes = None;
+        self.params = None;
     }
 
     /// Training steps seen (forward passes in training mode).
@@ -91,13 +100,15 @@ impl NoiseState {
     ) -> Result<Tensor> {
         let step = self.step;
         self.step += 1;
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let refresh = |every: usize| every > 0 && step % every as u64 == 0;
         let out = match self.config {
             NoiseConfig::None => weight.clone(),
             NoiseConfig::BlockDrop { p, block_size } => {
                 let layout = layout.with_block_size(name, block_size)?;
                 let p = NoiseRate::new(p)?;
-                let mask = BlockMask::sample(&layout, p, &mut self.rng);
+                let mask = BlockMask::sample(&layout, p, &mut rng);
                 block_drop(weight, &mask, p)?
             }
             NoiseConfig::Pq {
@@ -113,7 +124,7 @@ impl NoiseState {
                         .with_seed(step);
                     self.codes = Some(encode(&weight.detach(), &layout, &cfg, &mut |_| {})?);
                 }
-                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut self.rng);
+                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut rng);
                 pq_noise(weight, self.codes.as_ref().expect("just set"), &mask)?
             }
             NoiseConfig::Scalar {
@@ -131,7 +142,7 @@ impl NoiseState {
                         .with_granularity(granularity);
                     self.params = Some(observe(&weight.detach(), &cfg)?);
                 }
-                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut self.rng);
+                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut rng);
                 scalar_noise(weight, self.params.as_ref().expect("just set"), &mask)?
             }
         };

@@ -92,6 +92,24 @@ impl QWeight {
         self.noise.lock().expect("noise lock").config
     }
 
+    /// Continues the noise from training step `step` (used when resuming).
+    pub fn set_noise_step(&self, step: u64) {
+        self.noise.lock().expect("noise lock").set_step(step);
+    }
+
+    /// Replaces the weight by given PQ state (used when restoring a checkpoint).
+    pub fn set_pq(&mut self, pq: PqWeight) -> Result<()> {
+        if pq.layout().shape() != self.layout.shape() {
+            return Err(self.err(format!(
+                "PQ shape {:?} differs from {:?}",
+                pq.layout().shape(),
+                self.layout.shape()
+            )));
+        }
+        self.state = WeightState::Pq(pq);
+        Ok(())
+    }
+
     /// Training forward passes seen since the noise was set.
     pub fn noise_step(&self) -> u64 {
         self.noise.lock().expect("noise lock").step()

@@ -1,0 +1,100 @@
+//! Datasets for training: in-memory classification data and the Fashion-MNIST IDX reader.
+
+use std::io::Read;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rand::{seq::SliceRandom, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{Error, Result};
+
+/// Features `(n, ...)` as `f32` and labels `(n)` as `u32`.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Inputs.
+    pub x: Tensor,
+    /// Class labels.
+    pub y: Tensor,
+}
+
+impl Dataset {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.y.dim(0).unwrap_or(0)
+    }
+
+    /// Whether the dataset is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The batch of training step `step`: epoch `e = step * batch / n` is shuffled by a generator
+    /// seeded from `(seed, e)`, so the batch depends only on the step (a resumed run sees the same).
+    pub fn batch(&self, step: usize, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
+        let n = self.len();
+        let per_epoch = (n / batch).max(1);
+        let (epoch, i) = (step / per_epoch, step % per_epoch);
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+            seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+        ));
+        let take = batch.min(n);
+        let idx = Tensor::from_slice(&order[i * take..(i + 1) * take], take, self.x.device())?;
+        Ok((self.x.index_select(&idx, 0)?, self.y.index_select(&idx, 0)?))
+    }
+}
+
+fn read_gz(path: &Path) -> Result<Vec<u8>> {
+    let err = |reason: String| Error::Layer {
+        layer: path.display().to_string(),
+        reason,
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut out)
+        .map_err(|e| err(format!("not gzip: {e}")))?;
+    Ok(out)
+}
+
+fn be32(b: &[u8], at: usize) -> usize {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
+}
+
+/// Loads a Fashion-MNIST (or MNIST) split from `dir` (`train` or `t10k` IDX .gz files): images
+/// scaled to `[0, 1]` as `(n, 784)` and labels, at most `limit` examples.
+pub fn fashion_mnist(
+    dir: &Path,
+    split: &str,
+    limit: Option<usize>,
+    device: &Device,
+) -> Result<Dataset> {
+    let images = read_gz(&dir.join(format!("{split}-images-idx3-ubyte.gz")))?;
+    let labels = read_gz(&dir.join(format!("{split}-labels-idx1-ubyte.gz")))?;
+    let bad = |reason: &str| Error::Layer {
+        layer: dir.display().to_string(),
+        reason: format!("{split}: {reason}"),
+    };
+    if images.len() < 16
+        || be32(&images, 0) != 0x803
+        || labels.len() < 8
+        || be32(&labels, 0) != 0x801
+    {
+        return Err(bad("not IDX image/label files"));
+    }
+    let (n, rows, cols) = (be32(&images, 4), be32(&images, 8), be32(&images, 12));
+    if be32(&labels, 4) != n || images.len() != 16 + n * rows * cols || labels.len() != 8 + n {
+        return Err(bad("image and label counts or sizes disagree"));
+    }
+    let n = limit.map_or(n, |l| l.min(n));
+    let x: Vec<f32> = images[16..16 + n * rows * cols]
+        .iter()
+        .map(|&p| p as f32 / 255.0)
+        .collect();
+    let y: Vec<u32> = labels[8..8 + n].iter().map(|&l| l as u32).collect();
+    Ok(Dataset {
+        x: Tensor::from_vec(x, (n, rows * cols), device)?,
+        y: Tensor::from_vec(y, n, device)?,
+    })
+}

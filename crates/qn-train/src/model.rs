@@ -1,0 +1,52 @@
+//! What the trainer and the iPQ stages need from a model.
+
+use candle_core::{Tensor, Var};
+
+use crate::layers::QuantNoiseLayer;
+use crate::WeightState;
+
+/// A model built from quant-noise layers.
+pub trait QuantModel {
+    /// Logits for a batch.
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+    /// Every quant-noise layer, in a fixed order.
+    fn layers(&self) -> Vec<&dyn QuantNoiseLayer>;
+    /// The same layers, mutably.
+    fn layers_mut(&mut self) -> Vec<&mut dyn QuantNoiseLayer>;
+    /// Trainable variables outside the quant-noise layers (norms, ...), with unique names.
+    fn other_vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+}
+
+/// Every trainable variable with a unique name: `<layer>.weight` or `<layer>.centroids`, `<layer>.bias`,
+/// then the model's others.
+pub fn named_vars(model: &dyn QuantModel) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for layer in model.layers() {
+        let w = match layer.qweight().state() {
+            WeightState::Float(_) => "weight",
+            WeightState::Pq(_) => "centroids",
+        };
+        let mut vars = layer.vars().into_iter();
+        if let Some(v) = vars.next() {
+            out.push((format!("{}.{w}", layer.name()), v));
+        }
+        for (i, v) in vars.enumerate() {
+            out.push((
+                format!(
+                    "{}.{}",
+                    layer.name(),
+                    if i == 0 {
+                        "bias".to_string()
+                    } else {
+                        format!("extra{i}")
+                    }
+                ),
+                v,
+            ));
+        }
+    }
+    out.extend(model.other_vars());
+    out
+}
