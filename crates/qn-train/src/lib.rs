@@ -9,7 +9,11 @@
 //!   padding, groups), each with a float or PQ weight and a [`NoiseConfig`] switchable at run time;
 //! - [`PqWeight`]: trainable centroids with fixed assignments; a centroid's gradient is the mean of
 //!   its blocks' gradients (or the sum), unused centroids get zero;
-//! - [`apply_noise`] / [`vars_without_gradient`]: model-level helpers.
+//! - [`ActQuant`]: activation quantization (clamp in training, fake-quantize in eval);
+//! - [`apply_noise`] / [`vars_without_gradient`]: model-level helpers;
+//! - [`trainer`]: AdamW ([`optim`]), warm-up + decay, clipping, JSON-lines metrics, atomic
+//!   [`checkpoint`]s with exact resume, and the iterative-PQ stages; [`trainer::export_qnz`] writes the
+//!   compressed model.
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -27,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod act_quant;
 mod apply;
 pub mod checkpoint;
 pub mod data;
@@ -40,6 +45,7 @@ mod pq_weight;
 mod qweight;
 pub mod trainer;
 
+pub use act_quant::{ActQuant, ActQuantConfig};
 pub use apply::{apply_noise, vars_without_gradient};
 pub use error::{Error, Result};
 pub use model::{named_vars, QuantModel};

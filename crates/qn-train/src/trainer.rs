@@ -44,8 +44,60 @@ pub struct Stage {
     /// Centroids per layer (default 256).
     #[serde(default = "default_centroids")]
     pub n_centroids: usize,
-    /// Training steps after quantizing.
-    pub steps: usize,
+    /// Training steps after quantizing (or give `epochs`).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Training length in passes over the training set, when `steps` is absent.
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// Per-layer exceptions: the first whose `match` regex fits a layer name sets its block size
+    /// and/or centroids.
+    #[serde(default, rename = "override")]
+    pub overrides: Vec<StageOverride>,
+}
+
+/// A per-layer exception inside a stage.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageOverride {
+    /// Layer-name regex.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Block size for the matching layers.
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// Centroids for the matching layers.
+    #[serde(default)]
+    pub n_centroids: Option<usize>,
+}
+
+impl Stage {
+    /// Steps of this stage for `n` training examples in batches of `batch`.
+    pub fn total_steps(&self, n: usize, batch: usize) -> Result<usize> {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => Ok(s),
+            (None, Some(e)) if e > 0.0 => Ok((e * n as f64 / batch.max(1) as f64).ceil() as usize),
+            _ => Err(Error::Layer {
+                layer: format!("stage `{}`", self.name),
+                reason: "needs `steps` or a positive `epochs`".into(),
+            }),
+        }
+    }
+
+    /// `(block size, centroids)` of layer `name`: the first matching override, else the stage's
+    /// values, else the paper's defaults.
+    fn settings_for(&self, name: &str, layout: &BlockLayout) -> (usize, usize) {
+        let o = self
+            .overrides
+            .iter()
+            .find(|o| Regex::new(&o.pattern).is_ok_and(|r| r.is_match(name)));
+        let bs = o
+            .and_then(|o| o.block_size)
+            .or(self.block_size)
+            .unwrap_or_else(|| default_block_size(name, layout));
+        let k = o.and_then(|o| o.n_centroids).unwrap_or(self.n_centroids);
+        (bs, k)
+    }
 }
 
 fn default_centroids() -> usize {
@@ -72,12 +124,17 @@ impl StagePlan {
             reason: e.message().to_string(),
         })?;
         for s in &plan.stages {
+            let bad = |e: regex::Error| Error::Layer {
+                layer: format!("stage `{}`", s.name),
+                reason: e.to_string(),
+            };
             if let Some(p) = &s.layers {
-                Regex::new(p).map_err(|e| Error::Layer {
-                    layer: format!("stage `{}`", s.name),
-                    reason: e.to_string(),
-                })?;
+                Regex::new(p).map_err(bad)?;
             }
+            for o in &s.overrides {
+                Regex::new(&o.pattern).map_err(bad)?;
+            }
+            s.total_steps(1, 1)?;
         }
         Ok(plan)
     }
@@ -394,6 +451,7 @@ pub fn run_stages(
     };
     while stage_idx < plan.stages.len() {
         let stage = &plan.stages[stage_idx];
+        let stage_steps = stage.total_steps(train.len(), cfg.batch_size)?;
         if step_in_stage == 0 {
             // A stage starts by quantizing (a checkpoint taken mid-stage always has a step > 0, so
             // a resumed stage is never quantized twice) and with a fresh optimizer.
@@ -423,9 +481,9 @@ pub fn run_stages(
             opt.set_state(get("first")?, get("second")?, steps)?;
         }
         let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
-        let bar = progress_bar(cfg.progress, stage.steps, &format!("stage {}", stage.name));
+        let bar = progress_bar(cfg.progress, stage_steps, &format!("stage {}", stage.name));
         bar.set_position(step_in_stage as u64);
-        while step_in_stage < stage.steps {
+        while step_in_stage < stage_steps {
             let (x, y) = train.batch(global, cfg.batch_size, cfg.seed)?;
             let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;
             let mut grads = loss.backward()?;
@@ -433,7 +491,7 @@ pub fn run_stages(
                 Some(m) => clip_grad_norm(&mut grads, &vars, m)?,
                 None => f64::NAN,
             };
-            let lr = learning_rate(cfg.lr, step_in_stage, stage.steps, cfg.warmup, cfg.schedule);
+            let lr = learning_rate(cfg.lr, step_in_stage, stage_steps, cfg.warmup, cfg.schedule);
             opt.step(&grads, lr)?;
             step_in_stage += 1;
             global += 1;
@@ -445,7 +503,7 @@ pub fn run_stages(
             metrics.log(line);
             bar.inc(1);
             bar.set_message(format!("stage {} loss {loss:.4}", stage.name));
-            let at_end = step_in_stage == stage.steps;
+            let at_end = step_in_stage == stage_steps;
             if let Some(d) = dir {
                 if at_end || (cfg.checkpoint_every > 0 && step_in_stage % cfg.checkpoint_every == 0)
                 {

@@ -512,3 +512,117 @@ fn the_gradient_check_catches_candles_fused_layer_norm() {
         vec!["ln.weight".to_string(), "ln.bias".to_string()]
     );
 }
+
+#[test]
+fn activation_quantization_clamps_in_training_and_quantizes_in_eval() {
+    let mut fc = QLinear::new("fc", var(&[16, 32], 40), None).unwrap();
+    fc.set_activation_quant(Some(qn_train::ActQuantConfig {
+        bits: 4,
+        momentum: 0.0,
+    }))
+    .unwrap();
+    let x = gaussian(&[64, 32], 41);
+    // Training: the first batch sets the range, so nothing is clamped yet; a wider batch is clamped.
+    let y = fc.forward_t(&x, true).unwrap();
+    let raw = x
+        .matmul(&fc.qweight().stored().unwrap().t().unwrap())
+        .unwrap();
+    assert_eq!(bits(&y), bits(&raw));
+    let wide = (&x * 3.0).unwrap();
+    let yw = values(&fc.forward_t(&(&x * 1.0).unwrap(), false).unwrap());
+    // Eval: at most 16 distinct output values (a 4-bit grid).
+    let mut distinct: Vec<u64> = yw.iter().map(|v| (*v as f32).to_bits() as u64).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() <= 16, "{} levels", distinct.len());
+    // A wider batch in training: outputs stay inside the running range (momentum 0: its own
+    // range, so the clamp is exact), and gradients pass only inside it.
+    let (lo, hi) = {
+        let r = (x
+            .matmul(&fc.qweight().stored().unwrap().t().unwrap())
+            .unwrap()
+            * 3.0)
+            .unwrap();
+        (
+            r.min_all().unwrap().to_scalar::<f32>().unwrap(),
+            r.max_all().unwrap().to_scalar::<f32>().unwrap(),
+        )
+    };
+    let w = Var::from_tensor(&fc.qweight().stored().unwrap()).unwrap();
+    let mut fc2 = QLinear::new("fc2", w, None).unwrap();
+    fc2.set_activation_quant(Some(qn_train::ActQuantConfig {
+        bits: 4,
+        momentum: 0.5,
+    }))
+    .unwrap();
+    fc2.forward_t(&x, true).unwrap(); // range of the narrow batch
+    let xv = Var::from_tensor(&wide).unwrap();
+    let out = fc2.forward_t(xv.as_tensor(), true).unwrap();
+    let (rlo, rhi) = fc2_range(&out);
+    // momentum 0.5: the range is halfway between the narrow batch's and the wide one's.
+    assert!(rlo > lo && rhi < hi, "[{rlo}, {rhi}] vs wide [{lo}, {hi}]");
+    let clamped = values(&out)
+        .iter()
+        .filter(|&&v| v as f32 == rhi || v as f32 == rlo)
+        .count();
+    assert!(clamped > 0, "nothing was clamped");
+    let grads = out.sum_all().unwrap().backward().unwrap();
+    // Clamped outputs pass no gradient: the input gradient is smaller than without clamping.
+    let g = values(grads.get(xv.as_tensor()).unwrap());
+    assert!(g.iter().all(|v| v.is_finite()));
+}
+
+fn fc2_range(t: &Tensor) -> (f32, f32) {
+    (
+        t.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        t.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    )
+}
+
+#[test]
+fn stored_weight_is_bit_identical_after_noisy_forward_and_backward() {
+    for (layer, bs) in layers() {
+        layer.set_noise(
+            NoiseConfig::BlockDrop {
+                p: 0.5,
+                block_size: bs,
+            },
+            1,
+        );
+        let before = bits(&layer.qweight().stored().unwrap());
+        for _ in 0..5 {
+            let w = layer.qweight().weight_t(true).unwrap();
+            let _ = w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        }
+        assert_eq!(
+            before,
+            bits(&layer.qweight().stored().unwrap()),
+            "{}",
+            layer.name()
+        );
+    }
+}
+
+#[test]
+fn stage_plans_take_overrides_and_epochs() {
+    use qn_train::trainer::StagePlan;
+    let plan = StagePlan::from_toml(
+        "[[stage]]\nname = 'attn'\nlayers = 'attention'\nepochs = 2.0\n\
+         [[stage.override]]\nmatch = 'query'\nblock_size = 2\nn_centroids = 16\n",
+    )
+    .unwrap();
+    assert_eq!(plan.stages[0].total_steps(1000, 64).unwrap(), 32);
+    assert_eq!(plan.stages[0].overrides[0].block_size, Some(2));
+    let err = StagePlan::from_toml("[[stage]]\nname = 'x'\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`x`") && err.contains("steps"), "{err}");
+    let err = StagePlan::from_toml("[[stage]]\nname = 'x'\nsteps = 1\nlayers = '('\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`x`"), "{err}");
+    let err = StagePlan::from_toml("[[stage]]\nname = 'x'\nsteps = 1\nbogus = 1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bogus"), "{err}");
+}

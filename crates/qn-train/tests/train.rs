@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use qn_train::data::{fashion_mnist, Dataset};
-use qn_train::layers::QuantNoiseLayer;
 use qn_train::mlp::Mlp;
 use qn_train::trainer::{export_qnz, run_stages, RunOutput, StagePlan, TrainConfig};
 use qn_train::{named_vars, NoiseConfig, QuantModel};

@@ -5,7 +5,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use qn_kernels::layout::LayerKind;
 
 use super::QuantNoiseLayer;
-use crate::{qweight::QWeight, Result};
+use crate::{qweight::QWeight, ActQuant, ActQuantConfig, Result};
 
 /// A convolution with weight `(out, in/groups, kh, kw)`. Noise blocks follow
 /// [`qn_kernels::layout`]: whole kernels for k x k, runs of input channels for 1x1, depthwise alike.
@@ -14,6 +14,7 @@ pub struct QConv2d {
     weight: QWeight,
     bias: Option<Var>,
     config: Conv2dConfig,
+    act_quant: Option<ActQuant>,
 }
 
 impl QConv2d {
@@ -23,7 +24,14 @@ impl QConv2d {
             weight: QWeight::new(name, LayerKind::Conv2d, weight)?,
             bias,
             config,
+            act_quant: None,
         })
+    }
+
+    /// Quantizes the layer's output: clamped in training, fake-quantized in eval (`None`: off).
+    pub fn set_activation_quant(&mut self, config: Option<ActQuantConfig>) -> Result<()> {
+        self.act_quant = config.map(ActQuant::new).transpose()?;
+        Ok(())
     }
 }
 
@@ -60,9 +68,13 @@ impl ModuleT for QConv2d {
         let w = self.weight.weight_t(train)?;
         let c = &self.config;
         let y = x.conv2d(&w, c.padding, c.stride, c.dilation, c.groups)?;
-        match &self.bias {
+        let y = match &self.bias {
+            None => y,
+            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?,
+        };
+        match &self.act_quant {
             None => Ok(y),
-            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?),
+            Some(q) => Ok(q.forward_t(&y, train)?),
         }
     }
 }

@@ -5,13 +5,14 @@ use candle_nn::VarBuilder;
 use qn_kernels::layout::LayerKind;
 
 use super::QuantNoiseLayer;
-use crate::{qweight::QWeight, Result};
+use crate::{qweight::QWeight, ActQuant, ActQuantConfig, Result};
 
 /// A linear layer whose weight `(out, in)` can be noised or product-quantized.
 #[derive(Debug)]
 pub struct QLinear {
     weight: QWeight,
     bias: Option<Var>,
+    act_quant: Option<ActQuant>,
 }
 
 impl QLinear {
@@ -20,7 +21,14 @@ impl QLinear {
         Ok(Self {
             weight: QWeight::new(name, LayerKind::Linear, weight)?,
             bias,
+            act_quant: None,
         })
+    }
+
+    /// Quantizes the layer's output: clamped in training, fake-quantized in eval (`None`: off).
+    pub fn set_activation_quant(&mut self, config: Option<ActQuantConfig>) -> Result<()> {
+        self.act_quant = config.map(ActQuant::new).transpose()?;
+        Ok(())
     }
 }
 
@@ -45,7 +53,12 @@ pub fn qlinear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Res
 impl ModuleT for QLinear {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let w = self.weight.weight_t(train)?;
-        candle_nn::Linear::new(w, self.bias.as_ref().map(|b| b.as_tensor().clone())).forward(x)
+        let y = candle_nn::Linear::new(w, self.bias.as_ref().map(|b| b.as_tensor().clone()))
+            .forward(x)?;
+        match &self.act_quant {
+            None => Ok(y),
+            Some(q) => Ok(q.forward_t(&y, train)?),
+        }
     }
 }
 
