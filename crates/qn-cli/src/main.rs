@@ -4,6 +4,7 @@
 //! qn quantize model.safetensors -o model.qnz --method pq --block-size 8 --centroids 256
 //! qn inspect model.qnz [--json]
 //! qn decompress model.qnz -o restored.safetensors
+//! qn train-mlp --out runs/mlp [--plan ipq.toml] [--epochs 1] [--max-steps N]
 //! qn demo [--weights FILE.safetensors]
 //! ```
 //!
@@ -16,6 +17,7 @@ mod input;
 mod inspect;
 mod quantize;
 mod rules;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +40,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Write the dequantized weights of a .qnz file as safetensors.
     Decompress(decompress::DecompressArgs),
+    /// Train the reference quant-noise MLP on Fashion-MNIST with iPQ stages, resumable.
+    TrainMlp(train::TrainArgs),
     /// Quantize real weight matrices with int8, int4 and PQ and print a rate/distortion table.
     Demo(demo::DemoArgs),
 }
@@ -49,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Decompress(args) => decompress::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::TrainMlp(args) => train::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -283,11 +283,9 @@ fn quantize_stage(
     for i in picked {
         let layer = &mut layers[i];
         let name = layer.name().to_string();
-        let bs = stage
-            .block_size
-            .unwrap_or_else(|| default_block_size(&name, layer.qweight().layout()));
+        let (bs, k) = stage.settings_for(&name, layer.qweight().layout());
         bar.set_message(name.clone());
-        let kmeans = KMeansConfig::new(stage.n_centroids)
+        let kmeans = KMeansConfig::new(k)
             .with_iters(cfg.kmeans_iters)
             .with_seed(cfg.seed);
         layer.quantize_pq(bs, &kmeans, cfg.centroid_grad)?;

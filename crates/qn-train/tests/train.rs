@@ -143,9 +143,13 @@ fn a_killed_run_resumes_to_identical_weights() {
         steps = 20
         [[stage]]
         name = "fc2"
-        layers = "fc2"
+        layers = "fc1|fc2"
         n_centroids = 16
         steps = 20
+        [[stage.override]]
+        match = "fc1"
+        block_size = 16
+        n_centroids = 8
         "#,
     )
     .unwrap();
@@ -211,6 +215,19 @@ fn a_killed_run_resumes_to_identical_weights() {
         if stop.is_none() {
             assert_eq!(rb.steps, 40);
             assert_eq!(weights(&a), weights(&b), "resumed weights differ");
+            // The override reached fc1: 8 centroids of 16 values.
+            let names: Vec<_> = named_vars(&b)
+                .into_iter()
+                .map(|(n, v)| (n, v.dims().to_vec()))
+                .collect();
+            assert!(
+                names.contains(&("fc1.centroids".to_string(), vec![8, 16])),
+                "{names:?}"
+            );
+            assert!(
+                names.contains(&("fc2.centroids".to_string(), vec![16, 8])),
+                "{names:?}"
+            );
             assert_eq!(ra.stage_accuracy.last(), rb.stage_accuracy.last());
         } else {
             assert!(rb.stopped);
