@@ -32,8 +32,9 @@
 //! # Ok::<(), qn_kernels::Error>(())
 //! ```
 
+mod block_drop_op;
 mod mask;
 mod ops;
 
 pub use mask::{BlockMask, NoiseRate};
-pub use ops::{block_drop, pq_noise, scalar_noise};
+pub use ops::{block_drop, block_drop_reference, pq_noise, scalar_noise};

@@ -24,7 +24,28 @@ fn check(weight: &Tensor, mask: &BlockMask) -> Result<()> {
 }
 
 /// Zeroes the noised blocks and scales the kept ones by `1/(1-p)`; `p = 1` drops everything.
+///
+/// On the CPU (f32 / f64) this is one fused op whose backward is the same op on the gradient; other
+/// devices and dtypes use [`block_drop_reference`].
 pub fn block_drop(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Tensor> {
+    check(weight, mask)?;
+    if p.get() >= 1.0 {
+        return Ok(weight.zeros_like()?);
+    }
+    if !weight.device().is_cpu() || !matches!(weight.dtype(), DType::F32 | DType::F64) {
+        return block_drop_reference(weight, mask, p);
+    }
+    let op = super::block_drop_op::BlockDropOp {
+        noised: std::sync::Arc::new(mask.noised().to_vec()),
+        cols: mask.layout().cols(),
+        block: mask.layout().block_size(),
+        scale: 1.0 / (1.0 - p.get()),
+    };
+    Ok(weight.contiguous()?.apply_op1(op)?)
+}
+
+/// The plain-tensor twin of [`block_drop`]: `weight * keep` with `keep` the expanded mask.
+pub fn block_drop_reference(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Tensor> {
     check(weight, mask)?;
     if p.get() >= 1.0 {
         return Ok(weight.zeros_like()?);
