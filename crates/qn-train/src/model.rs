@@ -24,27 +24,21 @@ pub trait QuantModel {
 pub fn named_vars(model: &dyn QuantModel) -> Vec<(String, Var)> {
     let mut out = Vec::new();
     for layer in model.layers() {
-        let w = match layer.qweight().state() {
+        let kind = match layer.qweight().state() {
             WeightState::Float(_) => "weight",
             WeightState::Pq(_) => "centroids",
+            WeightState::Scalar(_) => "frozen",
         };
-        let mut vars = layer.vars().into_iter();
-        if let Some(v) = vars.next() {
-            out.push((format!("{}.{w}", layer.name()), v));
+        for v in layer.qweight().vars() {
+            out.push((format!("{}.{kind}", layer.name()), v));
         }
-        for (i, v) in vars.enumerate() {
-            out.push((
-                format!(
-                    "{}.{}",
-                    layer.name(),
-                    if i == 0 {
-                        "bias".to_string()
-                    } else {
-                        format!("extra{i}")
-                    }
-                ),
-                v,
-            ));
+        for (i, v) in layer.other_vars().into_iter().enumerate() {
+            let what = if i == 0 {
+                "bias".to_string()
+            } else {
+                format!("extra{i}")
+            };
+            out.push((format!("{}.{what}", layer.name()), v));
         }
     }
     out.extend(model.other_vars());

@@ -56,25 +56,48 @@ pub enum NoiseConfig {
     },
 }
 
-/// The mutable part of a layer's noise: its generator, step count and cached quantizers.
+/// One noise of a layer's chain, with its cached quantizers.
 #[derive(Debug)]
-pub(crate) struct NoiseState {
-    pub(crate) config: NoiseConfig,
-    seed: u64,
-    step: u64,
+struct NoiseStage {
+    config: NoiseConfig,
     codes: Option<PqCodes>,
     params: Option<QParams>,
 }
 
+/// The mutable part of a layer's noise: the chain of noises (applied in order, each to the previous
+/// one's output, e.g. scalar noise then block drop), the seed and the step count.
+#[derive(Debug)]
+pub(crate) struct NoiseState {
+    stages: Vec<NoiseStage>,
+    seed: u64,
+    step: u64,
+}
+
 impl NoiseState {
     pub(crate) fn new(config: NoiseConfig, seed: u64) -> Self {
-        Self {
-            config,
+        let mut s = Self {
+            stages: Vec::new(),
             seed,
             step: 0,
-            codes: None,
-            params: None,
+        };
+        s.push(config);
+        s
+    }
+
+    /// Appends a noise to the chain (`None` is ignored).
+    pub(crate) fn push(&mut self, config: NoiseConfig) {
+        if config != NoiseConfig::None {
+            self.stages.push(NoiseStage {
+                config,
+                codes: None,
+                params: None,
+            });
         }
+    }
+
+    /// The chain, first applied first (empty: no noise).
+    pub(crate) fn configs(&self) -> Vec<NoiseConfig> {
+        self.stages.iter().map(|s| s.config).collect()
     }
 
     /// Continues from training step `step` (after a resume). Masks depend only on the seed and the
@@ -82,8 +105,10 @@ impl NoiseState {
     /// scalar ranges are re-derived from the current weight at the next forward pass.
     pub(crate) fn set_step(&mut self, step: u64) {
         self.step = step;
-        self.codes = None;
-        self.params = None;
+        for s in &mut self.stages {
+            s.codes = None;
+            s.params = None;
+        }
     }
 
     /// Training steps seen (forward passes in training mode).
@@ -100,15 +125,33 @@ impl NoiseState {
     ) -> Result<Tensor> {
         let step = self.step;
         self.step += 1;
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut w = weight.clone();
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            let seed = self.seed
+                ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            w = stage.apply(name, &w, layout, step, &mut ChaCha8Rng::seed_from_u64(seed))?;
+        }
+        Ok(w)
+    }
+}
+
+impl NoiseStage {
+    fn apply(
+        &mut self,
+        name: &str,
+        weight: &Tensor,
+        layout: &BlockLayout,
+        step: u64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
         let refresh = |every: usize| every > 0 && step % every as u64 == 0;
-        let out = match self.config {
+        Ok(match self.config {
             NoiseConfig::None => weight.clone(),
             NoiseConfig::BlockDrop { p, block_size } => {
                 let layout = layout.with_block_size(name, block_size)?;
                 let p = NoiseRate::new(p)?;
-                let mask = BlockMask::sample(&layout, p, &mut rng);
+                let mask = BlockMask::sample(&layout, p, rng);
                 block_drop(weight, &mask, p)?
             }
             NoiseConfig::Pq {
@@ -124,7 +167,7 @@ impl NoiseState {
                         .with_seed(step);
                     self.codes = Some(encode(&weight.detach(), &layout, &cfg, &mut |_| {})?);
                 }
-                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut rng);
+                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, rng);
                 pq_noise(weight, self.codes.as_ref().expect("just set"), &mask)?
             }
             NoiseConfig::Scalar {
@@ -142,10 +185,9 @@ impl NoiseState {
                         .with_granularity(granularity);
                     self.params = Some(observe(&weight.detach(), &cfg)?);
                 }
-                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, &mut rng);
+                let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, rng);
                 scalar_noise(weight, self.params.as_ref().expect("just set"), &mask)?
             }
-        };
-        Ok(out)
+        })
     }
 }

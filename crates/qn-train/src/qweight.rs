@@ -6,6 +6,7 @@ use candle_core::{Tensor, Var};
 use qn_kernels::{
     layout::{BlockLayout, LayerKind},
     pq::{encode, KMeansConfig, PqCodes},
+    scalar::{dequantize, observe, quantize, QuantizedTensor, ScalarConfig},
 };
 
 use crate::{
@@ -21,6 +22,8 @@ pub enum WeightState {
     Float(Var),
     /// Trainable centroids and fixed assignments.
     Pq(PqWeight),
+    /// Int-N codes with their scales (frozen: post-training scalar quantization).
+    Scalar(QuantizedTensor),
 }
 
 /// A layer's weight with its noise. Noise never writes to the stored weight: every training forward
@@ -87,9 +90,19 @@ impl QWeight {
         *self.noise.lock().expect("noise lock") = NoiseState::new(config, seed);
     }
 
-    /// The current noise.
+    /// Adds a noise after the current ones (noises compose: each acts on the previous one's output).
+    pub fn add_noise(&self, config: NoiseConfig) {
+        self.noise.lock().expect("noise lock").push(config);
+    }
+
+    /// The first noise of the chain (`None` when there is none).
     pub fn noise(&self) -> NoiseConfig {
-        self.noise.lock().expect("noise lock").config
+        self.noises().first().copied().unwrap_or(NoiseConfig::None)
+    }
+
+    /// The whole chain of noises, applied in order.
+    pub fn noises(&self) -> Vec<NoiseConfig> {
+        self.noise.lock().expect("noise lock").configs()
     }
 
     /// Continues the noise from training step `step` (used when resuming).
@@ -120,6 +133,7 @@ impl QWeight {
         match &self.state {
             WeightState::Float(v) => Ok(v.as_tensor().clone()),
             WeightState::Pq(p) => p.weight(),
+            WeightState::Scalar(q) => Ok(dequantize(q)?),
         }
     }
 
@@ -169,11 +183,24 @@ impl QWeight {
         Ok(codes)
     }
 
+    /// Replaces the float weight by int-N codes (e.g. int8 per channel after training); the weight
+    /// stops being trainable.
+    pub fn quantize_scalar(&mut self, config: &ScalarConfig) -> Result<()> {
+        let WeightState::Float(v) = &self.state else {
+            return Err(self.err("is not a float weight".into()));
+        };
+        let w = v.as_tensor().detach();
+        let q = quantize(&w, &observe(&w, config)?)?;
+        self.state = WeightState::Scalar(q);
+        Ok(())
+    }
+
     /// The variables an optimizer should update.
     pub fn vars(&self) -> Vec<Var> {
         match &self.state {
             WeightState::Float(v) => vec![v.clone()],
             WeightState::Pq(p) => vec![p.centroids().clone()],
+            WeightState::Scalar(_) => Vec::new(),
         }
     }
 }

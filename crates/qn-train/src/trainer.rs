@@ -403,15 +403,17 @@ impl Metrics {
 }
 
 fn noise_rate(model: &dyn QuantModel) -> f64 {
+    let rate = |c: crate::NoiseConfig| match c {
+        crate::NoiseConfig::None => 0.0,
+        crate::NoiseConfig::BlockDrop { p, .. }
+        | crate::NoiseConfig::Pq { p, .. }
+        | crate::NoiseConfig::Scalar { p, .. } => p,
+    };
     model
         .layers()
         .iter()
-        .map(|l| match l.qweight().noise() {
-            crate::NoiseConfig::None => 0.0,
-            crate::NoiseConfig::BlockDrop { p, .. }
-            | crate::NoiseConfig::Pq { p, .. }
-            | crate::NoiseConfig::Scalar { p, .. } => p,
-        })
+        .flat_map(|l| l.qweight().noises())
+        .map(rate)
         .fold(0.0, f64::max)
 }
 
@@ -589,14 +591,22 @@ pub fn export_qnz(model: &dyn QuantModel, path: &Path, codebook: CodebookKind) -
         .map_err(bad)?;
     }
     for layer in model.layers() {
-        if let WeightState::Pq(pq) = layer.qweight().state() {
-            let codes = pq.codes()?;
-            w.add(
-                &format!("{}.weight", layer.name()),
-                codes.layout.shape(),
-                &pq_payload(&codes, codebook)?,
-            )
-            .map_err(bad)?;
+        let name = format!("{}.weight", layer.name());
+        match layer.qweight().state() {
+            WeightState::Pq(pq) => {
+                let codes = pq.codes()?;
+                w.add(&name, codes.layout.shape(), &pq_payload(&codes, codebook)?)
+                    .map_err(bad)?;
+            }
+            WeightState::Scalar(q) => {
+                w.add(
+                    &name,
+                    q.codes.dims(),
+                    &qn_kernels::export::scalar_payload(q)?,
+                )
+                .map_err(bad)?;
+            }
+            WeightState::Float(_) => {}
         }
     }
     w.write_file(path).map_err(bad)

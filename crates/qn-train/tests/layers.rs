@@ -626,3 +626,73 @@ fn stage_plans_take_overrides_and_epochs() {
         .to_string();
     assert!(err.contains("bogus"), "{err}");
 }
+
+#[test]
+fn noises_compose_in_order() {
+    let fc = QLinear::new("fc", var(&[8, 32], 50), None).unwrap();
+    let scalar = NoiseConfig::Scalar {
+        bits: 4,
+        p: 1.0,
+        block_size: 1,
+        observer: ObserverKind::MinMax,
+        granularity: Granularity::PerTensor,
+        update_every: 1,
+    };
+    let drop = NoiseConfig::BlockDrop {
+        p: 0.5,
+        block_size: 4,
+    };
+    fc.set_noise(scalar, 3);
+    fc.qweight().add_noise(drop);
+    assert_eq!(fc.qweight().noises(), vec![scalar, drop]);
+    let w = fc.qweight().stored().unwrap();
+    let params =
+        qn_train::kernels::scalar::observe(&w, &qn_train::kernels::scalar::ScalarConfig::int4())
+            .unwrap();
+    let fq = values(&qn_train::kernels::scalar::fake_quantize(&w, &params).unwrap());
+    let noisy = values(&fc.qweight().weight_t(true).unwrap());
+    let (mut zeroed, mut kept) = (0, 0);
+    for block in 0..noisy.len() / 4 {
+        let r = block * 4..block * 4 + 4;
+        if noisy[r.clone()].iter().all(|&v| v == 0.0) && fq[r.clone()].iter().any(|&v| v != 0.0) {
+            zeroed += 1;
+        } else {
+            // Kept blocks are the quantized weight scaled by 1 / (1 - 0.5).
+            for i in r {
+                assert!((noisy[i] - 2.0 * fq[i]).abs() < 1e-6, "element {i}");
+            }
+            kept += 1;
+        }
+    }
+    assert!(zeroed > 0 && kept > 0, "{zeroed} dropped, {kept} kept");
+}
+
+#[test]
+fn scalar_state_is_frozen_int8_and_exports() {
+    let x = gaussian(&[4, 32], 51);
+    let mut fc = QLinear::new("fc", var(&[16, 32], 52), Some(var(&[16], 53))).unwrap();
+    let cfg = qn_train::kernels::scalar::ScalarConfig::int8()
+        .with_granularity(Granularity::PerChannel { axis: 0 });
+    let w = fc.qweight().stored().unwrap();
+    let fq = qn_train::kernels::scalar::fake_quantize(
+        &w,
+        &qn_train::kernels::scalar::observe(&w, &cfg).unwrap(),
+    )
+    .unwrap();
+    fc.qweight_mut().quantize_scalar(&cfg).unwrap();
+    assert!(matches!(fc.qweight().state(), WeightState::Scalar(_)));
+    assert_eq!(bits(&fc.qweight().stored().unwrap()), bits(&fq));
+    // Only the bias is still trainable; training mode adds no noise to a frozen weight.
+    assert_eq!(fc.vars().len(), 1);
+    let y = fc.forward_t(&x, true).unwrap();
+    let expect = x
+        .matmul(&fq.t().unwrap())
+        .unwrap()
+        .broadcast_add(fc.vars()[0].as_tensor())
+        .unwrap();
+    assert_eq!(bits(&y), bits(&expect));
+    assert!(
+        fc.qweight_mut().quantize_scalar(&cfg).is_err(),
+        "quantizing twice is an error"
+    );
+}

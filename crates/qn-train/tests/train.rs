@@ -234,3 +234,31 @@ fn a_killed_run_resumes_to_identical_weights() {
         }
     }
 }
+
+#[test]
+fn every_mlp_variable_gets_a_gradient_before_and_after_pq() {
+    use qn_train::trainer::cross_entropy;
+    let (train, _) = datasets();
+    let (x, y) = train.batch(0, 64, 0).unwrap();
+    let mut mlp = noisy_mlp(3);
+    for round in 0..2 {
+        let loss = cross_entropy(&mlp.forward_t(&x, true).unwrap(), &y).unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = named_vars(&mlp);
+        assert_eq!(vars.len(), 6);
+        assert!(
+            qn_train::vars_without_gradient(&grads, &vars).is_empty(),
+            "round {round}"
+        );
+        if round == 0 {
+            for l in mlp.layers_mut() {
+                l.quantize_pq(
+                    4,
+                    &qn_train::kernels::pq::KMeansConfig::new(16).with_iters(3),
+                    qn_train::CentroidGrad::Mean,
+                )
+                .unwrap();
+            }
+        }
+    }
+}
