@@ -1,6 +1,6 @@
 //! `QLinear`: `y = x Wᵀ + b` with a quant-noise weight.
 
-use candle_core::{Module, ModuleT, Tensor, Var};
+use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
 use qn_kernels::layout::LayerKind;
 
@@ -53,8 +53,19 @@ pub fn qlinear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Res
 impl ModuleT for QLinear {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let w = self.weight.weight_t(train)?;
-        let y = candle_nn::Linear::new(w, self.bias.as_ref().map(|b| b.as_tensor().clone()))
-            .forward(x)?;
+        // Leading dimensions are flattened so that the weight enters one 2-D matmul: candle_nn's
+        // Linear broadcasts it over the batch instead, and the backward of that broadcast
+        // materialises one weight-sized gradient per batch element.
+        let dims = x.dims();
+        let (lead, inp) = dims.split_at(dims.len() - 1);
+        let x2 = x.reshape((lead.iter().product::<usize>(), inp[0]))?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b.as_tensor())?;
+        }
+        let mut shape = lead.to_vec();
+        shape.push(w.dim(0)?);
+        let y = y.reshape(shape)?;
         match &self.act_quant {
             None => Ok(y),
             Some(q) => Ok(q.forward_t(&y, train)?),
