@@ -406,3 +406,54 @@ fn fused_block_drop_matches_its_reference_with_gradients() {
         }
     }
 }
+
+#[test]
+fn fused_noisy_matmul_matches_its_reference_with_gradients() {
+    let layout = BlockLayout::linear("fc", &[48, 64], 8).unwrap();
+    let p = NoiseRate::new(0.25).unwrap();
+    let mask = BlockMask::sample(&layout, p, &mut rng(19));
+    let x0 = Tensor::from_vec(gaussian(10 * 64, 1.0, 20), (10, 64), &Device::Cpu).unwrap();
+    let w0 = Tensor::from_vec(gaussian(48 * 64, 1.0, 21), (48, 64), &Device::Cpu).unwrap();
+    let g = Tensor::from_vec(gaussian(10 * 48, 1.0, 22), (10, 48), &Device::Cpu).unwrap();
+    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let (x, w) = (
+            Var::from_tensor(&x0).unwrap(),
+            Var::from_tensor(&w0).unwrap(),
+        );
+        let y = f(x.as_tensor(), w.as_tensor());
+        let grads = (y.clone() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        [
+            values(&y),
+            values(grads.get(x.as_tensor()).unwrap()),
+            values(grads.get(w.as_tensor()).unwrap()),
+        ]
+    };
+    let fused = run(&|x, w| qn_kernels::noise::block_drop_matmul(x, w, &mask, p).unwrap());
+    let reference =
+        run(&|x, w| qn_kernels::noise::block_drop_matmul_reference(x, w, &mask, p).unwrap());
+    for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(fused.iter().zip(&reference)) {
+        assert_eq!(a.len(), b.len());
+        for (i, (u, v)) in a.iter().zip(b).enumerate() {
+            // Both are f32 GEMMs, summed in possibly different orders.
+            assert!(
+                (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                "{what}[{i}]: {u} vs {v}"
+            );
+        }
+    }
+    // Dropped blocks get exactly zero gradient.
+    let bpr = layout.blocks_per_row();
+    for (j, &dropped) in mask.noised().iter().enumerate() {
+        if dropped {
+            let (o, b) = (j / bpr, j % bpr);
+            assert!(fused[2][o * 64 + b * 8..o * 64 + b * 8 + 8]
+                .iter()
+                .all(|&v| v == 0.0));
+        }
+    }
+}

@@ -116,6 +116,32 @@ impl NoiseState {
         self.step
     }
 
+    /// When the chain is exactly one block drop: advances the step like [`Self::apply`] and returns
+    /// the mask it would have drawn, so that a layer can fuse the drop into its matmul.
+    pub(crate) fn take_block_drop(
+        &mut self,
+        name: &str,
+        layout: &BlockLayout,
+    ) -> Result<Option<(BlockMask, NoiseRate)>> {
+        let [NoiseStage {
+            config: NoiseConfig::BlockDrop { p, block_size },
+            ..
+        }] = self.stages.as_slice()
+        else {
+            return Ok(None);
+        };
+        let (p, block_size) = (*p, *block_size);
+        let step = self.step;
+        self.step += 1;
+        let seed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let layout = layout.with_block_size(name, block_size)?;
+        let p = NoiseRate::new(p)?;
+        Ok(Some((
+            BlockMask::sample(&layout, p, &mut ChaCha8Rng::seed_from_u64(seed)),
+            p,
+        )))
+    }
+
     /// The noisy weight for one training forward pass; `weight` is never modified.
     pub(crate) fn apply(
         &mut self,

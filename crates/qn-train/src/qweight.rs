@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use candle_core::{Tensor, Var};
 use qn_kernels::{
     layout::{BlockLayout, LayerKind},
+    noise::{BlockMask, NoiseRate},
     pq::{encode, KMeansConfig, PqCodes},
     scalar::{dequantize, observe, quantize, QuantizedTensor, ScalarConfig},
 };
@@ -164,6 +165,26 @@ impl QWeight {
                 Ok(mask.where_cond(&frozen, &w2)?.reshape(shape)?)
             }
         }
+    }
+
+    /// For a float weight whose only noise is block drop, in training mode: the exact float weight
+    /// and this step's mask (the step advances), so the caller can fuse the drop into its matmul.
+    pub(crate) fn fused_block_drop(
+        &self,
+        train: bool,
+    ) -> Result<Option<(Tensor, BlockMask, NoiseRate)>> {
+        let WeightState::Float(v) = &self.state else {
+            return Ok(None);
+        };
+        if !train || self.frozen_row.is_some() {
+            return Ok(None);
+        }
+        let taken = self
+            .noise
+            .lock()
+            .expect("noise lock")
+            .take_block_drop(&self.name, &self.layout)?;
+        Ok(taken.map(|(mask, p)| (v.as_tensor().clone(), mask, p)))
     }
 
     /// Replaces the float weight by PQ codes learned with k-means; the float variable stops being

@@ -696,3 +696,28 @@ fn scalar_state_is_frozen_int8_and_exports() {
         "quantizing twice is an error"
     );
 }
+
+#[test]
+fn fused_noisy_linear_draws_the_masks_of_the_plain_path() {
+    let fc = QLinear::new("fc", var(&[24, 32], 60), None).unwrap();
+    let cfg = NoiseConfig::BlockDrop {
+        p: 0.3,
+        block_size: 4,
+    };
+    let x = gaussian(&[2, 3, 32], 61);
+    fc.set_noise(cfg, 9);
+    let fused: Vec<_> = (0..3)
+        .map(|_| values(&fc.forward_t(&x, true).unwrap()))
+        .collect();
+    fc.set_noise(cfg, 9);
+    for (step, got) in fused.iter().enumerate() {
+        let w = fc.qweight().weight_t(true).unwrap();
+        let expect = values(&x.reshape((6, 32)).unwrap().matmul(&w.t().unwrap()).unwrap());
+        for (a, b) in got.iter().zip(&expect) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "step {step}: {a} vs {b}"
+            );
+        }
+    }
+}

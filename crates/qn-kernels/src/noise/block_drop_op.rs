@@ -79,3 +79,54 @@ impl CustomOp1 for BlockDropOp {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
+
+/// `y = x · block_drop(w)ᵀ` as one op: the dropped weight never becomes a graph node, so the
+/// backward is two matmuls and two mask passes (`dx = g · w̃`, `dw = keep ⊙ (gᵀ · x)`), with no
+/// weight-sized intermediate gradient to accumulate. [`super::block_drop_matmul_reference`] is its
+/// plain-tensor twin.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockDropMatmulOp {
+    pub(crate) drop: BlockDropOp,
+}
+
+impl candle_core::CustomOp2 for BlockDropMatmulOp {
+    fn name(&self) -> &'static str {
+        "qn-block-drop-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("qn-block-drop-matmul: x has {k} columns, the weight {k2}");
+        }
+        let (dropped, _) = self.drop.cpu_fwd(ws, wl)?;
+        let wt = Layout::contiguous((n, k)).transpose(0, 1)?;
+        let y = xs.matmul(&dropped, (1, m, n, k), xl, &wt)?;
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dropped = w.contiguous()?.apply_op1_no_bwd(&self.drop)?;
+        let dx = grad.matmul(&dropped)?;
+        let dw = grad
+            .t()?
+            .matmul(x)?
+            .contiguous()?
+            .apply_op1_no_bwd(&self.drop)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}

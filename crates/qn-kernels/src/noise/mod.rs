@@ -37,4 +37,7 @@ mod mask;
 mod ops;
 
 pub use mask::{BlockMask, NoiseRate};
-pub use ops::{block_drop, block_drop_reference, pq_noise, scalar_noise};
+pub use ops::{
+    block_drop, block_drop_matmul, block_drop_matmul_reference, block_drop_reference, pq_noise,
+    scalar_noise,
+};

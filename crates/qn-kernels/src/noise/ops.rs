@@ -44,6 +44,44 @@ pub fn block_drop(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Ten
     Ok(weight.contiguous()?.apply_op1(op)?)
 }
 
+/// `x · block_drop(weight)ᵀ` for `x (m, in)` and a Linear `weight (out, in)`: a noisy linear layer in
+/// one op. On the CPU (f32) the dropped weight is never a graph node, which makes the backward about as
+/// cheap as a plain linear layer's; elsewhere [`block_drop_matmul_reference`].
+pub fn block_drop_matmul(
+    x: &Tensor,
+    weight: &Tensor,
+    mask: &BlockMask,
+    p: NoiseRate,
+) -> Result<Tensor> {
+    check(weight, mask)?;
+    if p.get() >= 1.0
+        || !weight.device().is_cpu()
+        || weight.dtype() != DType::F32
+        || x.dtype() != DType::F32
+    {
+        return block_drop_matmul_reference(x, weight, mask, p);
+    }
+    let op = super::block_drop_op::BlockDropMatmulOp {
+        drop: super::block_drop_op::BlockDropOp {
+            noised: std::sync::Arc::new(mask.noised().to_vec()),
+            cols: mask.layout().cols(),
+            block: mask.layout().block_size(),
+            scale: 1.0 / (1.0 - p.get()),
+        },
+    };
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
+}
+
+/// The plain-tensor twin of [`block_drop_matmul`].
+pub fn block_drop_matmul_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    mask: &BlockMask,
+    p: NoiseRate,
+) -> Result<Tensor> {
+    Ok(x.matmul(&block_drop(weight, mask, p)?.t()?)?)
+}
+
 /// The plain-tensor twin of [`block_drop`]: `weight * keep` with `keep` the expanded mask.
 pub fn block_drop_reference(weight: &Tensor, mask: &BlockMask, p: NoiseRate) -> Result<Tensor> {
     check(weight, mask)?;

@@ -2,7 +2,7 @@
 
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
-use qn_kernels::layout::LayerKind;
+use qn_kernels::{layout::LayerKind, noise::block_drop_matmul};
 
 use super::QuantNoiseLayer;
 use crate::{qweight::QWeight, ActQuant, ActQuantConfig, Result};
@@ -52,19 +52,28 @@ pub fn qlinear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Res
 
 impl ModuleT for QLinear {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let w = self.weight.weight_t(train)?;
         // Leading dimensions are flattened so that the weight enters one 2-D matmul: candle_nn's
         // Linear broadcasts it over the batch instead, and the backward of that broadcast
         // materialises one weight-sized gradient per batch element.
         let dims = x.dims();
         let (lead, inp) = dims.split_at(dims.len() - 1);
         let x2 = x.reshape((lead.iter().product::<usize>(), inp[0]))?;
-        let mut y = x2.matmul(&w.t()?)?;
+        let (mut y, out) = match self.weight.fused_block_drop(train)? {
+            // Block drop fused into the matmul: the dropped weight never becomes a graph node.
+            Some((w, mask, p)) => (
+                block_drop_matmul(&x2, &w, &mask, p).map_err(crate::Error::from)?,
+                w.dim(0)?,
+            ),
+            None => {
+                let w = self.weight.weight_t(train)?;
+                (x2.matmul(&w.t()?)?, w.dim(0)?)
+            }
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b.as_tensor())?;
         }
         let mut shape = lead.to_vec();
-        shape.push(w.dim(0)?);
+        shape.push(out);
         let y = y.reshape(shape)?;
         match &self.act_quant {
             None => Ok(y),
