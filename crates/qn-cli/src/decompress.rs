@@ -23,8 +23,18 @@ pub struct DecompressArgs {
 pub fn run(args: &DecompressArgs) -> Result<()> {
     let reader = Reader::open(&args.file)?;
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let meta = &reader.header().metadata;
     for view in reader.views() {
         let e = view.entry;
+        // `<weight>.exact_row` tensors are applied to their weight below, not written themselves.
+        if e.name.ends_with(".exact_row")
+            && meta.contains_key(&format!(
+                "exact_row:{}",
+                e.name.trim_end_matches(".exact_row")
+            ))
+        {
+            continue;
+        }
         let (dtype, bytes) = match e.encoding {
             Encoding::Raw { dtype } if !dtype.is_float() => {
                 let d = match dtype {
@@ -35,9 +45,11 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
                 (d, view.record.to_vec())
             }
             _ => {
-                let values = view
+                let mut values = view
                     .decode_f32()
                     .with_context(|| format!("{}", args.file.display()))?;
+                restore_exact_row(&reader, &e.name, &e.shape, &mut values)
+                    .with_context(|| format!("{}: tensor `{}`", args.file.display(), e.name))?;
                 (
                     Dtype::F32,
                     values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -67,5 +79,31 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
         tensors.len(),
         bytes.len()
     );
+    Ok(())
+}
+
+/// Puts back the row a quantized weight keeps exactly (metadata `exact_row:<name>` = row, tensor
+/// `<name>.exact_row`; see docs/format.md).
+fn restore_exact_row<B: AsRef<[u8]>>(
+    reader: &Reader<B>,
+    name: &str,
+    shape: &[usize],
+    values: &mut [f32],
+) -> Result<()> {
+    let Some(row) = reader.header().metadata.get(&format!("exact_row:{name}")) else {
+        return Ok(());
+    };
+    let row: usize = row
+        .parse()
+        .with_context(|| format!("metadata exact_row `{row}` is not a row index"))?;
+    let exact = reader.tensor(&format!("{name}.exact_row"))?.decode_f32()?;
+    let cols = values.len() / shape.first().copied().unwrap_or(1).max(1);
+    if row >= shape.first().copied().unwrap_or(0) || exact.len() != cols {
+        anyhow::bail!(
+            "exact row {row} ({} values) does not fit shape {shape:?}",
+            exact.len()
+        );
+    }
+    values[row * cols..(row + 1) * cols].copy_from_slice(&exact);
     Ok(())
 }

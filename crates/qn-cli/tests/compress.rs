@@ -540,3 +540,75 @@ fn minilm_pq_file_size_matches_the_paper_accounting_and_decompresses() {
     );
     assert!(kernels > 0.25 && kernels < 0.4, "{kernels}");
 }
+
+/// One quant-noise embedding as a model, for export.
+struct EmbeddingModel(qn_train::layers::QEmbedding);
+
+impl qn_train::QuantModel for EmbeddingModel {
+    fn forward_t(
+        &self,
+        x: &candle_core::Tensor,
+        train: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::ModuleT::forward_t(&self.0, x, train)
+    }
+    fn layers(&self) -> Vec<&dyn qn_train::layers::QuantNoiseLayer> {
+        vec![&self.0]
+    }
+    fn layers_mut(&mut self) -> Vec<&mut dyn qn_train::layers::QuantNoiseLayer> {
+        vec![&mut self.0]
+    }
+}
+
+#[test]
+fn a_pq_embedding_keeps_its_padding_row_exactly_through_the_file() {
+    use qn_train::layers::QuantNoiseLayer;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows: Vec<f32> = (0..64 * 16)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    rows[16..32].iter_mut().for_each(|v| *v = 0.0); // padding_idx = 1
+    let w = candle_core::Var::from_tensor(
+        &candle_core::Tensor::from_vec(rows, (64, 16), &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let mut emb =
+        qn_train::layers::QEmbedding::new("embeddings.word_embeddings", w, Some(1)).unwrap();
+    emb.quantize_pq(
+        8,
+        &qn_train::kernels::pq::KMeansConfig::new(16).with_iters(5),
+        qn_train::CentroidGrad::Mean,
+    )
+    .unwrap();
+    let qnz = dir.path().join("emb.qnz");
+    qn_train::trainer::export_qnz(
+        &EmbeddingModel(emb),
+        &qnz,
+        qn_format::header::CodebookKind::F16,
+    )
+    .unwrap();
+    let r = Reader::open(&qnz).unwrap();
+    assert_eq!(
+        r.header().metadata["exact_row:embeddings.word_embeddings.weight"],
+        "1"
+    );
+    let back = dir.path().join("back.safetensors");
+    ok(&qn(&[&"decompress", &qnz, &"-o", &back]));
+    let restored = read_safetensors(&back);
+    assert_eq!(
+        restored.len(),
+        1,
+        "the exact-row side tensor is applied, not written"
+    );
+    let (name, shape, values) = &restored[0];
+    assert_eq!(
+        (name.as_str(), shape.as_slice()),
+        ("embeddings.word_embeddings.weight", &[64usize, 16][..])
+    );
+    assert!(
+        values[16..32].iter().all(|&v| v == 0.0),
+        "padding row lost: {:?}",
+        &values[16..32]
+    );
+    assert!(values[..16].iter().any(|&v| v != 0.0));
+}

@@ -64,6 +64,11 @@ impl QWeight {
         Ok(())
     }
 
+    /// The row kept exactly (an embedding's padding row) and its value.
+    pub fn frozen_row(&self) -> Option<(usize, &Tensor)> {
+        self.frozen_row.as_ref().map(|(r, v)| (*r, v))
+    }
+
     fn err(&self, reason: String) -> Error {
         Error::Layer {
             layer: self.name.clone(),

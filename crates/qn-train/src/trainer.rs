@@ -570,6 +570,18 @@ pub fn int8_centroids(model: &dyn QuantModel) -> Result<()> {
 /// Writes the model as a `.qnz`: PQ layers as codes (codebooks stored as `codebook`), float weights
 /// and every other variable raw `f32`. Returns the file size.
 pub fn export_qnz(model: &dyn QuantModel, path: &Path, codebook: CodebookKind) -> Result<u64> {
+    // A quantized layer's exact row (an embedding's padding row) travels beside its codes: the
+    // tensor `<weight>.exact_row` and the metadata `exact_row:<weight>` = row (docs/format.md), so
+    // that decoders restore it exactly instead of losing padding_idx to the codebook.
+    let mut exact_rows = Vec::new();
+    for layer in model.layers() {
+        if let (Some((row, value)), false) = (
+            layer.qweight().frozen_row(),
+            matches!(layer.qweight().state(), WeightState::Float(_)),
+        ) {
+            exact_rows.push((format!("{}.weight", layer.name()), row, value.clone()));
+        }
+    }
     let mut w = Writer::new().with_metadata(
         "producer",
         format!("qn-train {}", env!("CARGO_PKG_VERSION")),
@@ -578,6 +590,19 @@ pub fn export_qnz(model: &dyn QuantModel, path: &Path, codebook: CodebookKind) -
         layer: path.display().to_string(),
         reason: e.to_string(),
     };
+    for (name, row, value) in &exact_rows {
+        w = w.with_metadata(format!("exact_row:{name}"), row.to_string());
+        let v = value
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        w.add(
+            &format!("{name}.exact_row"),
+            &[v.len()],
+            &Payload::raw_f32(&v),
+        )
+        .map_err(bad)?;
+    }
     for (name, var) in named_vars(model) {
         if name.ends_with(".centroids") {
             continue;
