@@ -62,7 +62,7 @@ pub use header::{Encoding, Header, TensorEntry};
 pub use ledger::{Ledger, LedgerEntry};
 pub use payload::{Codebook, Payload};
 pub use reader::{Reader, TensorView};
-pub use writer::Writer;
+pub use writer::{write_atomic, Writer};
 
 /// The first four bytes of every `.qnz` file.
 pub const MAGIC: [u8; 4] = *b"QNZ\0";

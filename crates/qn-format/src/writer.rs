@@ -136,35 +136,48 @@ impl Writer {
         Ok(written)
     }
 
-    /// Writes atomically: a temporary file in the same directory, synced, then renamed over `path`.
-    /// On any error nothing is left at `path` (nor a temporary file).
+    /// Writes atomically (see [`write_atomic`]); on any error nothing is left at `path`.
     pub fn write_file(&self, path: &Path) -> Result<u64> {
-        let io = |source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| io(std::io::Error::other("not a file path")))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
-        let result = (|| {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            let n = self.write_to(&mut f)?;
-            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            Ok(n)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(io)
+        let mut n = 0;
+        write_atomic(path, |f| {
+            let mut w = std::io::BufWriter::new(f);
+            n = self.write_to(&mut w)?;
+            w.flush()
+        })?;
+        Ok(n)
     }
+}
+
+/// Creates `path` atomically: `fill` writes a temporary file in the same directory, which is synced
+/// and renamed over `path`. On any error the temporary is removed and `path` is untouched.
+pub fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io(std::io::Error::other("not a file path")))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
 }

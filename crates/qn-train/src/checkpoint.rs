@@ -34,9 +34,8 @@ fn io(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+    use std::io::Write;
+    qn_format::write_atomic(path, |f| f.write_all(bytes)).map_err(|e| io(path, e))
 }
 
 /// Saves `tensors` and `position` into `dir`; the previous checkpoint is removed only after the new

@@ -133,7 +133,7 @@ impl NoiseState {
         let (p, block_size) = (*p, *block_size);
         let step = self.step;
         self.step += 1;
-        let seed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let seed = mask_seed(self.seed, step, 0);
         let layout = layout.with_block_size(name, block_size)?;
         let p = NoiseRate::new(p)?;
         Ok(Some((
@@ -153,9 +153,7 @@ impl NoiseState {
         self.step += 1;
         let mut w = weight.clone();
         for (i, stage) in self.stages.iter_mut().enumerate() {
-            let seed = self.seed
-                ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            let seed = mask_seed(self.seed, step, i);
             w = stage.apply(name, &w, layout, step, &mut ChaCha8Rng::seed_from_u64(seed))?;
         }
         Ok(w)
@@ -216,4 +214,10 @@ impl NoiseStage {
             }
         })
     }
+}
+
+/// The seed of the masks of chain stage `i` at training step `step`: a function of nothing else, so
+/// a resumed run draws the same masks as an uninterrupted one.
+fn mask_seed(seed: u64, step: u64, i: usize) -> u64 {
+    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }

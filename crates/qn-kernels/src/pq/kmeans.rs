@@ -368,24 +368,15 @@ pub fn kmeans_tensor(
     cfg: &KMeansConfig,
     progress: &mut dyn FnMut(&KMeansProgress),
 ) -> Result<KMeans> {
+    if !points.device().is_cpu() {
+        return kmeans_reference(points, cfg, progress);
+    }
     let (_, d) = points.dims2()?;
     let host = points
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    match points.device() {
-        Device::Cpu => run(&host, d, cfg, &Assigner::Cpu, progress),
-        device => {
-            let on_device = points.to_dtype(DType::F32)?;
-            run(
-                &host,
-                d,
-                cfg,
-                &Assigner::Device(device, on_device),
-                progress,
-            )
-        }
-    }
+    run(&host, d, cfg, &Assigner::Cpu, progress)
 }
 
 /// The plain twin of [`kmeans_tensor`]: the assignment step always runs as candle tensor ops
