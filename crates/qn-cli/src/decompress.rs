@@ -1,9 +1,11 @@
-//! `qn decompress`: a `.qnz` back to safetensors — float tensors as dequantized `f32`, integer
-//! tensors unchanged, same names and shapes.
+//! `qn decompress`: a `.qnz` back to safetensors — each tensor under its name and shape and in the
+//! dtype it had before compression (f32, f16 or bf16, as recorded; raw tensors unchanged), exact
+//! rows restored by the format's decoder.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use half::{bf16, f16};
 use qn_format::{header::RawDType, Encoding, Reader};
 use safetensors::Dtype;
 
@@ -15,45 +17,60 @@ pub struct DecompressArgs {
     /// The `.qnz` file.
     file: PathBuf,
     /// The safetensors file to write.
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "out")]
     output: PathBuf,
+}
+
+fn safetensors_dtype(d: RawDType) -> Dtype {
+    match d {
+        RawDType::F32 => Dtype::F32,
+        RawDType::F16 => Dtype::F16,
+        RawDType::Bf16 => Dtype::BF16,
+        RawDType::I64 => Dtype::I64,
+        RawDType::I32 => Dtype::I32,
+        RawDType::U8 => Dtype::U8,
+    }
+}
+
+/// `values` as little-endian bytes of `dtype` (a float type).
+fn float_bytes(values: &[f32], dtype: RawDType) -> Vec<u8> {
+    match dtype {
+        RawDType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        RawDType::Bf16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
 }
 
 /// Runs `qn decompress`.
 pub fn run(args: &DecompressArgs) -> Result<()> {
     let reader = Reader::open(&args.file)?;
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let meta = &reader.header().metadata;
     for view in reader.views() {
         let e = view.entry;
-        // `<weight>.exact_row` tensors are applied to their weight below, not written themselves.
-        if e.name.ends_with(".exact_row")
-            && meta.contains_key(&format!(
-                "exact_row:{}",
-                e.name.trim_end_matches(".exact_row")
-            ))
-        {
+        // A `<weight>.exact_row` side tensor is applied to its weight by the decoder.
+        if reader.is_exact_row_companion(&e.name) {
             continue;
         }
         let (dtype, bytes) = match e.encoding {
-            Encoding::Raw { dtype } if !dtype.is_float() => {
-                let d = match dtype {
-                    RawDType::I64 => Dtype::I64,
-                    RawDType::I32 => Dtype::I32,
-                    _ => Dtype::U8,
-                };
-                (d, view.record.to_vec())
+            // Raw tensors go back byte for byte.
+            Encoding::Raw { dtype } if view.exact_row.is_none() => {
+                (safetensors_dtype(dtype), view.record.to_vec())
             }
             _ => {
-                let mut values = view
+                let values = view
                     .decode_f32()
                     .with_context(|| format!("{}", args.file.display()))?;
-                restore_exact_row(&reader, &e.name, &e.shape, &mut values)
-                    .with_context(|| format!("{}: tensor `{}`", args.file.display(), e.name))?;
-                (
-                    Dtype::F32,
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                )
+                let dtype = match e.encoding {
+                    Encoding::Raw { dtype } => dtype,
+                    _ => reader.source_dtype(&e.name).unwrap_or(RawDType::F32),
+                };
+                (safetensors_dtype(dtype), float_bytes(&values, dtype))
             }
         };
         tensors.push((e.name.clone(), dtype, e.shape.clone(), bytes));
@@ -69,6 +86,10 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let mut metadata = reader.header().metadata.clone();
+    // The conventions were applied; what is left describes the file.
+    metadata.retain(|k, _| {
+        !k.starts_with(qn_format::EXACT_ROW_KEY) && !k.starts_with(qn_format::SOURCE_DTYPE_KEY)
+    });
     metadata.insert("decompressed_from".into(), args.file.display().to_string());
     let bytes = safetensors::tensor::serialize(views, Some(metadata.into_iter().collect()))
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.display()))?;
@@ -79,31 +100,5 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
         tensors.len(),
         bytes.len()
     );
-    Ok(())
-}
-
-/// Puts back the row a quantized weight keeps exactly (metadata `exact_row:<name>` = row, tensor
-/// `<name>.exact_row`; see docs/format.md).
-fn restore_exact_row<B: AsRef<[u8]>>(
-    reader: &Reader<B>,
-    name: &str,
-    shape: &[usize],
-    values: &mut [f32],
-) -> Result<()> {
-    let Some(row) = reader.header().metadata.get(&format!("exact_row:{name}")) else {
-        return Ok(());
-    };
-    let row: usize = row
-        .parse()
-        .with_context(|| format!("metadata exact_row `{row}` is not a row index"))?;
-    let exact = reader.tensor(&format!("{name}.exact_row"))?.decode_f32()?;
-    let cols = values.len() / shape.first().copied().unwrap_or(1).max(1);
-    if row >= shape.first().copied().unwrap_or(0) || exact.len() != cols {
-        anyhow::bail!(
-            "exact row {row} ({} values) does not fit shape {shape:?}",
-            exact.len()
-        );
-    }
-    values[row * cols..(row + 1) * cols].copy_from_slice(&exact);
     Ok(())
 }

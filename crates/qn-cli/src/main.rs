@@ -4,13 +4,14 @@
 //! qn quantize model.safetensors -o model.qnz --method pq --block-size 8 --centroids 256
 //! qn inspect model.qnz [--json]
 //! qn decompress model.qnz -o restored.safetensors
-//! qn train-mlp --out runs/mlp [--plan ipq.toml] [--epochs 1] [--max-steps N]
+//! qn train-mlp -o runs/mlp [--plan ipq.toml] [--epochs 1 | --max-steps N] [--stop-at N] [--noise block:p=0.1]
 //! qn demo [--weights FILE.safetensors]
 //! ```
 //!
 //! Errors are one line naming the file and tensor at fault, with exit code 1 (2 for bad usage);
 //! outputs are written atomically, so a failed run never leaves a partial file.
 
+mod args;
 mod decompress;
 mod demo;
 mod input;
@@ -58,9 +59,25 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("qn: error: {msg}");
+            eprintln!("qn: error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error chain on one line, one context per level: a cause whose text the line already holds
+/// (a library error that names its source in its own message) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if line.contains(text.trim()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text.trim());
+    }
+    line
 }

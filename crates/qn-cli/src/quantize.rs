@@ -6,10 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use qn_format::{header::CodebookKind, Payload, Reader, Writer};
+use qn_format::{header::CodebookKind, Payload, Reader, Writer, SOURCE_DTYPE_KEY};
 use qn_kernels::{
     export,
     layout::{BlockLayout, LayerKind},
@@ -28,17 +28,18 @@ pub struct QuantizeArgs {
     /// The safetensors file to compress.
     input: PathBuf,
     /// The `.qnz` file to write.
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "out")]
     output: PathBuf,
     /// raw, int8, int4, intN (N = 2..8) or pq.
     #[arg(long)]
     method: Method,
-    /// PQ sub-vector dimension.
-    #[arg(long, default_value_t = 8)]
-    block_size: usize,
+    /// PQ sub-vector dimension (default: the paper's per layer kind — 4 for attention projections,
+    /// 8 for other linears and embeddings, whole kernels for k x k convs, 4 input channels for 1x1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    block_size: Option<u64>,
     /// PQ centroids per tensor.
-    #[arg(long, default_value_t = 256)]
-    centroids: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    centroids: u64,
     /// Scalar granularity: tensor, channel[:axis] or group:<size>.
     #[arg(long, default_value = "channel", value_parser = rules::parse_granularity)]
     granularity: Granularity,
@@ -64,11 +65,11 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// k-means iterations.
-    #[arg(long, default_value_t = 20)]
-    iters: usize,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    iters: u64,
     /// Train k-means on at most this many sub-vectors per tensor (all are assigned).
-    #[arg(long)]
-    max_points: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_points: Option<u64>,
     /// A TOML rule file setting method / block size / centroids per tensor-name regex.
     #[arg(long)]
     rules: Option<PathBuf>,
@@ -86,16 +87,41 @@ fn regexes(list: &[String], flag: &str) -> Result<Vec<Regex>> {
         .collect()
 }
 
-fn layer_kind(name: &str, rank: usize) -> Result<LayerKind> {
-    Ok(match rank {
-        2 if name.contains("embed") => LayerKind::Embedding,
-        2 => LayerKind::Linear,
-        4 => LayerKind::Conv2d,
-        r => bail!("tensor `{name}`: PQ needs a 2-D (Linear, Embedding) or 4-D (Conv2d) weight, this one has rank {r}"),
-    })
+/// Why a selected tensor is kept raw instead (a warning names it), or `None` when it can be
+/// compressed as planned. Tensors that cannot be quantized — empty, fewer sub-vectors than
+/// centroids, a default block size that does not divide them — never stop a whole-model run.
+fn cannot_quantize(name: &str, shape: &[usize], plan: &Plan) -> Result<Option<String>> {
+    let numel: usize = shape.iter().product();
+    if numel == 0 {
+        return Ok(Some(format!("shape {shape:?} is empty")));
+    }
+    let Method::Pq = plan.method else {
+        return Ok(None);
+    };
+    let Some(kind) = LayerKind::infer(name, shape.len()) else {
+        return Ok(Some(format!(
+            "PQ needs a 2-D (Linear, Embedding) or 4-D (Conv2d) weight, shape {shape:?} is neither"
+        )));
+    };
+    let bs = plan.block_size_for(name, kind, shape);
+    let layout = match BlockLayout::new(name, kind, shape, bs) {
+        Ok(l) => l,
+        Err(e) if plan.block_size.is_none() => {
+            return Ok(Some(format!("the default block size does not fit: {e}")))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if layout.n_blocks() < plan.centroids {
+        return Ok(Some(format!(
+            "its {} sub-vectors of {bs} are fewer than the {} centroids",
+            layout.n_blocks(),
+            plan.centroids
+        )));
+    }
+    Ok(None)
 }
 
-/// Compresses one float tensor according to `plan`.
+/// Compresses one float tensor according to `plan`; kernel errors name the tensor once.
 fn compress(
     name: &str,
     shape: &[usize],
@@ -105,6 +131,7 @@ fn compress(
     bar: &ProgressBar,
 ) -> Result<Payload> {
     let w = Tensor::from_vec(values, shape, &Device::Cpu)?;
+    let named = |e: qn_kernels::Error| e.for_tensor(name);
     match plan.method {
         Method::Raw => unreachable!("raw tensors are not compressed"),
         Method::Int(bits) => {
@@ -112,20 +139,20 @@ fn compress(
                 .with_granularity(plan.granularity)
                 .with_observer(plan.observer)
                 .with_scheme(plan.scheme);
-            let params = scalar::observe(&w, &cfg).with_context(|| format!("tensor `{name}`"))?;
-            Ok(export::scalar_payload(&scalar::quantize(&w, &params)?)?)
+            let params = scalar::observe(&w, &cfg).map_err(named)?;
+            Ok(export::scalar_payload(&scalar::quantize(&w, &params).map_err(named)?)?)
         }
         Method::Pq => {
-            let layout =
-                BlockLayout::new(name, layer_kind(name, shape.len())?, shape, plan.block_size)?;
+            let kind = LayerKind::infer(name, shape.len()).expect("checked by cannot_quantize");
+            let layout = BlockLayout::new(name, kind, shape, plan.block_size_for(name, kind, shape))?;
             let cfg = KMeansConfig::new(plan.centroids)
-                .with_iters(args.iters)
+                .with_iters(args.iters as usize)
                 .with_seed(args.seed)
-                .with_max_points(args.max_points);
+                .with_max_points(args.max_points.map(|m| m as usize));
             let codes = pq::encode(&w, &layout, &cfg, &mut |p| {
                 bar.set_message(format!("{name}: k-means {}/{}", p.iter, p.iters))
             })
-            .with_context(|| format!("tensor `{name}`"))?;
+            .map_err(named)?;
             Ok(export::pq_payload(&codes, plan.codebook)?)
         }
     }
@@ -166,8 +193,8 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     let exclude = regexes(&args.exclude, "exclude")?;
     let defaults = Plan {
         method: args.method,
-        block_size: args.block_size,
-        centroids: args.centroids,
+        block_size: args.block_size.map(|b| b as usize),
+        centroids: args.centroids as usize,
         codebook: args.codebook,
         granularity: args.granularity,
         observer: args.observer,
@@ -181,7 +208,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     std::fs::create_dir_all(&parts)
         .with_context(|| format!("{}: cannot create", parts.display()))?;
     let input = &args.input;
-    let (writer, source_bytes, reused) = with_safetensors(input, |st| {
+    let (writer, source_bytes, reused, warnings) = with_safetensors(input, |st| {
         let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
         names.sort();
         let bar = ProgressBar::new(names.len() as u64).with_style(
@@ -200,7 +227,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_default(),
             );
-        let (mut source_bytes, mut reused) = (0u64, 0usize);
+        let (mut source_bytes, mut reused, mut warnings) = (0u64, 0usize, Vec::new());
         for (i, name) in names.iter().enumerate() {
             bar.set_message(name.clone());
             let t = st
@@ -215,7 +242,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
                 && numel >= args.min_numel
                 && (include.is_empty() || include.iter().any(|r| r.is_match(name)))
                 && !exclude.iter().any(|r| r.is_match(name));
-            let plan = if selected {
+            let mut plan = if selected {
                 plan_for(name, defaults, &rules)?
             } else {
                 Plan {
@@ -223,6 +250,16 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
                     ..defaults
                 }
             };
+            if plan.method != Method::Raw {
+                if let Some(why) = cannot_quantize(name, &shape, &plan)? {
+                    warnings.push(format!("tensor `{name}` stays raw: {why}"));
+                    plan.method = Method::Raw;
+                } else if t.dtype() != Dtype::F32 {
+                    // Decoders give the tensor back in the dtype it came in (docs/format.md).
+                    let d = if t.dtype() == Dtype::F16 { "f16" } else { "bf16" };
+                    writer = writer.with_metadata(format!("{SOURCE_DTYPE_KEY}{name}"), d);
+                }
+            }
             let part = parts.join(format!(
                 "{i:05}-{:08x}.qnz",
                 fingerprint(name, t.data(), &plan, args)
@@ -251,11 +288,14 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        Ok((writer, source_bytes, reused))
+        Ok((writer, source_bytes, reused, warnings))
     })
     .with_context(|| format!("{}", input.display()))
     .map_err(flatten_file_context)
     .map_err(|e| keep_parts_note(e, &parts))?;
+    for w in &warnings {
+        eprintln!("qn: warning: {w}");
+    }
     let written = writer.write_file(&args.output)?;
     std::fs::remove_dir_all(&parts)
         .with_context(|| format!("{}: cannot remove", parts.display()))?;

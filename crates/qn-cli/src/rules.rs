@@ -63,9 +63,10 @@ pub fn parse_granularity(s: &str) -> std::result::Result<Granularity, String> {
         Some(("channel", a)) => Ok(Granularity::PerChannel {
             axis: a.parse().map_err(|_| bad())?,
         }),
-        Some(("group", g)) => Ok(Granularity::PerGroup {
-            size: g.parse().map_err(|_| bad())?,
-        }),
+        Some(("group", g)) => match g.parse() {
+            Ok(size) if size > 0 => Ok(Granularity::PerGroup { size }),
+            _ => Err(bad()),
+        },
         _ => Err(bad()),
     }
 }
@@ -105,8 +106,8 @@ pub fn parse_codebook(s: &str) -> std::result::Result<CodebookKind, String> {
 pub struct Plan {
     /// Method.
     pub method: Method,
-    /// PQ block size.
-    pub block_size: usize,
+    /// PQ block size (`None`: the paper's default per layer kind).
+    pub block_size: Option<usize>,
     /// PQ centroids.
     pub centroids: usize,
     /// Codebook storage.
@@ -171,7 +172,7 @@ impl Plan {
     fn default_for_check() -> Self {
         Plan {
             method: Method::Raw,
-            block_size: 1,
+            block_size: None,
             centroids: 1,
             codebook: CodebookKind::F16,
             granularity: Granularity::PerTensor,
@@ -188,7 +189,7 @@ impl Rule {
             plan.method = m.parse()?;
         }
         if let Some(b) = r.block_size {
-            plan.block_size = b;
+            plan.block_size = Some(b);
         }
         if let Some(k) = r.centroids {
             plan.centroids = k;
@@ -205,10 +206,24 @@ impl Rule {
         if let Some(s) = &r.scheme {
             plan.scheme = parse_scheme(s)?;
         }
-        if plan.block_size == 0 || plan.centroids == 0 {
-            return Err("block_size and centroids must be at least 1".into());
+        if plan.block_size == Some(0) {
+            return Err("block_size must be at least 1".into());
+        }
+        if !(1..=65_536).contains(&plan.centroids) {
+            return Err(format!("centroids = {} is outside 1..=65536", plan.centroids));
+        }
+        if let Granularity::PerGroup { size: 0 } = plan.granularity {
+            return Err("granularity group:0: a group has at least 1 element".into());
         }
         Ok(())
+    }
+}
+
+impl Plan {
+    /// The PQ block size of tensor `name`: the plan's, else the paper's default for its kind.
+    pub fn block_size_for(&self, name: &str, kind: qn_kernels::layout::LayerKind, shape: &[usize]) -> usize {
+        self.block_size
+            .unwrap_or_else(|| qn_kernels::layout::default_block_size(name, kind, shape))
     }
 }
 

@@ -1,5 +1,8 @@
 //! `qn train-mlp`: train the reference quant-noise MLP on Fashion-MNIST (or MNIST) with a stage plan,
-//! then export it as a `.qnz`. Rerunning the same command with the same `--out` resumes.
+//! then export it as a `.qnz`. Rerunning the same command with the same output resumes; `--stop-at`
+//! pauses at a step.
+//!
+//! Every argument is checked before any data is read: a bad value is a one-line error naming it.
 
 use std::path::PathBuf;
 
@@ -10,8 +13,10 @@ use qn_train::{
     data::fashion_mnist,
     mlp::Mlp,
     trainer::{export_qnz, run_stages, RunOutput, StagePlan, TrainConfig},
-    NoiseConfig, QuantModel,
+    NoiseSpec, QuantModel,
 };
+
+use crate::args::{parse_positive_f64, parse_probability_or_spec};
 
 /// Arguments of `qn train-mlp`.
 #[derive(clap::Args, Debug)]
@@ -20,36 +25,40 @@ pub struct TrainArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Output directory: checkpoints, metrics.jsonl, model.qnz.
-    #[arg(long)]
-    out: PathBuf,
-    /// TOML stage plan (`[[stage]]` tables); default: one float stage.
-    #[arg(long)]
+    #[arg(short, long, visible_alias = "out")]
+    output: PathBuf,
+    /// TOML stage plan (`[[stage]]` tables); default: one float stage of `--epochs` or
+    /// `--max-steps`.
+    #[arg(long, conflicts_with_all = ["epochs", "max_steps"])]
     plan: Option<PathBuf>,
-    /// Length of the default float stage in epochs (ignored with --plan).
-    #[arg(long, default_value_t = 1.0)]
-    epochs: f64,
-    /// Stop after this many steps in all (rerun to continue).
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// Block-drop noise rate on every layer.
-    #[arg(long, default_value_t = 0.1)]
-    noise: f64,
-    /// Block size of the noise.
-    #[arg(long, default_value_t = 4)]
-    noise_block: usize,
+    /// Length of the default float stage in epochs.
+    #[arg(long, value_parser = parse_positive_f64)]
+    epochs: Option<f64>,
+    /// Length of the run in optimizer steps (the learning-rate schedule spans it; reaching it
+    /// finishes the run and writes model.qnz).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    max_steps: Option<u64>,
+    /// Pause at this global step with a checkpoint; rerun with a larger value, or without it, to
+    /// continue.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    stop_at: Option<u64>,
+    /// Noise on every layer: none, block:p=0.1[,bs=8], pq:p=0.1[,bs=8,k=256], scalar:bits=8,p=0.5;
+    /// a bare number p means block drop at rate p (block sizes default to the paper's per layer).
+    #[arg(long, default_value = "0.1", value_parser = parse_probability_or_spec)]
+    noise: NoiseSpec,
     /// Hidden width.
-    #[arg(long, default_value_t = 256)]
-    hidden: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    hidden: u64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, value_parser = parse_positive_f64)]
     lr: f64,
     /// Batch size.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    /// Evaluate every N steps.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    batch_size: u64,
+    /// Evaluate every N steps (0: only at stage ends).
     #[arg(long, default_value_t = 200)]
     eval_every: usize,
-    /// Checkpoint every N steps.
+    /// Checkpoint every N steps (0: only at stage ends and pauses).
     #[arg(long, default_value_t = 200)]
     checkpoint_every: usize,
     /// Seed of initialisation, batches and noise.
@@ -59,59 +68,58 @@ pub struct TrainArgs {
 
 /// Runs `qn train-mlp`.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let data = match &args.data {
-        Some(d) => d.clone(),
-        None => match std::env::var_os("QN_DATA_DIR") {
-            Some(d) => PathBuf::from(d).join("data/fashion-mnist"),
-            None => bail!("give --data or set QN_DATA_DIR"),
+    // Settings first: nothing is read until every argument has been checked.
+    let plan = match &args.plan {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read the plan", p.display()))?;
+            StagePlan::from_toml(&text).with_context(|| p.display().to_string())?
+        }
+        None => match (args.max_steps, args.epochs) {
+            (Some(n), _) => StagePlan::float(n as usize),
+            (None, e) => StagePlan::float_epochs(e.unwrap_or(1.0))?,
         },
     };
-    let train = fashion_mnist(&data, "train", None, &Device::Cpu)
-        .with_context(|| format!("{}", data.display()))?;
-    let test = fashion_mnist(&data, "t10k", None, &Device::Cpu)
-        .with_context(|| format!("{}", data.display()))?;
-    let plan = match &args.plan {
-        Some(p) => StagePlan::from_toml(
-            &std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?,
-        )
-        .with_context(|| format!("{}", p.display()))?,
-        None => StagePlan::from_toml(&format!(
-            "[[stage]]\nname = 'float'\nepochs = {}\n",
-            args.epochs
-        ))?,
-    };
-    let mut model = Mlp::seeded(784, args.hidden, 10, args.seed, &Device::Cpu)?;
-    for (i, l) in model.layers().iter().enumerate() {
-        l.set_noise(
-            NoiseConfig::BlockDrop {
-                p: args.noise,
-                block_size: args.noise_block,
-            },
-            args.seed + i as u64,
-        );
-    }
     let cfg = TrainConfig {
         lr: args.lr,
-        batch_size: args.batch_size,
+        batch_size: args.batch_size as usize,
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         progress: true,
         ..TrainConfig::default()
     };
+    cfg.validate()?;
+    let mut model = Mlp::seeded(784, args.hidden as usize, 10, args.seed, &Device::Cpu)?;
+    let layers = model.layers();
+    let all = regex::Regex::new(".").expect("valid regex");
+    qn_train::apply_noise_spec(&layers, &all, |n, l| args.noise.resolve(n, l), args.seed)
+        .context("--noise")?;
+    let data = match &args.data {
+        Some(d) => d.clone(),
+        None => match std::env::var_os("QN_DATA_DIR") {
+            Some(d) => PathBuf::from(d).join("data/fashion-mnist"),
+            None => bail!("no dataset: give --data or set QN_DATA_DIR"),
+        },
+    };
+    let train = fashion_mnist(&data, "train", None, &Device::Cpu)?;
+    let test = fashion_mnist(&data, "t10k", None, &Device::Cpu)?;
     let out = RunOutput {
-        dir: Some(args.out.clone()),
-        stop_after: args.max_steps,
+        dir: Some(args.output.clone()),
+        stop_at: args.stop_at.map(|s| s as usize),
     };
     let report = run_stages(&mut model, &train, &test, &plan, &cfg, &out)?;
+    for w in &report.warnings {
+        eprintln!("qn: warning: {w}");
+    }
     if report.stopped {
         println!(
-            "stopped after {} steps; rerun the same command to continue",
+            "paused at step {}; rerun without --stop-at (or with a larger one) to continue",
             report.steps
         );
         return Ok(());
     }
-    let path = args.out.join("model.qnz");
+    let path = args.output.join("model.qnz");
     let codebook = if plan.int8_centroids {
         CodebookKind::Int8
     } else {

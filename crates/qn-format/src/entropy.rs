@@ -76,3 +76,21 @@ pub(crate) fn decode(probs: &[u32], words: &[u32], out: &mut [u16]) -> Result<()
     }
     Ok(())
 }
+
+/// The bits an rANS stream of `n` symbols drawn from the model `probs` must hold, less the
+/// documented slack: `(1 − 2⁻⁶) · n · H − RANS_SLACK_BITS`, where `H` counts only the symbols whose
+/// probability is above the minimum of 1 (an encoder gives every unused symbol that minimum; those
+/// raise the model's entropy without ever being coded). A stream that claims `n` symbols in fewer
+/// bits cannot be a coding of them by this model.
+pub(crate) fn min_stream_bits(probs: &[u32], n: usize) -> f64 {
+    let total = (1u64 << PRECISION) as f64;
+    let h: f64 = probs
+        .iter()
+        .filter(|&&p| p > 1)
+        .map(|&p| {
+            let q = p as f64 / total;
+            -q * q.log2()
+        })
+        .sum();
+    (1.0 - 1.0 / 64.0) * n as f64 * h - crate::RANS_SLACK_BITS
+}

@@ -9,8 +9,8 @@ pub enum Error {
     Io {
         /// The file.
         path: String,
-        /// The OS error.
-        #[source]
+        /// The OS error (shown in the message, so not also chained as a source: a diagnostic that
+        /// prints the chain would say it twice).
         source: std::io::Error,
     },
     /// The bytes are not a valid `.qnz` file (truncated, bit-flipped, inconsistent).

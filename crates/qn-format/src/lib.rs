@@ -61,7 +61,9 @@ pub use error::{Error, Result};
 pub use header::{Encoding, Header, TensorEntry};
 pub use ledger::{Ledger, LedgerEntry};
 pub use payload::{Codebook, Payload};
-pub use reader::{Reader, TensorView};
+pub use reader::{
+    ExactRow, Reader, TensorView, EXACT_ROW_KEY, EXACT_ROW_SUFFIX, SOURCE_DTYPE_KEY,
+};
 pub use writer::{write_atomic, Writer};
 
 /// The first four bytes of every `.qnz` file.
@@ -76,6 +78,16 @@ pub const ALIGN: usize = 64;
 pub const MAX_HEADER_LEN: u64 = 64 << 20;
 /// Most tensors in one file.
 pub const MAX_TENSORS: usize = 1 << 20;
+/// Most values a record may decode to per byte it holds: a file never makes a reader allocate what
+/// it did not pay for. Bit-packed encodings imply their element count from their length (raw: at
+/// most 1 value per byte; int2: 4; PQ with 1-bit assignments and `d`-dim blocks: `8·d`), so this
+/// only refuses PQ blocks of more than 128 values at 1 bit, and rANS streams claiming more symbols
+/// than they can hold. Writers refuse (or, for rANS, do not choose) what readers would refuse.
+pub const MAX_EXPANSION: u64 = 1024;
+/// Slack of the rANS length rule, in bits: a stream of `W` words must satisfy
+/// `32·W + RANS_SLACK_BITS ≥ (1 − 2⁻⁶) · n · H`, where `H` is the entropy of its stored model over
+/// the symbols it gives more than the minimum probability (see `docs/format.md`).
+pub const RANS_SLACK_BITS: f64 = 128.0;
 
 const _: () = assert!(PREAMBLE_LEN == MAGIC.len() + 4 + 8);
 

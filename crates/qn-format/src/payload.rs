@@ -184,7 +184,13 @@ impl Payload {
         let mut codebook_bytes = Vec::new();
         codebook.write(&mut codebook_bytes);
         let len = codebook_bytes.len() + 4 * probs.len() + 4 * words.len();
-        if len >= packed.len() {
+        // Only a form every reader accepts: smaller than packing, within the expansion limit, and
+        // as long as its model's entropy says (docs/format.md, "Validation").
+        let numel = (assignments.len() * (codebook.len() / *k)) as u64;
+        if len >= packed.len()
+            || numel > crate::MAX_EXPANSION * len as u64
+            || ((32 * words.len()) as f64) < crate::entropy::min_stream_bits(&probs, assignments.len())
+        {
             return None;
         }
         let mut out = codebook_bytes;

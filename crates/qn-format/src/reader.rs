@@ -1,15 +1,25 @@
 //! Reading a `.qnz` file: everything is validated before anything is allocated from its numbers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use crate::decode::decode_record;
-use crate::header::{numel, record_parts, CodebookKind, Encoding, Header, Part, TensorEntry};
+use crate::header::{
+    numel, pq_geometry, record_parts, CodebookKind, Encoding, Header, Part, RawDType, TensorEntry,
+};
 use crate::ledger::{Ledger, LedgerEntry};
 use crate::{
-    align_up, corrupt, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_HEADER_LEN, MAX_TENSORS,
-    PREAMBLE_LEN,
+    align_up, corrupt, Error, Result, ALIGN, FORMAT_VERSION, MAGIC, MAX_EXPANSION, MAX_HEADER_LEN,
+    MAX_TENSORS, PREAMBLE_LEN,
 };
+
+/// Metadata key prefix of the exact-row convention (`exact_row:<tensor>` = row index).
+pub const EXACT_ROW_KEY: &str = "exact_row:";
+/// Name suffix of the raw tensor holding a quantized tensor's exact row.
+pub const EXACT_ROW_SUFFIX: &str = ".exact_row";
+/// Metadata key prefix of the source-dtype convention (`dtype:<tensor>` = `f32`, `f16` or `bf16`):
+/// the dtype the tensor had before it was quantized, which decoders give it back in.
+pub const SOURCE_DTYPE_KEY: &str = "dtype:";
 
 /// A validated `.qnz` file over any bytes (a memory map, a `Vec<u8>`, a slice).
 #[derive(Debug)]
@@ -18,6 +28,10 @@ pub struct Reader<B: AsRef<[u8]>> {
     header: Header,
     header_bytes: usize,
     data_start: usize,
+    /// Tensor index → (exact row, index of the raw tensor holding it).
+    exact_rows: HashMap<usize, (usize, usize)>,
+    /// Indices of the `.exact_row` side tensors.
+    companions: HashSet<usize>,
 }
 
 /// One tensor of a file: its entry and its record's bytes.
@@ -26,6 +40,19 @@ pub struct TensorView<'a> {
     /// The header entry.
     pub entry: &'a TensorEntry,
     /// The record (CRC already checked).
+    pub record: &'a [u8],
+    /// The row this tensor keeps exactly (`exact_row:` convention), applied by the decoders.
+    pub exact_row: Option<ExactRow<'a>>,
+}
+
+/// A row stored exactly beside a quantized tensor (an embedding's padding row).
+#[derive(Debug, Clone, Copy)]
+pub struct ExactRow<'a> {
+    /// The row index.
+    pub row: usize,
+    /// The raw tensor holding the row (`<tensor>.exact_row`, shape `[cols]`).
+    pub entry: &'a TensorEntry,
+    /// Its record.
     pub record: &'a [u8],
 }
 
@@ -48,7 +75,19 @@ impl TensorView<'_> {
             });
         }
         decode_record(&self.entry.shape, &self.entry.encoding, self.record, out)
-            .map_err(|e| corrupt(format!("tensor `{}`: {e}", self.entry.name)))
+            .map_err(|e| corrupt(format!("tensor `{}`: {e}", self.entry.name)))?;
+        if let Some(x) = &self.exact_row {
+            // Validated at open: the side tensor is raw float with one row's worth of values.
+            let cols = x.entry.shape[0];
+            decode_record(
+                &x.entry.shape,
+                &x.entry.encoding,
+                x.record,
+                &mut out[x.row * cols..(x.row + 1) * cols],
+            )
+            .map_err(|e| corrupt(format!("tensor `{}`: {e}", x.entry.name)))?;
+        }
+        Ok(())
     }
 
     /// Decodes to a new `f32` vector.
@@ -91,12 +130,31 @@ impl<B: AsRef<[u8]>> Reader<B> {
     /// bounds, zero padding, no trailing bytes, and every record's CRC.
     pub fn new(bytes: B) -> Result<Self> {
         let (header, header_bytes, data_start) = parse(bytes.as_ref())?;
+        let (exact_rows, companions) = metadata_conventions(&header)?;
         Ok(Self {
             bytes,
             header,
             header_bytes,
             data_start,
+            exact_rows,
+            companions,
         })
+    }
+
+    /// Whether `name` is the `.exact_row` side tensor of another tensor (decoders apply it to that
+    /// tensor; a tool writing the decoded model leaves it out).
+    pub fn is_exact_row_companion(&self, name: &str) -> bool {
+        self.index(name).is_some_and(|i| self.companions.contains(&i))
+    }
+
+    /// The dtype the tensor had before compression (`dtype:` convention), when recorded.
+    pub fn source_dtype(&self, name: &str) -> Option<RawDType> {
+        let v = self.header.metadata.get(&format!("{SOURCE_DTYPE_KEY}{name}"))?;
+        parse_float_dtype(v)
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.header.tensors.iter().position(|e| e.name == name)
     }
 
     /// The header.
@@ -111,25 +169,35 @@ impl<B: AsRef<[u8]>> Reader<B> {
 
     /// The tensor named `name`.
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
-        let entry = self
-            .header
-            .tensors
-            .iter()
-            .find(|e| e.name == name)
+        let i = self
+            .index(name)
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        Ok(self.view(entry))
+        Ok(self.view(i))
     }
 
     /// Every tensor, in file order.
     pub fn views(&self) -> impl Iterator<Item = TensorView<'_>> {
-        self.header.tensors.iter().map(|e| self.view(e))
+        (0..self.header.tensors.len()).map(|i| self.view(i))
     }
 
-    fn view<'s>(&'s self, entry: &'s TensorEntry) -> TensorView<'s> {
+    fn record(&self, entry: &TensorEntry) -> &[u8] {
         let start = self.data_start + entry.offset as usize;
+        &self.bytes.as_ref()[start..start + entry.len as usize]
+    }
+
+    fn view(&self, i: usize) -> TensorView<'_> {
+        let entry = &self.header.tensors[i];
         TensorView {
             entry,
-            record: &self.bytes.as_ref()[start..start + entry.len as usize],
+            record: self.record(entry),
+            exact_row: self.exact_rows.get(&i).map(|&(row, c)| {
+                let entry = &self.header.tensors[c];
+                ExactRow {
+                    row,
+                    entry,
+                    record: self.record(entry),
+                }
+            }),
         }
     }
 
@@ -277,6 +345,14 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
                 e.len
             )));
         }
+        let n = numel(&e.shape).map_err(bad)? as u64;
+        if n > MAX_EXPANSION.saturating_mul(e.len) {
+            return Err(bad(format!(
+                "shape {:?} declares {n} values in a record of {} bytes, more than the \
+                 {MAX_EXPANSION} values per byte any encoding holds",
+                e.shape, e.len
+            )));
+        }
         if e.offset % ALIGN as u64 != 0 || e.offset < end {
             return Err(bad(format!(
                 "offset {} is unaligned or overlaps the previous record (ends at {end})",
@@ -303,6 +379,7 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
         if crc32fast::hash(record) != e.crc32 {
             return Err(bad("record checksum mismatch".into()));
         }
+        check_rans_length(e, record).map_err(bad)?;
         end = rec_end;
     }
     if end != data.len() as u64 {
@@ -312,4 +389,102 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
         )));
     }
     Ok((header, crc_end, data_start))
+}
+
+/// An rANS record's stream must be as long as its own model says `n` symbols need (less the
+/// documented slack): the record's length does not imply its element count, so this is what bounds
+/// the count by what the file holds.
+fn check_rans_length(e: &TensorEntry, record: &[u8]) -> std::result::Result<(), String> {
+    let Encoding::Pq {
+        layer,
+        block_size,
+        k,
+        codebook,
+        rans_words: Some(words),
+    } = e.encoding
+    else {
+        return Ok(());
+    };
+    let (_, _, n_sub, _) = pq_geometry(&e.shape, layer, block_size, k)?;
+    let codebook_len = match codebook {
+        CodebookKind::F32 => 4 * k * block_size,
+        CodebookKind::F16 => 2 * k * block_size,
+        CodebookKind::Int8 => 4 + k * block_size,
+    };
+    let probs: Vec<u32> = record[codebook_len..codebook_len + 4 * k]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let need = crate::entropy::min_stream_bits(&probs, n_sub);
+    if ((32 * words) as f64) < need {
+        return Err(format!(
+            "its rANS stream of {words} words cannot hold {n_sub} assignments of its model \
+             (at least {:.0} bits)",
+            need
+        ));
+    }
+    Ok(())
+}
+
+fn parse_float_dtype(v: &str) -> Option<RawDType> {
+    match v {
+        "f32" => Some(RawDType::F32),
+        "f16" => Some(RawDType::F16),
+        "bf16" => Some(RawDType::Bf16),
+        _ => None,
+    }
+}
+
+type Conventions = (HashMap<usize, (usize, usize)>, HashSet<usize>);
+
+/// Checks the metadata conventions of `docs/format.md` against the tensor table, so that decoders
+/// can apply them without further checks.
+fn metadata_conventions(header: &Header) -> Result<Conventions> {
+    let index: HashMap<&str, usize> = header
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.name.as_str(), i))
+        .collect();
+    let (mut rows, mut companions) = (HashMap::new(), HashSet::new());
+    for (key, value) in &header.metadata {
+        if let Some(name) = key.strip_prefix(EXACT_ROW_KEY) {
+            let bad = |m: String| corrupt(format!("metadata `{key}`: {m}"));
+            let &t = index
+                .get(name)
+                .ok_or_else(|| bad(format!("no tensor named `{name}`")))?;
+            let side = format!("{name}{EXACT_ROW_SUFFIX}");
+            let &c = index
+                .get(side.as_str())
+                .ok_or_else(|| bad(format!("no tensor named `{side}`")))?;
+            let row: usize = value
+                .parse()
+                .map_err(|_| bad(format!("`{value}` is not a row index")))?;
+            let shape = &header.tensors[t].shape;
+            let rows_n = shape.first().copied().unwrap_or(0);
+            let cols = if rows_n == 0 {
+                0
+            } else {
+                shape.iter().product::<usize>() / rows_n
+            };
+            let side_entry = &header.tensors[c];
+            let float = matches!(side_entry.encoding, Encoding::Raw { dtype } if dtype.is_float());
+            if shape.len() < 2 || row >= rows_n || side_entry.shape != [cols] || !float {
+                return Err(bad(format!(
+                    "row {row} of shape {shape:?} does not match `{side}` ({:?} {:?})",
+                    side_entry.shape, side_entry.encoding
+                )));
+            }
+            rows.insert(t, (row, c));
+            companions.insert(c);
+        } else if let Some(name) = key.strip_prefix(SOURCE_DTYPE_KEY) {
+            let bad = |m: String| corrupt(format!("metadata `{key}`: {m}"));
+            if !index.contains_key(name) {
+                return Err(bad(format!("no tensor named `{name}`")));
+            }
+            parse_float_dtype(value)
+                .ok_or_else(|| bad(format!("`{value}` is not f32, f16 or bf16")))?;
+        }
+    }
+    Ok((rows, companions))
 }

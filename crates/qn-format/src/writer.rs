@@ -43,6 +43,18 @@ impl Writer {
     pub fn add(&mut self, name: &str, shape: &[usize], payload: &Payload) -> Result<()> {
         self.check_name(name)?;
         let record = payload.to_record(name, shape)?;
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        if numel > crate::MAX_EXPANSION * record.len() as u64 {
+            return Err(Error::Invalid {
+                tensor: name.to_string(),
+                reason: format!(
+                    "{numel} values in a {}-byte record exceed the format's {} values per byte \
+                     (use smaller PQ blocks)",
+                    record.len(),
+                    crate::MAX_EXPANSION
+                ),
+            });
+        }
         let smaller = if self.entropy_coding {
             payload.smaller_rans_record(&record)
         } else {

@@ -7,9 +7,10 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A tensor operation in candle failed.
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    /// A tensor operation failed. (Its message is shown, not chained as a source, so that a printed
+    /// error chain does not repeat it.)
+    #[error("{0}")]
+    Candle(candle_core::Error),
 
     /// A tensor's shape does not fit the requested layout or quantizer.
     #[error("tensor `{tensor}`: {reason}")]
@@ -43,6 +44,23 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The same error naming `tensor` where it named a placeholder (kernels see anonymous tensors and
+    /// call them `weight`): callers put the real name in instead of wrapping the message, so that a
+    /// diagnostic names one tensor once.
+    pub fn for_tensor(self, tensor: &str) -> Self {
+        match self {
+            Error::Shape { reason, .. } => Error::Shape {
+                tensor: tensor.to_string(),
+                reason,
+            },
+            Error::NonFinite { index, .. } => Error::NonFinite {
+                tensor: tensor.to_string(),
+                index,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn shape(tensor: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Shape {
             tensor: tensor.into(),
@@ -66,5 +84,11 @@ pub(crate) fn ensure_finite(tensor: &str, values: &[f32]) -> Result<()> {
             tensor: tensor.to_string(),
             index,
         }),
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
     }
 }

@@ -40,11 +40,65 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
+    /// The kind of a weight known only by its state-dict name and rank: rank 4 is a Conv2d, rank 2
+    /// an Embedding when the name says so (`embed`, `wte`, `wpe`, `shared`), a Linear otherwise.
+    pub fn infer(name: &str, rank: usize) -> Option<Self> {
+        match rank {
+            4 => Some(LayerKind::Conv2d),
+            2 if is_embedding_name(name) => Some(LayerKind::Embedding),
+            2 => Some(LayerKind::Linear),
+            _ => None,
+        }
+    }
+
     fn rank(self) -> usize {
         match self {
             LayerKind::Linear | LayerKind::Embedding => 2,
             LayerKind::Conv2d => 4,
         }
+    }
+}
+
+fn is_embedding_name(name: &str) -> bool {
+    let last = name.trim_end_matches(".weight");
+    let last = last.rsplit('.').next().unwrap_or(last);
+    name.contains("embed") || matches!(last, "wte" | "wpe" | "shared")
+}
+
+fn is_attention_projection(name: &str) -> bool {
+    const PARTS: [&str; 12] = [
+        "attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "out_proj",
+        "o_proj", "qkv", "in_proj",
+    ];
+    let lower = name.to_ascii_lowercase();
+    PARTS.iter().any(|p| lower.contains(p))
+}
+
+/// The largest divisor of `n` that is at most `cap` (1 for `n = 0`).
+fn largest_divisor_up_to(n: usize, cap: usize) -> usize {
+    (1..=cap.min(n).max(1)).rev().find(|d| n % d == 0).unwrap_or(1)
+}
+
+/// The paper's default block size for a weight: 4 for attention projections (named `attention`,
+/// `attn`, `query`, `key`, `value`, `q_proj`, …), 8 for other linears and for embeddings,
+/// `kh * kw` (one whole kernel) for k x k convs, and 4 input channels for 1x1 convs (the largest
+/// divisor of the input channels up to 4 where 4 does not divide them). Every command that
+/// compresses or noises a weight takes its default from here; the result may still not divide a
+/// linear's inputs, which [`BlockLayout::new`] then reports.
+///
+/// ```
+/// use qn_kernels::layout::{default_block_size, LayerKind};
+/// assert_eq!(default_block_size("encoder.layer.0.attention.self.query", LayerKind::Linear, &[384, 384]), 4);
+/// assert_eq!(default_block_size("encoder.layer.0.intermediate.dense", LayerKind::Linear, &[1536, 384]), 8);
+/// assert_eq!(default_block_size("blocks.0.conv_dw", LayerKind::Conv2d, &[32, 1, 3, 3]), 9);
+/// assert_eq!(default_block_size("blocks.1.se.conv_reduce", LayerKind::Conv2d, &[4, 6, 1, 1]), 3);
+/// ```
+pub fn default_block_size(name: &str, kind: LayerKind, shape: &[usize]) -> usize {
+    match kind {
+        LayerKind::Conv2d => BlockLayout::default_conv_block_size(shape),
+        LayerKind::Embedding => 8,
+        LayerKind::Linear if is_attention_projection(name) => 4,
+        LayerKind::Linear => 8,
     }
 }
 
@@ -76,12 +130,31 @@ impl BlockLayout {
         }
         let cols: usize = shape[1..].iter().product();
         if block_size == 0 || cols % block_size != 0 {
+            let hint = match (kind, shape) {
+                (LayerKind::Conv2d, [_, cin, 1, 1]) => format!(
+                    ": a 1x1 conv's blocks are runs of its {cin} input channels, so use a divisor of {cin} such as {}",
+                    largest_divisor_up_to(*cin, 4)
+                ),
+                _ => String::new(),
+            };
             return Err(Error::shape(
                 tensor,
                 format!(
-                    "block size {block_size} does not divide the {cols} inputs per row of shape {shape:?}"
+                    "block size {block_size} does not divide the {cols} inputs per row of shape {shape:?}{hint}"
                 ),
             ));
+        }
+        if let (LayerKind::Conv2d, [_, _, kh, kw]) = (kind, shape) {
+            let k = kh * kw;
+            if k > 1 && block_size % k != 0 {
+                return Err(Error::shape(
+                    tensor,
+                    format!(
+                        "block size {block_size} would cut the {kh}x{kw} kernels of shape {shape:?} apart: \
+                         a k x k conv's blocks are whole kernels, so use a multiple of {k}"
+                    ),
+                ));
+            }
         }
         Ok(Self {
             kind,
@@ -106,11 +179,12 @@ impl BlockLayout {
     }
 
     /// The paper's default block size for a conv: one whole kernel for k x k, 4 input channels for 1x1
-    /// (fewer when the filter has fewer inputs, e.g. depthwise).
+    /// (the largest divisor of the input channels up to 4 where 4 does not divide them, e.g. the 6 or
+    /// 10 channels of EfficientNet's squeeze-and-excitation convs; 1 for depthwise).
     pub fn default_conv_block_size(shape: &[usize]) -> usize {
         match shape {
             [_, _, kh, kw] if kh * kw > 1 => kh * kw,
-            [_, cin, _, _] => (*cin).clamp(1, 4),
+            [_, cin, _, _] => largest_divisor_up_to(*cin, 4),
             _ => 1,
         }
     }

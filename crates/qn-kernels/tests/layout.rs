@@ -146,3 +146,68 @@ fn divisibility_and_rank_errors_name_the_tensor() {
         .to_string();
     assert!(err.contains("zero dimension"), "{err}");
 }
+
+#[test]
+fn conv_blocks_never_cross_kernels_and_1x1_blocks_divide_the_input_channels() {
+    // 3x3 kernels of 16 inputs: 144 columns, which 8 divides, but 8-blocks would cut kernels apart.
+    let err = BlockLayout::conv2d("features.3.conv", &[32, 16, 3, 3], 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("features.3.conv") && err.contains("multiple of 9"),
+        "{err}"
+    );
+    // Whole kernels, one or several.
+    assert!(BlockLayout::conv2d("c", &[32, 16, 3, 3], 9).is_ok());
+    assert!(BlockLayout::conv2d("c", &[32, 16, 3, 3], 18).is_ok());
+    // A 1x1 conv with 6 input channels (EfficientNet's squeeze-excitation): 4 does not divide, and
+    // the error says what would.
+    let err = BlockLayout::conv2d("se.conv_reduce", &[4, 6, 1, 1], 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("se.conv_reduce") && err.contains("divisor of 6 such as 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn one_default_block_size_per_layer_kind() {
+    use qn_kernels::layout::{default_block_size, LayerKind};
+    let lin = |name: &str| default_block_size(name, LayerKind::Linear, &[64, 64]);
+    for attn in [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.key",
+        "encoder.layer.0.attention.output.dense",
+        "model.layers.0.self_attn.q_proj",
+        "h.0.attn.c_attn",
+        "layers.0.self_attn.out_proj",
+    ] {
+        assert_eq!(lin(attn), 4, "{attn}");
+    }
+    for ffn in [
+        "encoder.layer.0.intermediate.dense",
+        "encoder.layer.0.output.dense",
+        "classifier.out_proj.fc",
+        "fc1",
+        "head",
+    ] {
+        let want = if ffn.contains("out_proj") { 4 } else { 8 };
+        assert_eq!(lin(ffn), want, "{ffn}");
+    }
+    assert_eq!(
+        default_block_size("embeddings.word_embeddings", LayerKind::Embedding, &[30522, 384]),
+        8
+    );
+    assert_eq!(default_block_size("conv", LayerKind::Conv2d, &[8, 4, 3, 3]), 9);
+    assert_eq!(default_block_size("conv", LayerKind::Conv2d, &[8, 4, 5, 5]), 25);
+    assert_eq!(default_block_size("pw", LayerKind::Conv2d, &[8, 16, 1, 1]), 4);
+    assert_eq!(default_block_size("se", LayerKind::Conv2d, &[8, 6, 1, 1]), 3);
+    assert_eq!(default_block_size("se", LayerKind::Conv2d, &[8, 10, 1, 1]), 2);
+    assert_eq!(default_block_size("se", LayerKind::Conv2d, &[8, 7, 1, 1]), 1);
+    assert_eq!(LayerKind::infer("bert.embeddings.word_embeddings.weight", 2), Some(LayerKind::Embedding));
+    assert_eq!(LayerKind::infer("transformer.wte.weight", 2), Some(LayerKind::Embedding));
+    assert_eq!(LayerKind::infer("encoder.layer.0.output.dense.weight", 2), Some(LayerKind::Linear));
+    assert_eq!(LayerKind::infer("conv.weight", 4), Some(LayerKind::Conv2d));
+    assert_eq!(LayerKind::infer("norm.weight", 1), None);
+}

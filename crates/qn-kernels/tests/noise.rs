@@ -457,3 +457,94 @@ fn fused_noisy_matmul_matches_its_reference_with_gradients() {
         }
     }
 }
+
+#[test]
+fn noise_free_linear_matmul_matches_candles_matmul_with_gradients() {
+    let x0 = Tensor::from_vec(gaussian(10 * 64, 1.0, 30), (10, 64), &Device::Cpu).unwrap();
+    let w0 = Tensor::from_vec(gaussian(48 * 64, 1.0, 31), (48, 64), &Device::Cpu).unwrap();
+    let g = Tensor::from_vec(gaussian(10 * 48, 1.0, 32), (10, 48), &Device::Cpu).unwrap();
+    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let (x, w) = (
+            Var::from_tensor(&x0).unwrap(),
+            Var::from_tensor(&w0).unwrap(),
+        );
+        let y = f(x.as_tensor(), w.as_tensor());
+        let grads = (y.clone() * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        [
+            values(&y),
+            values(grads.get(x.as_tensor()).unwrap()),
+            values(grads.get(w.as_tensor()).unwrap()),
+        ]
+    };
+    let fused = run(&|x, w| qn_kernels::noise::linear_matmul(x, w).unwrap());
+    let plain = run(&|x, w| x.matmul(&w.t().unwrap()).unwrap());
+    for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(fused.iter().zip(&plain)) {
+        for (i, (u, v)) in a.iter().zip(b).enumerate() {
+            assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()), "{what}[{i}]: {u} vs {v}");
+        }
+    }
+}
+
+/// PyTorch's fake-quantize rule at both ends of the grid: the gradient passes where the rounded code
+/// is inside `qmin..=qmax`, so a value less than half a step outside the range keeps it, and one more
+/// than half a step outside loses it.
+#[test]
+fn scalar_straight_through_gate_at_both_boundaries() {
+    use qn_kernels::scalar::{observe_range, ParamView, Scheme};
+    for scheme in [Scheme::Affine, Scheme::Symmetric] {
+        let cfg = ScalarConfig::int4().with_scheme(scheme);
+        let view = ParamView::new("w", &[1, 8], cfg.granularity).unwrap();
+        let params = observe_range(&[-1.0], &[1.0], view, &cfg, &Device::Cpu).unwrap();
+        let (lo, hi) = params.clamp_range().unwrap();
+        let (lo, hi) = (
+            lo.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64,
+            hi.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64,
+        );
+        let step = params.scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let probes = [
+            hi - 0.2 * step, // inside
+            hi + 0.4 * step, // rounds to qmax: passes
+            hi + 0.6 * step, // rounds past qmax: cut
+            hi + 3.0 * step,
+            lo + 0.2 * step,
+            lo - 0.4 * step, // rounds to qmin: passes
+            lo - 0.6 * step, // cut
+            lo - 3.0 * step,
+        ];
+        let expect = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0];
+        let w = Tensor::from_vec(probes.to_vec(), (1, 8), &Device::Cpu).unwrap();
+        let layout = BlockLayout::linear("w", &[1, 8], 1).unwrap();
+        let mask = BlockMask::from_vec(&layout, vec![true; 8]).unwrap();
+        let v = Var::from_tensor(&w).unwrap();
+        let out = scalar_noise(v.as_tensor(), &params, &mask).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let grad = values(grads.get(v.as_tensor()).unwrap());
+        assert_eq!(grad, expect.to_vec(), "{scheme:?}: gradient gate");
+        // Values are the clamped grid points.
+        let out = values(&out);
+        assert!((out[2] - hi).abs() < 1e-6 && (out[6] - lo).abs() < 1e-6, "{scheme:?}: {out:?}");
+        let gate = values(&qn_kernels::noise::straight_through_gate(&w, &params).unwrap());
+        assert_eq!(gate, expect.to_vec());
+    }
+}
+
+/// With the symmetric scheme, the largest positive weight is on the grid, so noising it does not
+/// cut its gradient (the old `(qmax - qmin) / 2` scale left int4's top at 0.93 max|w|).
+#[test]
+fn symmetric_grid_represents_plus_and_minus_max_abs() {
+    use qn_kernels::scalar::Scheme;
+    let mut v = gaussian(256, 1.0, 33);
+    let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    v[0] = amax; // the largest magnitude is positive
+    v[1] = -amax;
+    let w = Tensor::from_vec(v, (4, 64), &Device::Cpu).unwrap();
+    for bits in [4u8, 8] {
+        let cfg = ScalarConfig::new(bits).unwrap().with_scheme(Scheme::Symmetric);
+        let params = observe(&w, &cfg).unwrap();
+        let fq = values(&fake_quantize(&w, &params).unwrap());
+        assert!((fq[0] - amax as f64).abs() < 1e-6, "bits {bits}: +max -> {}", fq[0]);
+        assert!((fq[1] + amax as f64).abs() < 1e-6, "bits {bits}: -max -> {}", fq[1]);
+        let gate = values(&qn_kernels::noise::straight_through_gate(&w, &params).unwrap());
+        assert!(gate.iter().all(|&g| g == 1.0), "bits {bits}: every weight keeps its gradient");
+    }
+}

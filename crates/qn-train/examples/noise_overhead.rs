@@ -1,5 +1,7 @@
 //! Noise overhead of one FFN training step, measured as a ratio with the two variants interleaved
-//! (A, B, A, B, ...) so that machine drift hits both alike. Same step as `benches/ffn_step.rs`.
+//! (A, B, A, B, ...) so that machine drift hits both alike. Same step as the workspace bench
+//! `benches/train_step.rs`. Both variants go through the same fused matmul kernel (the noise-free
+//! path uses `linear_matmul`, the noisy one `block_drop_matmul`), so the difference is the noise.
 //!
 //! ```text
 //! cargo run --release -p qn-train --example noise_overhead -- [rounds]
@@ -27,12 +29,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fc1 = linear("intermediate.dense", 768, 3072)?;
     let fc2 = linear("output.dense", 3072, 768)?;
     let x = Tensor::randn(0f32, 1.0, (8, 128, 768), &Device::Cpu)?;
-    let mut vars = fc1.vars();
-    vars.extend(fc2.vars());
+    let mut vars = Vec::new();
+    for l in [&fc1, &fc2] {
+        vars.push((format!("{}.weight", l.name()), l.vars()[0].clone()));
+        vars.push((format!("{}.bias", l.name()), l.vars()[1].clone()));
+    }
     let mut opt = AdamW::new(vars, AdamWParams::default())?;
     let mut step = |noise: NoiseConfig, seed: u64| -> Result<f64, Box<dyn std::error::Error>> {
-        fc1.set_noise(noise, seed);
-        fc2.set_noise(noise, seed + 1);
+        fc1.set_noise(noise, 1)?;
+        fc2.set_noise(noise, 2)?;
+        qn_train::set_noise_step(&[&fc1, &fc2], seed, 0);
         let t = Instant::now();
         let h = fc1.forward_t(&x, true)?.gelu_erf()?;
         let y = fc2.forward_t(&h, true)?;

@@ -24,18 +24,62 @@ pub struct Position {
     pub pq_layers: Vec<(String, usize)>,
     /// The tensors file beside `latest.json`.
     pub tensors: String,
+    /// Evaluation accuracy at the end of each finished stage.
+    #[serde(default)]
+    pub stage_accuracy: Vec<f64>,
+    /// Warnings of the finished stages (layers left float).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// What defines the run ([`crate::trainer::fingerprint`]).
+    #[serde(default)]
+    pub fingerprint: crate::trainer::Fingerprint,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Layer {
-        layer: path.display().to_string(),
-        reason: e.to_string(),
-    }
+    Error::file(path, e)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    qn_format::write_atomic(path, |f| f.write_all(bytes)).map_err(|e| io(path, e))
+    qn_format::write_atomic(path, |f| f.write_all(bytes)).map_err(|e| match e {
+        qn_format::Error::Io { source, .. } => io(path, source),
+        other => io(path, other),
+    })
+}
+
+/// The tensors as a safetensors file (f32 and u32 tensors; sorted names, so the bytes are a
+/// function of the values).
+fn serialize(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut owned = Vec::with_capacity(names.len());
+    for name in names {
+        let t = &tensors[name];
+        let flat = t.flatten_all()?;
+        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+            DType::U32 => (
+                safetensors::Dtype::U32,
+                flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            _ => (
+                safetensors::Dtype::F32,
+                flat.to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        };
+        owned.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::config("checkpoint", e.to_string()))?;
+    safetensors::tensor::serialize(views, None).map_err(|e| Error::config("checkpoint", e.to_string()))
 }
 
 /// Saves `tensors` and `position` into `dir`; the previous checkpoint is removed only after the new
@@ -48,9 +92,7 @@ pub fn save(dir: &Path, position: &Position, tensors: &HashMap<String, Tensor>) 
         position.global_step, position.stage
     );
     let file = dir.join(&name);
-    let tmp = file.with_extension("tmp");
-    candle_core::safetensors::save(tensors, &tmp)?;
-    std::fs::rename(&tmp, &file).map_err(|e| io(&file, e))?;
+    write_atomic(&file, &serialize(tensors)?)?;
     let position = Position {
         tensors: name,
         ..position.clone()
@@ -72,7 +114,7 @@ pub fn load_position(dir: &Path) -> Result<Option<Position>> {
     let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
     serde_json::from_slice(&text)
         .map(Some)
-        .map_err(|e| io(&path, format!("not a checkpoint: {e}")))
+        .map_err(|e| io(&path, format!("not a checkpoint ({e}); remove it to start afresh")))
 }
 
 /// The latest checkpoint's position and tensors.

@@ -33,6 +33,12 @@ impl Dataset {
     /// seeded from `(seed, e)`, so the batch depends only on the step (a resumed run sees the same).
     pub fn batch(&self, step: usize, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
         let n = self.len();
+        if n == 0 || batch == 0 {
+            return Err(Error::dataset(
+                "training set",
+                format!("cannot draw a batch of {batch} from {n} examples"),
+            ));
+        }
         let per_epoch = (n / batch).max(1);
         let (epoch, i) = (step / per_epoch, step % per_epoch);
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -46,10 +52,7 @@ impl Dataset {
 }
 
 fn read_gz(path: &Path) -> Result<Vec<u8>> {
-    let err = |reason: String| Error::Layer {
-        layer: path.display().to_string(),
-        reason,
-    };
+    let err = |reason: String| Error::file(path, reason);
     let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(f)
@@ -72,10 +75,7 @@ pub fn fashion_mnist(
 ) -> Result<Dataset> {
     let images = read_gz(&dir.join(format!("{split}-images-idx3-ubyte.gz")))?;
     let labels = read_gz(&dir.join(format!("{split}-labels-idx1-ubyte.gz")))?;
-    let bad = |reason: &str| Error::Layer {
-        layer: dir.display().to_string(),
-        reason: format!("{split}: {reason}"),
-    };
+    let bad = |reason: &str| Error::dataset(format!("{} ({split})", dir.display()), reason);
     if images.len() < 16
         || be32(&images, 0) != 0x803
         || labels.len() < 8
@@ -84,10 +84,17 @@ pub fn fashion_mnist(
         return Err(bad("not IDX image/label files"));
     }
     let (n, rows, cols) = (be32(&images, 4), be32(&images, 8), be32(&images, 12));
-    if be32(&labels, 4) != n || images.len() != 16 + n * rows * cols || labels.len() != 8 + n {
+    let expect = n
+        .checked_mul(rows)
+        .and_then(|v| v.checked_mul(cols))
+        .and_then(|v| v.checked_add(16));
+    if be32(&labels, 4) != n || expect != Some(images.len()) || labels.len() != 8 + n {
         return Err(bad("image and label counts or sizes disagree"));
     }
     let n = limit.map_or(n, |l| l.min(n));
+    if n == 0 {
+        return Err(bad("holds no examples"));
+    }
     let x: Vec<f32> = images[16..16 + n * rows * cols]
         .iter()
         .map(|&p| p as f32 / 255.0)

@@ -23,8 +23,10 @@
 //! let varmap = VarMap::new();
 //! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
 //! let fc = qlinear(16, 8, true, vb.pp("fc"))?;
-//! fc.set_noise(NoiseConfig::BlockDrop { p: 0.1, block_size: 4 }, 0);
+//! fc.set_noise(NoiseConfig::BlockDrop { p: 0.1, block_size: 4 }, 0)?;
 //! let x = Tensor::randn(0f32, 1.0, (2, 16), &Device::Cpu)?;
+//! // Masks are a function of (layer seed, step, micro-batch): the trainer sets the step.
+//! fc.qweight().set_noise_step(qn_train::NoiseStep { step: 7, micro: 0 });
 //! let noisy = fc.forward_t(&x, true)?;   // some weight blocks dropped, the rest scaled by 1/0.9
 //! let exact = fc.forward_t(&x, false)?;  // eval mode: no noise
 //! assert_eq!(noisy.dims(), exact.dims());
@@ -40,16 +42,18 @@ pub mod layers;
 pub mod mlp;
 mod model;
 mod noise;
+mod noise_spec;
 pub mod optim;
 mod pq_weight;
 mod qweight;
 pub mod trainer;
 
 pub use act_quant::{ActQuant, ActQuantConfig};
-pub use apply::{apply_noise, vars_without_gradient};
+pub use apply::{apply_noise, apply_noise_spec, layer_seed, set_noise_step, vars_without_gradient};
 pub use error::{Error, Result};
 pub use model::{named_vars, QuantModel};
-pub use noise::NoiseConfig;
+pub use noise::{NoiseConfig, NoiseStep};
+pub use noise_spec::NoiseSpec;
 pub use pq_weight::{CentroidGrad, PqWeight};
 pub use qweight::{QWeight, WeightState};
 

@@ -56,21 +56,91 @@ pub enum NoiseConfig {
     },
 }
 
+impl NoiseConfig {
+    /// The noise probability (0 for `None`).
+    pub fn rate(&self) -> f64 {
+        match *self {
+            NoiseConfig::None => 0.0,
+            NoiseConfig::BlockDrop { p, .. }
+            | NoiseConfig::Pq { p, .. }
+            | NoiseConfig::Scalar { p, .. } => p,
+        }
+    }
+
+    /// Checks the settings and that the block size fits the layer `name` of `layout` (whole kernels
+    /// for a k x k conv, a divisor of the input channels for a 1x1 conv), naming what is wrong.
+    pub fn validate_for(&self, name: &str, layout: &BlockLayout) -> Result<()> {
+        let p = self.rate();
+        if !(0.0..=1.0).contains(&p) {
+            return Err(crate::Error::config(
+                "noise p",
+                format!("{p} is not a probability in [0, 1]"),
+            ));
+        }
+        let block_size = match *self {
+            NoiseConfig::None => return Ok(()),
+            NoiseConfig::BlockDrop { block_size, .. } => block_size,
+            NoiseConfig::Pq {
+                block_size,
+                n_centroids,
+                ..
+            } => {
+                if !(1..=1 << 16).contains(&n_centroids) {
+                    return Err(crate::Error::config(
+                        "noise k",
+                        format!("{n_centroids} centroids is outside 1..=65536"),
+                    ));
+                }
+                block_size
+            }
+            NoiseConfig::Scalar {
+                bits,
+                block_size,
+                observer,
+                granularity,
+                ..
+            } => {
+                let cfg = ScalarConfig::new(bits)?
+                    .with_observer(observer)
+                    .with_granularity(granularity);
+                qn_kernels::scalar::ParamView::new(name, layout.shape(), cfg.granularity)?;
+                block_size
+            }
+        };
+        layout.with_block_size(name, block_size)?;
+        Ok(())
+    }
+}
+
 /// One noise of a layer's chain, with its cached quantizers.
 #[derive(Debug)]
 struct NoiseStage {
     config: NoiseConfig,
-    codes: Option<PqCodes>,
-    params: Option<QParams>,
+    /// Cached PQ codes / scalar parameters and the refresh interval (`step / update_every`) they
+    /// were computed for.
+    codes: Option<(u64, PqCodes)>,
+    params: Option<(u64, QParams)>,
+}
+
+/// Where the run stands, as the trainer tells a layer: masks are a function of (layer seed, global
+/// optimizer step, micro-batch index, position in the chain) and of nothing else, so weight tying,
+/// an extra forward pass or gradient accumulation never shift a later mask, and a resumed run draws
+/// exactly the masks of an uninterrupted one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NoiseStep {
+    /// Global optimizer step.
+    pub step: u64,
+    /// Micro-batch within the step (gradient accumulation).
+    pub micro: u32,
 }
 
 /// The mutable part of a layer's noise: the chain of noises (applied in order, each to the previous
-/// one's output, e.g. scalar noise then block drop), the seed and the step count.
+/// one's output, e.g. scalar noise then block drop), the seed and the step the trainer set.
 #[derive(Debug)]
 pub(crate) struct NoiseState {
     stages: Vec<NoiseStage>,
     seed: u64,
-    step: u64,
+    at: NoiseStep,
 }
 
 impl NoiseState {
@@ -78,7 +148,7 @@ impl NoiseState {
         let mut s = Self {
             stages: Vec::new(),
             seed,
-            step: 0,
+            at: NoiseStep::default(),
         };
         s.push(config);
         s
@@ -100,24 +170,30 @@ impl NoiseState {
         self.stages.iter().map(|s| s.config).collect()
     }
 
-    /// Continues from training step `step` (after a resume). Masks depend only on the seed and the
-    /// step, so a resumed run draws exactly the masks of an uninterrupted one; cached PQ centroids and
-    /// scalar ranges are re-derived from the current weight at the next forward pass.
-    pub(crate) fn set_step(&mut self, step: u64) {
-        self.step = step;
-        for s in &mut self.stages {
-            s.codes = None;
-            s.params = None;
-        }
+    /// The layer's noise seed.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
     }
 
-    /// Training steps seen (forward passes in training mode).
-    pub(crate) fn step(&self) -> u64 {
-        self.step
+    /// Sets the step the next training forward passes draw their masks for. Cached PQ centroids and
+    /// scalar ranges are recomputed when the step enters a new `update_every` interval.
+    pub(crate) fn set_step(&mut self, at: NoiseStep) {
+        self.at = at;
     }
 
-    /// When the chain is exactly one block drop: advances the step like [`Self::apply`] and returns
-    /// the mask it would have drawn, so that a layer can fuse the drop into its matmul.
+    /// The step set by the trainer.
+    pub(crate) fn step(&self) -> NoiseStep {
+        self.at
+    }
+
+    /// A seed for other randomness of the layer at the current step (activation noise), distinct
+    /// from every mask seed.
+    pub(crate) fn aux_seed(&self, stream: u64) -> u64 {
+        mask_seed(self.seed ^ 0xA5A5_5A5A_C3C3_3C3C, self.at, stream as usize)
+    }
+
+    /// When the chain is exactly one block drop: the mask [`Self::apply`] would draw, so that a layer
+    /// can fuse the drop into its matmul.
     pub(crate) fn take_block_drop(
         &mut self,
         name: &str,
@@ -131,9 +207,7 @@ impl NoiseState {
             return Ok(None);
         };
         let (p, block_size) = (*p, *block_size);
-        let step = self.step;
-        self.step += 1;
-        let seed = mask_seed(self.seed, step, 0);
+        let seed = mask_seed(self.seed, self.at, 0);
         let layout = layout.with_block_size(name, block_size)?;
         let p = NoiseRate::new(p)?;
         Ok(Some((
@@ -142,21 +216,29 @@ impl NoiseState {
         )))
     }
 
-    /// The noisy weight for one training forward pass; `weight` is never modified.
+    /// The noisy weight for a training forward pass at the current step; `weight` is never modified.
     pub(crate) fn apply(
         &mut self,
         name: &str,
         weight: &Tensor,
         layout: &BlockLayout,
     ) -> Result<Tensor> {
-        let step = self.step;
-        self.step += 1;
+        let at = self.at;
         let mut w = weight.clone();
         for (i, stage) in self.stages.iter_mut().enumerate() {
-            let seed = mask_seed(self.seed, step, i);
-            w = stage.apply(name, &w, layout, step, &mut ChaCha8Rng::seed_from_u64(seed))?;
+            let seed = mask_seed(self.seed, at, i);
+            w = stage.apply(name, &w, layout, at.step, &mut ChaCha8Rng::seed_from_u64(seed))?;
         }
         Ok(w)
+    }
+}
+
+/// The refresh interval a step falls in (`update_every = 0`: computed once, never refreshed).
+fn interval(step: u64, every: usize) -> u64 {
+    if every == 0 {
+        0
+    } else {
+        step / every as u64
     }
 }
 
@@ -169,7 +251,6 @@ impl NoiseStage {
         step: u64,
         rng: &mut ChaCha8Rng,
     ) -> Result<Tensor> {
-        let refresh = |every: usize| every > 0 && step % every as u64 == 0;
         Ok(match self.config {
             NoiseConfig::None => weight.clone(),
             NoiseConfig::BlockDrop { p, block_size } => {
@@ -185,14 +266,17 @@ impl NoiseStage {
                 update_every,
             } => {
                 let layout = layout.with_block_size(name, block_size)?;
-                if self.codes.is_none() || refresh(update_every) {
+                let due = interval(step, update_every);
+                if self.codes.as_ref().is_none_or(|(at, _)| *at != due) {
                     let cfg = KMeansConfig::new(n_centroids)
                         .with_iters(10)
-                        .with_seed(step);
-                    self.codes = Some(encode(&weight.detach(), &layout, &cfg, &mut |_| {})?);
+                        .with_seed(due);
+                    let codes = encode(&weight.detach(), &layout, &cfg, &mut |_| {})
+                        .map_err(|e| e.for_tensor(name))?;
+                    self.codes = Some((due, codes));
                 }
                 let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, rng);
-                pq_noise(weight, self.codes.as_ref().expect("just set"), &mask)?
+                pq_noise(weight, &self.codes.as_ref().expect("just set").1, &mask)?
             }
             NoiseConfig::Scalar {
                 bits,
@@ -203,21 +287,24 @@ impl NoiseStage {
                 update_every,
             } => {
                 let layout = layout.with_block_size(name, block_size)?;
-                if self.params.is_none() || refresh(update_every) {
+                let due = interval(step, update_every);
+                if self.params.as_ref().is_none_or(|(at, _)| *at != due) {
                     let cfg = ScalarConfig::new(bits)?
                         .with_observer(observer)
                         .with_granularity(granularity);
-                    self.params = Some(observe(&weight.detach(), &cfg)?);
+                    let params = observe(&weight.detach(), &cfg).map_err(|e| e.for_tensor(name))?;
+                    self.params = Some((due, params));
                 }
                 let mask = BlockMask::sample(&layout, NoiseRate::new(p)?, rng);
-                scalar_noise(weight, self.params.as_ref().expect("just set"), &mask)?
+                scalar_noise(weight, &self.params.as_ref().expect("just set").1, &mask)?
             }
         })
     }
 }
 
-/// The seed of the masks of chain stage `i` at training step `step`: a function of nothing else, so
-/// a resumed run draws the same masks as an uninterrupted one.
-fn mask_seed(seed: u64, step: u64, i: usize) -> u64 {
-    seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+/// The seed of the masks of chain stage `i` at `at`: a function of nothing else.
+fn mask_seed(seed: u64, at: NoiseStep, i: usize) -> u64 {
+    seed ^ at.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+        ^ (at.micro as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F).rotate_left(17)
 }

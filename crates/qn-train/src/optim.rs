@@ -19,6 +19,29 @@ pub struct AdamWParams {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Which variables the decay applies to.
+    pub decay_on: DecayOn,
+}
+
+/// Which variables weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecayOn {
+    /// Weight matrices and kernels only — variables named `*.weight` of rank ≥ 2 — not biases,
+    /// norms or PQ centroids (the convention of Hugging Face's `Trainer` and fairseq).
+    #[default]
+    Weights,
+    /// Every variable (PyTorch's `AdamW(model.parameters())`).
+    All,
+}
+
+impl DecayOn {
+    /// Whether the variable `name` of `rank` is decayed.
+    pub fn applies(self, name: &str, rank: usize) -> bool {
+        match self {
+            DecayOn::All => true,
+            DecayOn::Weights => name.ends_with(".weight") && rank >= 2,
+        }
+    }
 }
 
 impl Default for AdamWParams {
@@ -28,6 +51,7 @@ impl Default for AdamWParams {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            decay_on: DecayOn::Weights,
         }
     }
 }
@@ -37,14 +61,20 @@ impl Default for AdamWParams {
 pub struct AdamW {
     params: AdamWParams,
     vars: Vec<Var>,
+    decay: Vec<bool>,
     first: Vec<Tensor>,
     second: Vec<Tensor>,
     step: u64,
 }
 
 impl AdamW {
-    /// Zero moments for `vars`.
-    pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
+    /// Zero moments for named variables; weight decay applies to those `params.decay_on` selects.
+    pub fn new(named: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        let decay = named
+            .iter()
+            .map(|(n, v)| params.decay_on.applies(n, v.rank()))
+            .collect();
+        let vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
         let first = vars
             .iter()
             .map(|v| v.as_tensor().zeros_like())
@@ -53,10 +83,16 @@ impl AdamW {
         Ok(Self {
             params,
             vars,
+            decay,
             first,
             second,
             step: 0,
         })
+    }
+
+    /// Whether variable `i` is weight-decayed.
+    pub fn decays(&self, i: usize) -> bool {
+        self.decay[i]
     }
 
     /// The variables.
@@ -81,10 +117,10 @@ impl AdamW {
                 || s.dims() != self.vars[i].dims()
                 || first.len() != self.vars.len()
             {
-                return Err(crate::Error::Layer {
-                    layer: "optimizer".into(),
-                    reason: format!("moment {i} does not match its variable"),
-                });
+                return Err(crate::Error::config(
+                    "optimizer state",
+                    format!("moment {i} does not match its variable"),
+                ));
             }
         }
         self.first = first;
@@ -108,7 +144,11 @@ impl AdamW {
             let m = ((&self.first[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
             let v = ((&self.second[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * p.weight_decay))?;
+            let decayed = if self.decay[i] && p.weight_decay != 0.0 {
+                (var.as_tensor() * (1.0 - lr * p.weight_decay))?
+            } else {
+                var.as_tensor().clone()
+            };
             var.set(&(decayed - (update * lr)?)?)?;
             self.first[i] = m;
             self.second[i] = v;

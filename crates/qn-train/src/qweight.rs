@@ -11,10 +11,20 @@ use qn_kernels::{
 };
 
 use crate::{
-    noise::{NoiseConfig, NoiseState},
+    noise::{NoiseConfig, NoiseState, NoiseStep},
     pq_weight::{CentroidGrad, PqWeight},
     Error, Result,
 };
+
+/// How a linear layer multiplies by its weight (see [`QWeight::linear_plan`]).
+pub(crate) enum LinearPlan {
+    /// The float weight with this step's block-drop mask, for the fused noisy matmul.
+    BlockDrop(Tensor, BlockMask, NoiseRate),
+    /// The float weight, noise-free.
+    Exact(Tensor),
+    /// A weight built by [`QWeight::weight_t`] (PQ, scalar, other noises, a frozen row).
+    Generic(Tensor),
+}
 
 /// Float or product-quantized storage.
 #[derive(Debug, Clone)]
@@ -42,7 +52,12 @@ pub struct QWeight {
 impl QWeight {
     /// A float weight of a `kind` layer.
     pub fn new(name: &str, kind: LayerKind, weight: Var) -> Result<Self> {
-        let layout = BlockLayout::new(name, kind, weight.dims(), 1)?;
+        // The finest blocks the layer allows: single elements, or whole kernels of a k x k conv.
+        let finest = match (kind, weight.dims()) {
+            (LayerKind::Conv2d, [_, _, kh, kw]) => kh * kw,
+            _ => 1,
+        };
+        let layout = BlockLayout::new(name, kind, weight.dims(), finest)?;
         Ok(Self {
             name: name.to_string(),
             layout,
@@ -81,7 +96,7 @@ impl QWeight {
         &self.name
     }
 
-    /// The weight's shape and kind (block size 1).
+    /// The weight's shape and kind (with its finest block size: 1, or a whole kernel).
     pub fn layout(&self) -> &BlockLayout {
         &self.layout
     }
@@ -91,14 +106,36 @@ impl QWeight {
         &self.state
     }
 
-    /// Sets the noise of training-mode forward passes; `seed` makes the masks reproducible.
-    pub fn set_noise(&self, config: NoiseConfig, seed: u64) {
+    /// Sets the noise of training-mode forward passes; `seed` makes the masks reproducible. The
+    /// config is checked against this weight first (rate, bits, block size — whole kernels for a
+    /// k x k conv, a divisor of the input channels for a 1x1 conv), so that a bad setting fails
+    /// before any data is read, naming the layer.
+    pub fn set_noise(&self, config: NoiseConfig, seed: u64) -> Result<()> {
+        config
+            .validate_for(&self.name, &self.layout)
+            .map_err(|e| self.named(e))?;
         *self.noise.lock().expect("noise lock") = NoiseState::new(config, seed);
+        Ok(())
     }
 
     /// Adds a noise after the current ones (noises compose: each acts on the previous one's output).
-    pub fn add_noise(&self, config: NoiseConfig) {
+    pub fn add_noise(&self, config: NoiseConfig) -> Result<()> {
+        config
+            .validate_for(&self.name, &self.layout)
+            .map_err(|e| self.named(e))?;
         self.noise.lock().expect("noise lock").push(config);
+        Ok(())
+    }
+
+    fn named(&self, e: Error) -> Error {
+        match e {
+            Error::Kernels(k) => Error::Kernels(k.for_tensor(&self.name)),
+            Error::Config { field, reason } => Error::Layer {
+                layer: self.name.clone(),
+                reason: format!("{field}: {reason}"),
+            },
+            other => other,
+        }
     }
 
     /// The first noise of the chain (`None` when there is none).
@@ -111,9 +148,25 @@ impl QWeight {
         self.noise.lock().expect("noise lock").configs()
     }
 
-    /// Continues the noise from training step `step` (used when resuming).
-    pub fn set_noise_step(&self, step: u64) {
-        self.noise.lock().expect("noise lock").set_step(step);
+    /// The seed the noise was set with.
+    pub fn noise_seed(&self) -> u64 {
+        self.noise.lock().expect("noise lock").seed()
+    }
+
+    /// Sets the step whose masks the next training forward passes draw (the trainer calls this
+    /// before every micro-batch; forward passes never advance it).
+    pub fn set_noise_step(&self, at: NoiseStep) {
+        self.noise.lock().expect("noise lock").set_step(at);
+    }
+
+    /// The step set by [`Self::set_noise_step`].
+    pub fn noise_step(&self) -> NoiseStep {
+        self.noise.lock().expect("noise lock").step()
+    }
+
+    /// A seed for the layer's other randomness at the current step (activation noise).
+    pub(crate) fn aux_seed(&self, stream: u64) -> u64 {
+        self.noise.lock().expect("noise lock").aux_seed(stream)
     }
 
     /// Replaces the weight by given PQ state (used when restoring a checkpoint).
@@ -127,11 +180,6 @@ impl QWeight {
         }
         self.state = WeightState::Pq(pq);
         Ok(())
-    }
-
-    /// Training forward passes seen since the noise was set.
-    pub fn noise_step(&self) -> u64 {
-        self.noise.lock().expect("noise lock").step()
     }
 
     /// The weight without noise.
@@ -172,24 +220,27 @@ impl QWeight {
         }
     }
 
-    /// For a float weight whose only noise is block drop, in training mode: the exact float weight
-    /// and this step's mask (the step advances), so the caller can fuse the drop into its matmul.
-    pub(crate) fn fused_block_drop(
-        &self,
-        train: bool,
-    ) -> Result<Option<(Tensor, BlockMask, NoiseRate)>> {
+    /// How a linear layer should multiply by this weight: fused with its block drop (a float weight
+    /// whose only noise is block drop, in training), through the noise-free fused matmul (a float
+    /// weight with no noise), or with the weight [`Self::weight_t`] builds.
+    pub(crate) fn linear_plan(&self, train: bool) -> Result<LinearPlan> {
         let WeightState::Float(v) = &self.state else {
-            return Ok(None);
+            return Ok(LinearPlan::Generic(self.weight_t(train)?));
         };
-        if !train || self.frozen_row.is_some() {
-            return Ok(None);
+        if self.frozen_row.is_some() {
+            return Ok(LinearPlan::Generic(self.weight_t(train)?));
         }
-        let taken = self
-            .noise
-            .lock()
-            .expect("noise lock")
-            .take_block_drop(&self.name, &self.layout)?;
-        Ok(taken.map(|(mask, p)| (v.as_tensor().clone(), mask, p)))
+        let mut noise = self.noise.lock().expect("noise lock");
+        if !train || noise.configs().is_empty() {
+            return Ok(LinearPlan::Exact(v.as_tensor().clone()));
+        }
+        match noise.take_block_drop(&self.name, &self.layout)? {
+            Some((mask, p)) => Ok(LinearPlan::BlockDrop(v.as_tensor().clone(), mask, p)),
+            None => {
+                drop(noise);
+                Ok(LinearPlan::Generic(self.weight_t(train)?))
+            }
+        }
     }
 
     /// Replaces the float weight by PQ codes learned with k-means; the float variable stops being

@@ -38,7 +38,7 @@ fn noisy_mlp(seed: u64) -> Mlp {
                 block_size: 4,
             },
             100 + i as u64,
-        );
+        ).unwrap();
     }
     mlp
 }
@@ -57,13 +57,13 @@ fn block_drop_training_then_two_ipq_stages_keeps_accuracy() {
         name = "hidden"
         layers = "fc1|fc2"
         block_size = 8
-        n_centroids = 64
+        centroids = 64
         steps = 150
         [[stage]]
         name = "head"
         layers = "head"
         block_size = 4
-        n_centroids = 32
+        centroids = 32
         steps = 50
         "#,
     )
@@ -77,17 +77,27 @@ fn block_drop_training_then_two_ipq_stages_keeps_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     let out = RunOutput {
         dir: Some(dir.path().to_path_buf()),
-        stop_after: None,
+        stop_at: None,
     };
     let report = run_stages(&mut mlp, &train, &test, &plan, &cfg, &out).unwrap();
-    let (float, compressed) = (
-        report.stage_accuracy[0],
-        *report.stage_accuracy.last().unwrap(),
-    );
+    // The float baseline trains as many steps (600) as the whole staged run, from the same start.
+    let mut baseline = noisy_mlp(1);
+    let float = run_stages(
+        &mut baseline,
+        &train,
+        &test,
+        &StagePlan::float(600),
+        &cfg,
+        &RunOutput::default(),
+    )
+    .unwrap()
+    .stage_accuracy[0];
+    let compressed = *report.stage_accuracy.last().unwrap();
     eprintln!(
-        "accuracy: float {float:.3}, after iPQ + int8 {compressed:.3}; stages {:?}",
+        "accuracy after 600 steps: float {float:.3}, after iPQ + int8 {compressed:.3}; stages {:?}",
         report.stage_accuracy
     );
+    assert_eq!(report.steps, 600);
     assert!(float > 0.75, "float model reached only {float}");
     // Stated margin: iPQ at 0.75 bits per hidden weight (+ int8 codebooks) loses at most 3 points.
     assert!(
@@ -144,12 +154,12 @@ fn a_killed_run_resumes_to_identical_weights() {
         [[stage]]
         name = "fc2"
         layers = "fc1|fc2"
-        n_centroids = 16
+        centroids = 16
         steps = 20
         [[stage.override]]
         match = "fc1"
         block_size = 16
-        n_centroids = 8
+        centroids = 8
         "#,
     )
     .unwrap();
@@ -189,14 +199,14 @@ fn a_killed_run_resumes_to_identical_weights() {
         &cfg,
         &RunOutput {
             dir: Some(whole.path().into()),
-            stop_after: None,
+            stop_at: None,
         },
     )
     .unwrap();
     assert!(!ra.stopped && ra.steps == 40);
 
-    // Killed twice: mid-way through stage 2 (last checkpoint: end of stage 1), then later in stage 2
-    // (last checkpoint: step 7 of stage 2). Each restart builds the model afresh, as a new process would.
+    // Paused twice (stop_at 25, then 30), then run to the end. Each restart builds the model
+    // afresh, as a new process would.
     let killed = tempfile::tempdir().unwrap();
     for stop in [Some(25), Some(30), None] {
         let mut b = noisy_mlp(7);
@@ -208,7 +218,7 @@ fn a_killed_run_resumes_to_identical_weights() {
             &cfg,
             &RunOutput {
                 dir: Some(killed.path().into()),
-                stop_after: stop,
+                stop_at: stop,
             },
         )
         .unwrap();
@@ -228,11 +238,176 @@ fn a_killed_run_resumes_to_identical_weights() {
                 names.contains(&("fc2.centroids".to_string(), vec![16, 8])),
                 "{names:?}"
             );
-            assert_eq!(ra.stage_accuracy.last(), rb.stage_accuracy.last());
+            // Stage results survive the pauses.
+            assert_eq!(ra.stage_accuracy, rb.stage_accuracy);
+            assert_eq!(rb.stage_accuracy.len(), 2);
         } else {
             assert!(rb.stopped);
+            assert_eq!(Some(rb.steps), stop);
         }
     }
+    // Every step is logged exactly once, as in the uninterrupted run.
+    let steps = |dir: &Path| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage_end"].is_null())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(killed.path()), (1..=40).collect::<Vec<_>>());
+    assert_eq!(steps(killed.path()), steps(whole.path()));
+}
+
+fn pause_plan() -> (StagePlan, TrainConfig) {
+    (
+        StagePlan::float(13),
+        TrainConfig {
+            lr: 1e-3,
+            batch_size: 32,
+            checkpoint_every: 200,
+            ..TrainConfig::default()
+        },
+    )
+}
+
+fn run_to(dir: &Path, stop_at: Option<usize>) -> qn_train::Result<qn_train::trainer::RunReport> {
+    let (train, test) = small();
+    let (plan, cfg) = pause_plan();
+    let mut m = noisy_mlp(5);
+    run_stages(
+        &mut m,
+        &train,
+        &test,
+        &plan,
+        &cfg,
+        &RunOutput {
+            dir: Some(dir.into()),
+            stop_at,
+        },
+    )
+}
+
+fn small() -> (Dataset, Dataset) {
+    let dir = data_dir();
+    (
+        fashion_mnist(&dir, "train", Some(2_000), &Device::Cpu).unwrap(),
+        fashion_mnist(&dir, "t10k", Some(200), &Device::Cpu).unwrap(),
+    )
+}
+
+/// `stop_at` pauses at any step (not only at a checkpoint multiple), a larger value continues, and
+/// a run whose length is not a multiple of the checkpoint interval finishes; each step is logged
+/// once, and a finished run rerun does no more work.
+#[test]
+fn stop_at_pauses_anywhere_and_a_rerun_continues_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_to(dir.path(), Some(5)).unwrap();
+    assert!(r.stopped && r.steps == 5);
+    // The same pause again: nothing to do.
+    let r = run_to(dir.path(), Some(5)).unwrap();
+    assert!(r.stopped && r.steps == 5);
+    let r = run_to(dir.path(), Some(12)).unwrap();
+    assert!(r.stopped && r.steps == 12);
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    let done = run_to(dir.path(), None).unwrap();
+    assert!(!done.stopped && done.steps == 13 && done.stage_accuracy.len() == 1);
+    // Rerun of the finished run: same report, nothing more logged.
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let again = run_to(dir.path(), None).unwrap();
+    assert_eq!(again, done);
+    assert_eq!(std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap(), log);
+    assert_eq!(log.lines().count(), 14, "13 steps and the stage end");
+    // An uninterrupted run reaches the same weights and accuracy.
+    let whole = tempfile::tempdir().unwrap();
+    assert_eq!(run_to(whole.path(), None).unwrap().stage_accuracy, done.stage_accuracy);
+}
+
+#[test]
+fn resuming_with_other_settings_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    run_to(dir.path(), Some(3)).unwrap();
+    let (train, test) = small();
+    let (plan, cfg) = pause_plan();
+    let mut m = noisy_mlp(5);
+    let out = RunOutput {
+        dir: Some(dir.path().into()),
+        stop_at: None,
+    };
+    let other = TrainConfig { lr: 5e-4, ..cfg.clone() };
+    let err = run_stages(&mut m, &train, &test, &plan, &other, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`lr` was 0.001, is now 0.0005") && err.contains("afresh"), "{err}");
+    let err = run_stages(&mut m, &train, &test, &StagePlan::float(14), &cfg, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different plan"), "{err}");
+    // Other noise on a layer.
+    let mut noisier = noisy_mlp(5);
+    noisier.layers()[1]
+        .set_noise(
+            NoiseConfig::BlockDrop {
+                p: 0.2,
+                block_size: 4,
+            },
+            101,
+        )
+        .unwrap();
+    let err = run_stages(&mut noisier, &train, &test, &plan, &cfg, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different noise"), "{err}");
+    // Where it pauses is not part of the run: a different stop_at resumes.
+    let r = run_stages(
+        &mut noisy_mlp(5),
+        &train,
+        &test,
+        &plan,
+        &cfg,
+        &RunOutput {
+            dir: Some(dir.path().into()),
+            stop_at: Some(7),
+        },
+    )
+    .unwrap();
+    assert_eq!(r.steps, 7);
+}
+
+/// Two micro-batches of 32 per step give the gradient of one batch of 64 when both cover the same
+/// examples (here: the whole 64-example set every step), so the runs agree to rounding.
+#[test]
+fn gradient_accumulation_matches_one_large_batch() {
+    let (train, _) = small();
+    let idx = candle_core::Tensor::arange(0u32, 64, &Device::Cpu).unwrap();
+    let data = Dataset {
+        x: train.x.index_select(&idx, 0).unwrap(),
+        y: train.y.index_select(&idx, 0).unwrap(),
+    };
+    let run = |batch: usize, accum: usize| {
+        let mut m = Mlp::seeded(784, 32, 10, 4, &Device::Cpu).unwrap();
+        let cfg = TrainConfig {
+            batch_size: batch,
+            grad_accum: accum,
+            ..TrainConfig::default()
+        };
+        run_stages(&mut m, &data, &data, &StagePlan::float(3), &cfg, &RunOutput::default()).unwrap();
+        named_vars(&m)
+            .into_iter()
+            .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (one, two) = (run(64, 1), run(32, 2));
+    for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert!((a - b).abs() < 1e-5, "value {i}: {a} vs {b}");
+    }
+    assert_ne!(one, run(32, 1), "a smaller batch without accumulation differs");
 }
 
 #[test]

@@ -130,3 +130,42 @@ impl candle_core::CustomOp2 for BlockDropMatmulOp {
         Ok((Some(dx), Some(dw)))
     }
 }
+
+/// `y = x · wᵀ` as one op, with the backward of [`BlockDropMatmulOp`] minus the mask passes: the
+/// baseline a noisy layer is measured against, so that noise overhead is the noise alone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinearMatmulOp;
+
+impl candle_core::CustomOp2 for LinearMatmulOp {
+    fn name(&self) -> &'static str {
+        "qn-linear-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("qn-linear-matmul: x has {k} columns, the weight {k2}");
+        }
+        let wt = wl.transpose(0, 1)?;
+        let y = xs.matmul(ws, (1, m, n, k), xl, &wt)?;
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
+}

@@ -7,7 +7,8 @@
 //! - [`block_drop`]: dropped blocks become zero, kept blocks are scaled by `1/(1-p)` so that the
 //!   expectation is the weight itself (the paper's cheap proxy for PQ);
 //! - [`scalar_noise`]: noised elements (or blocks) take their fake-quantized value, with a
-//!   straight-through gradient that is 1 inside the grid's range and 0 where the value was clamped;
+//!   straight-through gradient that is 1 where the rounded code lies inside the grid and 0 where it
+//!   was clamped (PyTorch's fake-quantize rule);
 //! - [`pq_noise`]: noised blocks take their current nearest centroid (the paper's φ_PQ), with a
 //!   straight-through gradient.
 //!
@@ -38,6 +39,6 @@ mod ops;
 
 pub use mask::{BlockMask, NoiseRate};
 pub use ops::{
-    block_drop, block_drop_matmul, block_drop_matmul_reference, block_drop_reference, pq_noise,
-    scalar_noise,
+    block_drop, block_drop_matmul, block_drop_matmul_reference, block_drop_reference,
+    linear_matmul, pq_noise, scalar_noise, straight_through_gate,
 };

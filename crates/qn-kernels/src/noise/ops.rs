@@ -72,14 +72,27 @@ pub fn block_drop_matmul(
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
 }
 
-/// The plain-tensor twin of [`block_drop_matmul`].
+/// The plain-tensor twin of [`block_drop_matmul`]: the expanded mask times the weight, then candle's
+/// matmul (no fused op anywhere, so a test comparing the two compares independent paths).
 pub fn block_drop_matmul_reference(
     x: &Tensor,
     weight: &Tensor,
     mask: &BlockMask,
     p: NoiseRate,
 ) -> Result<Tensor> {
-    Ok(x.matmul(&block_drop(weight, mask, p)?.t()?)?)
+    Ok(x.matmul(&block_drop_reference(weight, mask, p)?.t()?)?)
+}
+
+/// `x · weightᵀ` for `x (m, in)` and `weight (out, in)`: the noise-free twin of
+/// [`block_drop_matmul`], with the same backward structure (`dx = g · w`, `dw = gᵀ · x`, no
+/// transposed weight node), so that a training step with noise and one without differ only by the
+/// noise. Off the CPU or for other dtypes it is candle's `x.matmul(&w.t())`.
+pub fn linear_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !weight.device().is_cpu() || weight.dtype() != DType::F32 || x.dtype() != DType::F32 {
+        return Ok(x.matmul(&weight.t()?)?);
+    }
+    Ok(x.contiguous()?
+        .apply_op2(&weight.contiguous()?, super::block_drop_op::LinearMatmulOp)?)
 }
 
 /// The plain-tensor twin of [`block_drop`]: `weight * keep` with `keep` the expanded mask.
@@ -110,22 +123,34 @@ fn replace_straight_through(
 
 /// Replaces the noised elements (mask block size 1) or blocks by their fake-quantized value.
 ///
-/// The gradient of a noised value is 1 where the weight lies inside the grid's range and 0 where it
-/// was clamped (PyTorch's fake-quantize rule); out-of-range values are clamped, never reflected.
+/// The gradient of a noised value follows PyTorch's fake-quantize rule: it is 1 where the rounded
+/// code `round(w / scale) + zero_point` lies inside `qmin..=qmax` and 0 where the code was clamped, so
+/// a value up to half a step outside the range still passes its gradient. Out-of-range values are
+/// clamped, never reflected.
 pub fn scalar_noise(weight: &Tensor, params: &QParams, mask: &BlockMask) -> Result<Tensor> {
     check(weight, mask)?;
     let q = fake_quantize(weight, params)?;
-    let (lo, hi) = params.clamp_range()?;
+    let inside = straight_through_gate(weight, params)?;
+    replace_straight_through(weight, &q.to_dtype(weight.dtype())?, &inside, mask)
+}
+
+/// 1 where `round(w / scale) + zero_point` lies inside the grid (the gradient passes), 0 where
+/// fake-quantization clamps it; in `weight`'s dtype and shape.
+pub fn straight_through_gate(weight: &Tensor, params: &QParams) -> Result<Tensor> {
     let v = weight
         .detach()
         .to_dtype(DType::F32)?
         .reshape(&params.view.view())?;
-    let inside = v
-        .broadcast_ge(&lo)?
-        .mul(&v.broadcast_le(&hi)?)?
+    let code = v
+        .broadcast_div(&params.scale)?
+        .round()?
+        .broadcast_add(&params.zero_point)?;
+    let (qmin, qmax) = (params.config.qmin() as f64, params.config.qmax() as f64);
+    Ok(code
+        .ge(qmin)?
+        .mul(&code.le(qmax)?)?
         .to_dtype(weight.dtype())?
-        .reshape(weight.dims())?;
-    replace_straight_through(weight, &q.to_dtype(weight.dtype())?, &inside, mask)
+        .reshape(weight.dims())?)
 }
 
 /// Replaces the noised blocks by their nearest centroid among `codes.centroids` (φ_PQ), with a

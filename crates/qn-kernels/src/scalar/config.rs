@@ -7,7 +7,8 @@ use crate::{Error, Result};
 pub enum Scheme {
     /// `scale = (max - min) / (qmax - qmin)`, zero point chosen so that 0.0 is exact.
     Affine,
-    /// Zero point fixed at `2^(bits-1)`, `scale = max|x| / ((qmax - qmin) / 2)`.
+    /// Zero point fixed at `2^(bits-1)`, `scale = max|x| / (2^(bits-1) - 1)`: `±max|x|` are both on
+    /// the grid.
     Symmetric,
 }
 

@@ -112,9 +112,14 @@ pub(crate) fn qparams_from_range(lo: f32, hi: f32, config: &ScalarConfig) -> (f3
             (scale, zp)
         }
         Scheme::Symmetric => {
+            // Zero point 2^(bits-1): the grid holds 2^(bits-1) - 1 steps above zero and one more
+            // below. The scale puts +max|x| on the top code, so both +max|x| and -max|x| are
+            // representable (dividing by (qmax - qmin) / 2 instead would leave the top at
+            // 0.93 max|x| for int4, and the largest weights outside the grid).
             let amax = hi.max(-lo);
-            let scale = (amax / ((qmax - qmin) / 2.0)).max(f32::EPSILON);
-            (scale, (1u32 << (config.bits - 1)) as f32)
+            let zp = (1u32 << (config.bits - 1)) as f32;
+            let scale = (amax / (qmax - zp)).max(f32::EPSILON);
+            (scale, zp)
         }
     }
 }

@@ -28,7 +28,7 @@ impl QConv2d {
         })
     }
 
-    /// Quantizes the layer's output: clamped in training, fake-quantized in eval (`None`: off).
+    /// Quantizes the layer's output with [`ActQuant`] (`None`: off).
     pub fn set_activation_quant(&mut self, config: Option<ActQuantConfig>) -> Result<()> {
         self.act_quant = config.map(ActQuant::new).transpose()?;
         Ok(())
@@ -74,7 +74,7 @@ impl ModuleT for QConv2d {
         };
         match &self.act_quant {
             None => Ok(y),
-            Some(q) => Ok(q.forward_t(&y, train)?),
+            Some(q) => Ok(q.forward_t(&y, train, self.weight.aux_seed(1))?),
         }
     }
 }

@@ -2,10 +2,16 @@
 
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
-use qn_kernels::{layout::LayerKind, noise::block_drop_matmul};
+use qn_kernels::{
+    layout::LayerKind,
+    noise::{block_drop_matmul, linear_matmul},
+};
 
 use super::QuantNoiseLayer;
-use crate::{qweight::QWeight, ActQuant, ActQuantConfig, Result};
+use crate::{
+    qweight::{LinearPlan, QWeight},
+    ActQuant, ActQuantConfig, Result,
+};
 
 /// A linear layer whose weight `(out, in)` can be noised or product-quantized.
 #[derive(Debug)]
@@ -25,7 +31,7 @@ impl QLinear {
         })
     }
 
-    /// Quantizes the layer's output: clamped in training, fake-quantized in eval (`None`: off).
+    /// Quantizes the layer's output with [`ActQuant`] (`None`: off).
     pub fn set_activation_quant(&mut self, config: Option<ActQuantConfig>) -> Result<()> {
         self.act_quant = config.map(ActQuant::new).transpose()?;
         Ok(())
@@ -58,16 +64,18 @@ impl ModuleT for QLinear {
         let dims = x.dims();
         let (lead, inp) = dims.split_at(dims.len() - 1);
         let x2 = x.reshape((lead.iter().product::<usize>(), inp[0]))?;
-        let (mut y, out) = match self.weight.fused_block_drop(train)? {
+        let (mut y, out) = match self.weight.linear_plan(train)? {
             // Block drop fused into the matmul: the dropped weight never becomes a graph node.
-            Some((w, mask, p)) => (
+            LinearPlan::BlockDrop(w, mask, p) => (
                 block_drop_matmul(&x2, &w, &mask, p).map_err(crate::Error::from)?,
                 w.dim(0)?,
             ),
-            None => {
-                let w = self.weight.weight_t(train)?;
-                (x2.matmul(&w.t()?)?, w.dim(0)?)
-            }
+            // The same kernel without the mask: a noisy and a noise-free step differ by the noise.
+            LinearPlan::Exact(w) => (
+                linear_matmul(&x2, &w).map_err(crate::Error::from)?,
+                w.dim(0)?,
+            ),
+            LinearPlan::Generic(w) => (x2.matmul(&w.t()?)?, w.dim(0)?),
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b.as_tensor())?;
@@ -77,7 +85,7 @@ impl ModuleT for QLinear {
         let y = y.reshape(shape)?;
         match &self.act_quant {
             None => Ok(y),
-            Some(q) => Ok(q.forward_t(&y, train)?),
+            Some(q) => Ok(q.forward_t(&y, train, self.weight.aux_seed(1))?),
         }
     }
 }

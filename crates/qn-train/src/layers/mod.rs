@@ -27,8 +27,8 @@ pub trait QuantNoiseLayer {
     fn name(&self) -> &str {
         self.qweight().name()
     }
-    /// Sets the layer's training noise.
-    fn set_noise(&self, config: NoiseConfig, seed: u64) {
+    /// Sets the layer's training noise (checked against the layer first).
+    fn set_noise(&self, config: NoiseConfig, seed: u64) -> Result<()> {
         self.qweight().set_noise(config, seed)
     }
     /// Every trainable variable: weight or centroids, then the others.

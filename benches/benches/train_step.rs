@@ -42,8 +42,8 @@ fn bench(c: &mut Criterion) {
             },
         ),
     ] {
-        fc1.set_noise(noise, 1);
-        fc2.set_noise(noise, 2);
+        fc1.set_noise(noise, 1).unwrap();
+        fc2.set_noise(noise, 2).unwrap();
         g.bench_function(name, |b| b.iter(|| step(&fc1, &fc2)));
     }
     g.finish();

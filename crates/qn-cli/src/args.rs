@@ -1,0 +1,32 @@
+//! Value parsers shared by the subcommands: every number is checked where clap reads it, so that a
+//! bad value is a one-line usage error (exit 2) naming the argument, before anything is loaded.
+
+use qn_train::NoiseSpec;
+
+/// A finite number greater than zero.
+pub fn parse_positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s} is not a positive finite number"));
+    }
+    Ok(v)
+}
+
+/// A noise spec (`none`, `block:p=…`, `pq:…`, `scalar:…`) or a bare probability meaning block drop
+/// at that rate.
+pub fn parse_probability_or_spec(s: &str) -> Result<NoiseSpec, String> {
+    if let Ok(p) = s.trim().parse::<f64>() {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(format!("{s} is not a probability in [0, 1]"));
+        }
+        return Ok(if p == 0.0 {
+            NoiseSpec::None
+        } else {
+            NoiseSpec::Block { p, bs: None }
+        });
+    }
+    s.parse::<NoiseSpec>().map_err(|e| e.to_string())
+}

@@ -1,0 +1,359 @@
+//! The training loop shared by every model kind: stages, micro-batches, evaluation, metrics,
+//! checkpoints, pause and resume.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, DType, Tensor, D};
+use qn_kernels::pq::{Assignments, PqCodes};
+
+use super::fingerprint::{self, Fingerprint};
+use super::ipq::{int8_centroids, quantize_stage};
+use super::metrics::Metrics;
+use super::{progress_bar, RunOutput, RunReport, StagePlan, TrainConfig};
+use crate::checkpoint::{self, Position};
+use crate::data::Dataset;
+use crate::model::{named_vars, QuantModel};
+use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::{set_noise_step, Error, PqWeight, Result, WeightState};
+
+/// Mean cross-entropy of `logits` `(n, classes)` against `labels` `(n)`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    // log-softmax from primitives (max, sub, exp, sum, log): every step has a backward.
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_sum)?;
+    let picked = log_probs.gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// Classification accuracy in eval mode (no noise).
+pub fn accuracy(model: &dyn QuantModel, data: &Dataset, batch: usize) -> Result<f64> {
+    let n = data.len();
+    let batch = batch.max(1);
+    let mut correct = 0usize;
+    let mut start = 0;
+    while start < n {
+        let len = batch.min(n - start);
+        let logits = model.forward_t(&data.x.narrow(0, start, len)?, false)?;
+        let pred = logits.argmax(D::Minus1)?;
+        let y = data.y.narrow(0, start, len)?.to_dtype(DType::U32)?;
+        correct += pred
+            .eq(&y)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+        start += len;
+    }
+    Ok(correct as f64 / n.max(1) as f64)
+}
+
+fn checkpoint_tensors(
+    model: &dyn QuantModel,
+    opt: Option<&AdamW>,
+) -> Result<HashMap<String, Tensor>> {
+    let mut t = HashMap::new();
+    let vars = named_vars(model);
+    for (i, (name, var)) in vars.iter().enumerate() {
+        t.insert(format!("var/{name}"), var.as_tensor().detach());
+        if let Some(opt) = opt {
+            let (first, second, _) = opt.state();
+            t.insert(format!("opt/first/{name}"), first[i].clone());
+            t.insert(format!("opt/second/{name}"), second[i].clone());
+        }
+    }
+    for layer in model.layers() {
+        if let WeightState::Pq(pq) = layer.qweight().state() {
+            let codes = pq.codes()?;
+            t.insert(
+                format!("pq/{}/assignments", layer.name()),
+                checkpoint::index_tensor(codes.assignments.to_u32(), codes.centroids.device())?,
+            );
+        }
+    }
+    Ok(t)
+}
+
+fn restore(
+    dir: &Path,
+    model: &mut dyn QuantModel,
+    position: &Position,
+    tensors: &HashMap<String, Tensor>,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    let missing = |n: &str| Error::Checkpoint {
+        dir: dir.display().to_string(),
+        reason: format!("`{n}` is missing; remove the directory to start afresh"),
+    };
+    for (name, bs) in &position.pq_layers {
+        let mut layers = model.layers_mut();
+        let layer = layers
+            .iter_mut()
+            .find(|l| l.name() == name)
+            .ok_or_else(|| missing(name))?;
+        let layout = layer.qweight().layout().with_block_size(name, *bs)?;
+        let centroids = tensors
+            .get(&format!("var/{name}.centroids"))
+            .ok_or_else(|| missing(&format!("{name}.centroids")))?;
+        let index = checkpoint::index_vec(
+            tensors
+                .get(&format!("pq/{name}/assignments"))
+                .ok_or_else(|| missing(&format!("{name} assignments")))?,
+        )?;
+        let k = centroids.dim(0)?;
+        let codes = PqCodes::new(centroids.clone(), Assignments::from_u32(&index, k)?, layout)?;
+        layer
+            .qweight_mut()
+            .set_pq(PqWeight::from_codes(&codes, cfg.centroid_grad)?)?;
+    }
+    for (name, var) in named_vars(model) {
+        let t = tensors
+            .get(&format!("var/{name}"))
+            .ok_or_else(|| missing(&name))?;
+        var.set(t)?;
+    }
+    Ok(())
+}
+
+/// Adds `more`'s gradients into `acc` (gradient accumulation).
+fn accumulate(acc: &mut GradStore, more: GradStore, vars: &[candle_core::Var]) -> Result<()> {
+    for v in vars {
+        if let Some(g) = more.get(v.as_tensor()) {
+            let sum = match acc.remove(v.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// The state the loop carries and checkpoints.
+struct State {
+    stage: usize,
+    step_in_stage: usize,
+    global: usize,
+    pq_layers: Vec<(String, usize)>,
+    stage_accuracy: Vec<f64>,
+    warnings: Vec<String>,
+}
+
+impl State {
+    fn save(
+        &self,
+        dir: Option<&Path>,
+        model: &dyn QuantModel,
+        opt: Option<&AdamW>,
+        fingerprint: &Fingerprint,
+    ) -> Result<()> {
+        let Some(d) = dir else { return Ok(()) };
+        let pos = Position {
+            stage: self.stage,
+            step_in_stage: self.step_in_stage,
+            global_step: self.global,
+            optimizer_steps: opt.map_or(0, AdamW::steps),
+            pq_layers: self.pq_layers.clone(),
+            tensors: String::new(),
+            stage_accuracy: self.stage_accuracy.clone(),
+            warnings: self.warnings.clone(),
+            fingerprint: fingerprint.clone(),
+        };
+        checkpoint::save(d, &pos, &checkpoint_tensors(model, opt)?)
+    }
+
+    fn report(&self, stopped: bool) -> RunReport {
+        RunReport {
+            stage_accuracy: self.stage_accuracy.clone(),
+            steps: self.global,
+            stopped,
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+/// Runs (or resumes, when `out.dir` holds a checkpoint of the same run) the stages on `model`.
+///
+/// Everything is checked before the first step: the settings, the plan, `stop_at`, and on resume
+/// the checkpoint's fingerprint (a run with other settings is refused, naming what differs).
+pub fn run_stages(
+    model: &mut dyn QuantModel,
+    train: &Dataset,
+    eval: &Dataset,
+    plan: &StagePlan,
+    cfg: &TrainConfig,
+    out: &RunOutput,
+) -> Result<RunReport> {
+    cfg.validate()?;
+    plan.validate()?;
+    if out.stop_at == Some(0) {
+        return Err(Error::config("stop_at", "must be at least 1"));
+    }
+    if train.is_empty() || eval.is_empty() {
+        return Err(Error::dataset(
+            if train.is_empty() { "training set" } else { "evaluation set" },
+            "holds no examples",
+        ));
+    }
+    let per_step = cfg.batch_size * cfg.grad_accum;
+    let lengths = plan
+        .stages
+        .iter()
+        .map(|s| s.total_steps(train.len(), per_step))
+        .collect::<Result<Vec<_>>>()?;
+    let dir = out.dir.as_deref();
+    let fp = fingerprint::fingerprint(model, plan, cfg, train.len());
+    let resumed = match dir {
+        Some(d) => checkpoint::load(d, train.x.device())?,
+        None => None,
+    };
+    let mut st = State {
+        stage: 0,
+        step_in_stage: 0,
+        global: 0,
+        pq_layers: Vec::new(),
+        stage_accuracy: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let mut restored_opt = None;
+    if let Some((pos, tensors)) = &resumed {
+        let d = dir.expect("resumed from a directory");
+        fingerprint::check(d, &pos.fingerprint, &fp)?;
+        restore(d, model, pos, tensors, cfg)?;
+        st = State {
+            stage: pos.stage,
+            step_in_stage: pos.step_in_stage,
+            global: pos.global_step,
+            pq_layers: pos.pq_layers.clone(),
+            stage_accuracy: pos.stage_accuracy.clone(),
+            warnings: pos.warnings.clone(),
+        };
+        if pos.step_in_stage > 0 {
+            restored_opt = Some((pos.optimizer_steps, tensors));
+        }
+    }
+    let mut metrics = Metrics::open(dir, resumed.as_ref().map(|(p, _)| p.global_step))?;
+    while st.stage < plan.stages.len() {
+        let stage = &plan.stages[st.stage];
+        let stage_steps = lengths[st.stage];
+        if out.stop_at.is_some_and(|s| st.global >= s) {
+            // Paused already (a rerun with the same or an earlier `stop_at`), or at a stage
+            // boundary: the checkpoint on disk holds this position.
+            return Ok(st.report(true));
+        }
+        if st.step_in_stage == 0 {
+            // A stage starts by quantizing (a checkpoint taken mid-stage always has a step > 0, so
+            // a resumed stage is never quantized twice) and with a fresh optimizer.
+            let q = quantize_stage(model, stage, cfg)?;
+            st.pq_layers.extend(q.done);
+            st.warnings.extend(q.skipped);
+        }
+        let named = named_vars(model);
+        let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+        let mut opt = AdamW::new(named.clone(), cfg.adamw)?;
+        if let Some((steps, tensors)) = restored_opt.take() {
+            let get = |kind: &str| -> Result<Vec<Tensor>> {
+                named
+                    .iter()
+                    .map(|(n, _)| {
+                        tensors
+                            .get(&format!("opt/{kind}/{n}"))
+                            .cloned()
+                            .ok_or_else(|| Error::Checkpoint {
+                                dir: dir.map(|d| d.display().to_string()).unwrap_or_default(),
+                                reason: format!("the optimizer state of `{n}` is missing"),
+                            })
+                    })
+                    .collect()
+            };
+            opt.set_state(get("first")?, get("second")?, steps)?;
+        }
+        let bar = progress_bar(cfg.progress, stage_steps, &format!("stage {}", stage.name));
+        bar.set_position(st.step_in_stage as u64);
+        while st.step_in_stage < stage_steps {
+            if out.stop_at == Some(st.global) {
+                st.save(dir, model, Some(&opt), &fp)?;
+                bar.abandon();
+                return Ok(st.report(true));
+            }
+            let layers = model.layers();
+            let mut grads: Option<GradStore> = None;
+            let mut loss_sum = 0.0;
+            for micro in 0..cfg.grad_accum {
+                set_noise_step(&layers, st.global as u64, micro as u32);
+                let (x, y) = train.batch(
+                    st.global * cfg.grad_accum + micro,
+                    cfg.batch_size,
+                    cfg.seed,
+                )?;
+                let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let loss = if cfg.grad_accum > 1 {
+                    (loss / cfg.grad_accum as f64)?
+                } else {
+                    loss
+                };
+                let g = loss.backward()?;
+                match &mut grads {
+                    None => grads = Some(g),
+                    Some(acc) => accumulate(acc, g, &vars)?,
+                }
+            }
+            let mut grads = grads.expect("grad_accum >= 1");
+            let grad_norm = match cfg.max_grad_norm {
+                Some(m) => clip_grad_norm(&mut grads, &vars, m)?,
+                None => f64::NAN,
+            };
+            let lr = learning_rate(cfg.lr, st.step_in_stage, stage_steps, cfg.warmup, cfg.schedule);
+            opt.step(&grads, lr)?;
+            st.step_in_stage += 1;
+            st.global += 1;
+            let loss = loss_sum / cfg.grad_accum as f64;
+            if !loss.is_finite() {
+                return Err(Error::config(
+                    "lr",
+                    format!(
+                        "the loss became {loss} at step {} (stage `{}`); lower the learning rate",
+                        st.global, stage.name
+                    ),
+                ));
+            }
+            let noise_rate = model
+                .layers()
+                .iter()
+                .flat_map(|l| l.qweight().noises())
+                .map(|c| c.rate())
+                .fold(0.0, f64::max);
+            let mut line = serde_json::json!({"step": st.global, "stage": stage.name, "loss": loss, "lr": lr, "grad_norm": grad_norm, "noise_rate": noise_rate});
+            if cfg.eval_every > 0 && st.step_in_stage % cfg.eval_every == 0 {
+                line["eval_accuracy"] = serde_json::json!(accuracy(model, eval, 256)?);
+            }
+            metrics.log(line)?;
+            bar.inc(1);
+            bar.set_message(format!("stage {} loss {loss:.4}", stage.name));
+            if st.step_in_stage < stage_steps
+                && cfg.checkpoint_every > 0
+                && st.step_in_stage % cfg.checkpoint_every == 0
+            {
+                st.save(dir, model, Some(&opt), &fp)?;
+            }
+        }
+        bar.finish_and_clear();
+        // The stage's result is logged and kept in the stage-end checkpoint, so that it survives a
+        // resume; the next stage starts with a fresh optimizer.
+        let acc = accuracy(model, eval, 256)?;
+        metrics.log(serde_json::json!({"step": st.global, "stage": stage.name, "stage_end": true, "eval_accuracy": acc}))?;
+        st.stage_accuracy.push(acc);
+        st.stage += 1;
+        st.step_in_stage = 0;
+        st.save(dir, model, None, &fp)?;
+    }
+    if plan.int8_centroids {
+        int8_centroids(model)?;
+        if let Some(acc) = st.stage_accuracy.last_mut() {
+            *acc = accuracy(model, eval, 256)?;
+        }
+    }
+    Ok(st.report(false))
+}
