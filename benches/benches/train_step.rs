@@ -1,7 +1,9 @@
 //! One training step of a BERT-base-sized FFN block (768 → 3072 → 768, batch 8 x 128 tokens), with
 //! and without block-drop noise on both weights: the cost of quantization noise during training.
 //!
-//! `cargo bench -p qn-train`. Target: noise overhead ≤ 5 %.
+//! `cargo bench -p qn-benches --bench train_step`. Target: noise overhead ≤ 5 %. Both variants run
+//! through the same fused matmul kernel (noise-free `linear_matmul`, noisy `block_drop_matmul`); the
+//! interleaved ratio is `cargo run --release -p qn-train --example noise_overhead`.
 
 use candle_core::{Device, ModuleT, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -20,10 +22,16 @@ fn bench(c: &mut Criterion) {
     let fc1 = linear("intermediate.dense", 768, 3072);
     let fc2 = linear("output.dense", 3072, 768);
     let x = Tensor::randn(0f32, 1.0, (8, 128, 768), &Device::Cpu).unwrap();
-    let mut vars = fc1.vars();
-    vars.extend(fc2.vars());
+    let mut vars = Vec::new();
+    for l in [&fc1, &fc2] {
+        vars.push((format!("{}.weight", l.name()), l.vars()[0].clone()));
+        vars.push((format!("{}.bias", l.name()), l.vars()[1].clone()));
+    }
     let mut opt = AdamW::new(vars, AdamWParams::default()).unwrap();
+    let mut t = 0u64;
     let mut step = |fc1: &QLinear, fc2: &QLinear| {
+        t += 1;
+        qn_train::set_noise_step(&[fc1, fc2], t, 0);
         let h = fc1.forward_t(&x, true).unwrap().gelu_erf().unwrap();
         let y = fc2.forward_t(&h, true).unwrap();
         let loss = y.sqr().unwrap().mean_all().unwrap();

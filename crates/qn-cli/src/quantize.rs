@@ -35,13 +35,13 @@ pub struct QuantizeArgs {
     method: Method,
     /// PQ sub-vector dimension (default: the paper's per layer kind — 4 for attention projections,
     /// 8 for other linears and embeddings, whole kernels for k x k convs, 4 input channels for 1x1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20), allow_negative_numbers = true)]
     block_size: Option<u64>,
     /// PQ centroids per tensor.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
     centroids: u64,
     /// Scalar granularity: tensor, channel[:axis] or group:<size>.
-    #[arg(long, default_value = "channel", value_parser = rules::parse_granularity)]
+    #[arg(long, default_value = "channel", value_parser = rules::parse_granularity, allow_negative_numbers = true)]
     granularity: Granularity,
     /// Scalar observer: minmax or histogram.
     #[arg(long, default_value = "minmax", value_parser = rules::parse_observer)]
@@ -59,16 +59,16 @@ pub struct QuantizeArgs {
     #[arg(long)]
     exclude: Vec<String>,
     /// Tensors with fewer elements stay raw.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, allow_negative_numbers = true)]
     min_numel: usize,
     /// k-means seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// k-means iterations.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000), allow_negative_numbers = true)]
     iters: u64,
     /// Train k-means on at most this many sub-vectors per tensor (all are assigned).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     max_points: Option<u64>,
     /// A TOML rule file setting method / block size / centroids per tensor-name regex.
     #[arg(long)]
@@ -140,11 +140,14 @@ fn compress(
                 .with_observer(plan.observer)
                 .with_scheme(plan.scheme);
             let params = scalar::observe(&w, &cfg).map_err(named)?;
-            Ok(export::scalar_payload(&scalar::quantize(&w, &params).map_err(named)?)?)
+            Ok(export::scalar_payload(
+                &scalar::quantize(&w, &params).map_err(named)?,
+            )?)
         }
         Method::Pq => {
             let kind = LayerKind::infer(name, shape.len()).expect("checked by cannot_quantize");
-            let layout = BlockLayout::new(name, kind, shape, plan.block_size_for(name, kind, shape))?;
+            let layout =
+                BlockLayout::new(name, kind, shape, plan.block_size_for(name, kind, shape))?;
             let cfg = KMeansConfig::new(plan.centroids)
                 .with_iters(args.iters as usize)
                 .with_seed(args.seed)
@@ -256,7 +259,11 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
                     plan.method = Method::Raw;
                 } else if t.dtype() != Dtype::F32 {
                     // Decoders give the tensor back in the dtype it came in (docs/format.md).
-                    let d = if t.dtype() == Dtype::F16 { "f16" } else { "bf16" };
+                    let d = if t.dtype() == Dtype::F16 {
+                        "f16"
+                    } else {
+                        "bf16"
+                    };
                     writer = writer.with_metadata(format!("{SOURCE_DTYPE_KEY}{name}"), d);
                 }
             }

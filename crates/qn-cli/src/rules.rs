@@ -210,7 +210,10 @@ impl Rule {
             return Err("block_size must be at least 1".into());
         }
         if !(1..=65_536).contains(&plan.centroids) {
-            return Err(format!("centroids = {} is outside 1..=65536", plan.centroids));
+            return Err(format!(
+                "centroids = {} is outside 1..=65536",
+                plan.centroids
+            ));
         }
         if let Granularity::PerGroup { size: 0 } = plan.granularity {
             return Err("granularity group:0: a group has at least 1 element".into());
@@ -221,7 +224,12 @@ impl Rule {
 
 impl Plan {
     /// The PQ block size of tensor `name`: the plan's, else the paper's default for its kind.
-    pub fn block_size_for(&self, name: &str, kind: qn_kernels::layout::LayerKind, shape: &[usize]) -> usize {
+    pub fn block_size_for(
+        &self,
+        name: &str,
+        kind: qn_kernels::layout::LayerKind,
+        shape: &[usize],
+    ) -> usize {
         self.block_size
             .unwrap_or_else(|| qn_kernels::layout::default_block_size(name, kind, shape))
     }

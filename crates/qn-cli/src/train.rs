@@ -32,37 +32,37 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with_all = ["epochs", "max_steps"])]
     plan: Option<PathBuf>,
     /// Length of the default float stage in epochs.
-    #[arg(long, value_parser = parse_positive_f64)]
+    #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true)]
     epochs: Option<f64>,
     /// Length of the run in optimizer steps (the learning-rate schedule spans it; reaching it
     /// finishes the run and writes model.qnz).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     max_steps: Option<u64>,
     /// Pause at this global step with a checkpoint; rerun with a larger value, or without it, to
     /// continue.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     stop_at: Option<u64>,
     /// Noise on every layer: none, block:p=0.1[,bs=8], pq:p=0.1[,bs=8,k=256], scalar:bits=8,p=0.5;
     /// a bare number p means block drop at rate p (block sizes default to the paper's per layer).
-    #[arg(long, default_value = "0.1", value_parser = parse_probability_or_spec)]
+    #[arg(long, default_value = "0.1", value_parser = parse_probability_or_spec, allow_negative_numbers = true)]
     noise: NoiseSpec,
     /// Hidden width.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
     hidden: u64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3, value_parser = parse_positive_f64)]
+    #[arg(long, default_value_t = 2e-3, value_parser = parse_positive_f64, allow_negative_numbers = true)]
     lr: f64,
     /// Batch size.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000), allow_negative_numbers = true)]
     batch_size: u64,
     /// Evaluate every N steps (0: only at stage ends).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, allow_negative_numbers = true)]
     eval_every: usize,
     /// Checkpoint every N steps (0: only at stage ends and pauses).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, allow_negative_numbers = true)]
     checkpoint_every: usize,
     /// Seed of initialisation, batches and noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
 }
 

@@ -61,9 +61,7 @@ pub use error::{Error, Result};
 pub use header::{Encoding, Header, TensorEntry};
 pub use ledger::{Ledger, LedgerEntry};
 pub use payload::{Codebook, Payload};
-pub use reader::{
-    ExactRow, Reader, TensorView, EXACT_ROW_KEY, EXACT_ROW_SUFFIX, SOURCE_DTYPE_KEY,
-};
+pub use reader::{ExactRow, Reader, TensorView, EXACT_ROW_KEY, EXACT_ROW_SUFFIX, SOURCE_DTYPE_KEY};
 pub use writer::{write_atomic, Writer};
 
 /// The first four bytes of every `.qnz` file.

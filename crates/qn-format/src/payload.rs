@@ -189,7 +189,8 @@ impl Payload {
         let numel = (assignments.len() * (codebook.len() / *k)) as u64;
         if len >= packed.len()
             || numel > crate::MAX_EXPANSION * len as u64
-            || ((32 * words.len()) as f64) < crate::entropy::min_stream_bits(&probs, assignments.len())
+            || ((32 * words.len()) as f64)
+                < crate::entropy::min_stream_bits(&probs, assignments.len())
         {
             return None;
         }

@@ -144,12 +144,16 @@ impl<B: AsRef<[u8]>> Reader<B> {
     /// Whether `name` is the `.exact_row` side tensor of another tensor (decoders apply it to that
     /// tensor; a tool writing the decoded model leaves it out).
     pub fn is_exact_row_companion(&self, name: &str) -> bool {
-        self.index(name).is_some_and(|i| self.companions.contains(&i))
+        self.index(name)
+            .is_some_and(|i| self.companions.contains(&i))
     }
 
     /// The dtype the tensor had before compression (`dtype:` convention), when recorded.
     pub fn source_dtype(&self, name: &str) -> Option<RawDType> {
-        let v = self.header.metadata.get(&format!("{SOURCE_DTYPE_KEY}{name}"))?;
+        let v = self
+            .header
+            .metadata
+            .get(&format!("{SOURCE_DTYPE_KEY}{name}"))?;
         parse_float_dtype(v)
     }
 

@@ -55,10 +55,14 @@ fn assemble(mut header: Value, data: &[u8]) -> Vec<u8> {
 /// A number worth trying for a size field: edges, powers of two and their neighbours, small values.
 fn interesting(r: &mut ChaCha8Rng) -> u64 {
     match r.random_range(0..6) {
-        0 => [0, 1, 2, 3, 4, 7, 8, 9, 63, 64, 255, 256, 257, 65_535, 65_536][r.random_range(0..15)],
+        0 => [
+            0, 1, 2, 3, 4, 7, 8, 9, 63, 64, 255, 256, 257, 65_535, 65_536,
+        ][r.random_range(0..15)],
         1 => {
             let p = r.random_range(0..63);
-            (1u64 << p).wrapping_add(r.random_range(0..3)).wrapping_sub(1)
+            (1u64 << p)
+                .wrapping_add(r.random_range(0..3))
+                .wrapping_sub(1)
         }
         2 => u64::MAX - r.random_range(0..2),
         3 => r.random_range(0..100),
@@ -100,8 +104,20 @@ fn mutate_entry(t: &mut Value, r: &mut ChaCha8Rng) {
                 enc[k] = match enc[k] {
                     Value::Number(_) => json!(interesting(r)),
                     Value::String(_) => json!(
-                        ["f32", "f16", "bf16", "i64", "u8", "int8", "linear", "embedding", "conv2d", "affine", "symmetric", "per_tensor"]
-                            [r.random_range(0..12)]
+                        [
+                            "f32",
+                            "f16",
+                            "bf16",
+                            "i64",
+                            "u8",
+                            "int8",
+                            "linear",
+                            "embedding",
+                            "conv2d",
+                            "affine",
+                            "symmetric",
+                            "per_tensor"
+                        ][r.random_range(0..12)]
                     ),
                     _ => json!({"per_group": {"size": interesting(r)}}),
                 };
@@ -193,7 +209,10 @@ fn crc_fixed_mutations_of_the_fixture_never_panic_or_overallocate() {
     let (header, data) = split(&base);
     // The assembler itself makes a valid file of the untouched fixture (keys reordered only).
     let same = assemble(header.clone(), &data);
-    let (a, b) = (Reader::from_bytes(&base).unwrap(), Reader::from_bytes(&same).unwrap());
+    let (a, b) = (
+        Reader::from_bytes(&base).unwrap(),
+        Reader::from_bytes(&same).unwrap(),
+    );
     for (x, y) in a.views().zip(b.views()) {
         assert_eq!(x.decode_f32().unwrap(), y.decode_f32().unwrap());
     }

@@ -67,8 +67,18 @@ fn is_embedding_name(name: &str) -> bool {
 
 fn is_attention_projection(name: &str) -> bool {
     const PARTS: [&str; 12] = [
-        "attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "out_proj",
-        "o_proj", "qkv", "in_proj",
+        "attention",
+        "attn",
+        "query",
+        "key",
+        "value",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "o_proj",
+        "qkv",
+        "in_proj",
     ];
     let lower = name.to_ascii_lowercase();
     PARTS.iter().any(|p| lower.contains(p))
@@ -76,7 +86,10 @@ fn is_attention_projection(name: &str) -> bool {
 
 /// The largest divisor of `n` that is at most `cap` (1 for `n = 0`).
 fn largest_divisor_up_to(n: usize, cap: usize) -> usize {
-    (1..=cap.min(n).max(1)).rev().find(|d| n % d == 0).unwrap_or(1)
+    (1..=cap.min(n).max(1))
+        .rev()
+        .find(|d| n % d == 0)
+        .unwrap_or(1)
 }
 
 /// The paper's default block size for a weight: 4 for attention projections (named `attention`,

@@ -196,18 +196,49 @@ fn one_default_block_size_per_layer_kind() {
         assert_eq!(lin(ffn), want, "{ffn}");
     }
     assert_eq!(
-        default_block_size("embeddings.word_embeddings", LayerKind::Embedding, &[30522, 384]),
+        default_block_size(
+            "embeddings.word_embeddings",
+            LayerKind::Embedding,
+            &[30522, 384]
+        ),
         8
     );
-    assert_eq!(default_block_size("conv", LayerKind::Conv2d, &[8, 4, 3, 3]), 9);
-    assert_eq!(default_block_size("conv", LayerKind::Conv2d, &[8, 4, 5, 5]), 25);
-    assert_eq!(default_block_size("pw", LayerKind::Conv2d, &[8, 16, 1, 1]), 4);
-    assert_eq!(default_block_size("se", LayerKind::Conv2d, &[8, 6, 1, 1]), 3);
-    assert_eq!(default_block_size("se", LayerKind::Conv2d, &[8, 10, 1, 1]), 2);
-    assert_eq!(default_block_size("se", LayerKind::Conv2d, &[8, 7, 1, 1]), 1);
-    assert_eq!(LayerKind::infer("bert.embeddings.word_embeddings.weight", 2), Some(LayerKind::Embedding));
-    assert_eq!(LayerKind::infer("transformer.wte.weight", 2), Some(LayerKind::Embedding));
-    assert_eq!(LayerKind::infer("encoder.layer.0.output.dense.weight", 2), Some(LayerKind::Linear));
+    assert_eq!(
+        default_block_size("conv", LayerKind::Conv2d, &[8, 4, 3, 3]),
+        9
+    );
+    assert_eq!(
+        default_block_size("conv", LayerKind::Conv2d, &[8, 4, 5, 5]),
+        25
+    );
+    assert_eq!(
+        default_block_size("pw", LayerKind::Conv2d, &[8, 16, 1, 1]),
+        4
+    );
+    assert_eq!(
+        default_block_size("se", LayerKind::Conv2d, &[8, 6, 1, 1]),
+        3
+    );
+    assert_eq!(
+        default_block_size("se", LayerKind::Conv2d, &[8, 10, 1, 1]),
+        2
+    );
+    assert_eq!(
+        default_block_size("se", LayerKind::Conv2d, &[8, 7, 1, 1]),
+        1
+    );
+    assert_eq!(
+        LayerKind::infer("bert.embeddings.word_embeddings.weight", 2),
+        Some(LayerKind::Embedding)
+    );
+    assert_eq!(
+        LayerKind::infer("transformer.wte.weight", 2),
+        Some(LayerKind::Embedding)
+    );
+    assert_eq!(
+        LayerKind::infer("encoder.layer.0.output.dense.weight", 2),
+        Some(LayerKind::Linear)
+    );
     assert_eq!(LayerKind::infer("conv.weight", 4), Some(LayerKind::Conv2d));
     assert_eq!(LayerKind::infer("norm.weight", 1), None);
 }

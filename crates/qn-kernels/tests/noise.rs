@@ -469,7 +469,12 @@ fn noise_free_linear_matmul_matches_candles_matmul_with_gradients() {
             Var::from_tensor(&w0).unwrap(),
         );
         let y = f(x.as_tensor(), w.as_tensor());
-        let grads = (y.clone() * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (y.clone() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         [
             values(&y),
             values(grads.get(x.as_tensor()).unwrap()),
@@ -480,7 +485,10 @@ fn noise_free_linear_matmul_matches_candles_matmul_with_gradients() {
     let plain = run(&|x, w| x.matmul(&w.t().unwrap()).unwrap());
     for (what, (a, b)) in ["y", "dx", "dw"].iter().zip(fused.iter().zip(&plain)) {
         for (i, (u, v)) in a.iter().zip(b).enumerate() {
-            assert!((u - v).abs() <= 1e-4 * (1.0 + v.abs()), "{what}[{i}]: {u} vs {v}");
+            assert!(
+                (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                "{what}[{i}]: {u} vs {v}"
+            );
         }
     }
 }
@@ -500,7 +508,12 @@ fn scalar_straight_through_gate_at_both_boundaries() {
             lo.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64,
             hi.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64,
         );
-        let step = params.scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let step = params
+            .scale
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0] as f64;
         let probes = [
             hi - 0.2 * step, // inside
             hi + 0.4 * step, // rounds to qmax: passes
@@ -522,7 +535,10 @@ fn scalar_straight_through_gate_at_both_boundaries() {
         assert_eq!(grad, expect.to_vec(), "{scheme:?}: gradient gate");
         // Values are the clamped grid points.
         let out = values(&out);
-        assert!((out[2] - hi).abs() < 1e-6 && (out[6] - lo).abs() < 1e-6, "{scheme:?}: {out:?}");
+        assert!(
+            (out[2] - hi).abs() < 1e-6 && (out[6] - lo).abs() < 1e-6,
+            "{scheme:?}: {out:?}"
+        );
         let gate = values(&qn_kernels::noise::straight_through_gate(&w, &params).unwrap());
         assert_eq!(gate, expect.to_vec());
     }
@@ -539,12 +555,25 @@ fn symmetric_grid_represents_plus_and_minus_max_abs() {
     v[1] = -amax;
     let w = Tensor::from_vec(v, (4, 64), &Device::Cpu).unwrap();
     for bits in [4u8, 8] {
-        let cfg = ScalarConfig::new(bits).unwrap().with_scheme(Scheme::Symmetric);
+        let cfg = ScalarConfig::new(bits)
+            .unwrap()
+            .with_scheme(Scheme::Symmetric);
         let params = observe(&w, &cfg).unwrap();
         let fq = values(&fake_quantize(&w, &params).unwrap());
-        assert!((fq[0] - amax as f64).abs() < 1e-6, "bits {bits}: +max -> {}", fq[0]);
-        assert!((fq[1] + amax as f64).abs() < 1e-6, "bits {bits}: -max -> {}", fq[1]);
+        assert!(
+            (fq[0] - amax as f64).abs() < 1e-6,
+            "bits {bits}: +max -> {}",
+            fq[0]
+        );
+        assert!(
+            (fq[1] + amax as f64).abs() < 1e-6,
+            "bits {bits}: -max -> {}",
+            fq[1]
+        );
         let gate = values(&qn_kernels::noise::straight_through_gate(&w, &params).unwrap());
-        assert!(gate.iter().all(|&g| g == 1.0), "bits {bits}: every weight keeps its gradient");
+        assert!(
+            gate.iter().all(|&g| g == 1.0),
+            "bits {bits}: every weight keeps its gradient"
+        );
     }
 }

@@ -80,8 +80,7 @@ impl ActQuant {
     fn params(&self, lo: f32, hi: f32, x: &Tensor) -> Result<QParams> {
         let cfg = ScalarConfig::new(self.config.bits)?;
         let view = ParamView::new("activation", x.dims(), cfg.granularity)?;
-        observe_range(&[lo], &[hi], view, &cfg, x.device())
-            .map_err(crate::Error::from)
+        observe_range(&[lo], &[hi], view, &cfg, x.device()).map_err(crate::Error::from)
     }
 
     /// Training: updates the range, then fake-quantizes a fraction `p` of `x` (drawn from `seed`)

@@ -59,7 +59,10 @@ fn serialize(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
         let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
             DType::U32 => (
                 safetensors::Dtype::U32,
-                flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             _ => (
                 safetensors::Dtype::F32,
@@ -79,7 +82,8 @@ fn serialize(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::config("checkpoint", e.to_string()))?;
-    safetensors::tensor::serialize(views, None).map_err(|e| Error::config("checkpoint", e.to_string()))
+    safetensors::tensor::serialize(views, None)
+        .map_err(|e| Error::config("checkpoint", e.to_string()))
 }
 
 /// Saves `tensors` and `position` into `dir`; the previous checkpoint is removed only after the new
@@ -112,9 +116,12 @@ pub fn load_position(dir: &Path) -> Result<Option<Position>> {
         return Ok(None);
     }
     let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|e| io(&path, format!("not a checkpoint ({e}); remove it to start afresh")))
+    serde_json::from_slice(&text).map(Some).map_err(|e| {
+        io(
+            &path,
+            format!("not a checkpoint ({e}); remove it to start afresh"),
+        )
+    })
 }
 
 /// The latest checkpoint's position and tensors.

@@ -227,7 +227,13 @@ impl NoiseState {
         let mut w = weight.clone();
         for (i, stage) in self.stages.iter_mut().enumerate() {
             let seed = mask_seed(self.seed, at, i);
-            w = stage.apply(name, &w, layout, at.step, &mut ChaCha8Rng::seed_from_u64(seed))?;
+            w = stage.apply(
+                name,
+                &w,
+                layout,
+                at.step,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+            )?;
         }
         Ok(w)
     }
@@ -268,9 +274,7 @@ impl NoiseStage {
                 let layout = layout.with_block_size(name, block_size)?;
                 let due = interval(step, update_every);
                 if self.codes.as_ref().is_none_or(|(at, _)| *at != due) {
-                    let cfg = KMeansConfig::new(n_centroids)
-                        .with_iters(10)
-                        .with_seed(due);
+                    let cfg = KMeansConfig::new(n_centroids).with_iters(10).with_seed(due);
                     let codes = encode(&weight.detach(), &layout, &cfg, &mut |_| {})
                         .map_err(|e| e.for_tensor(name))?;
                     self.codes = Some((due, codes));
@@ -306,5 +310,7 @@ impl NoiseStage {
 fn mask_seed(seed: u64, at: NoiseStep, i: usize) -> u64 {
     seed ^ at.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
-        ^ (at.micro as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F).rotate_left(17)
+        ^ (at.micro as u64 + 1)
+            .wrapping_mul(0xA076_1D64_78BD_642F)
+            .rotate_left(17)
 }

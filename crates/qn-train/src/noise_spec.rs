@@ -131,7 +131,10 @@ impl FromStr for NoiseSpec {
                     None | Some("minmax") => ObserverKind::MinMax,
                     Some("histogram") => ObserverKind::HISTOGRAM,
                     Some(o) => {
-                        return Err(bad(spec, format!("observer `{o}` is not minmax or histogram")))
+                        return Err(bad(
+                            spec,
+                            format!("observer `{o}` is not minmax or histogram"),
+                        ))
                     }
                 },
             },
@@ -164,7 +167,10 @@ impl fmt::Display for NoiseSpec {
                     ObserverKind::MinMax => "minmax",
                     ObserverKind::Histogram { .. } => "histogram",
                 };
-                write!(f, "scalar:bits={bits},p={p},bs={bs},every={every},observer={o}")
+                write!(
+                    f,
+                    "scalar:bits={bits},p={p},bs={bs},every={every},observer={o}"
+                )
             }
         }
     }

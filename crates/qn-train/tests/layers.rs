@@ -93,7 +93,9 @@ fn layers() -> Vec<(Box<dyn QuantNoiseLayer>, usize)> {
 fn block_drop_rate_and_expectation_for_every_layer_kind() {
     for (layer, bs) in layers() {
         let p = 0.3;
-        layer.set_noise(NoiseConfig::BlockDrop { p, block_size: bs }, 11).unwrap();
+        layer
+            .set_noise(NoiseConfig::BlockDrop { p, block_size: bs }, 11)
+            .unwrap();
         let w = layer.qweight().stored().unwrap();
         let exact = values(&w);
         let draws = 300;
@@ -140,7 +142,8 @@ fn eval_mode_is_noise_free_and_deterministic() {
             block_size: 4,
         },
         1,
-    ).unwrap();
+    )
+    .unwrap();
     let x = gaussian(&[3, 16], 8);
     let a = fc.forward_t(&x, false).unwrap();
     let b = fc.forward_t(&x, false).unwrap();
@@ -287,8 +290,15 @@ fn fused_f32_block_drop_gradient_matches_f64_finite_differences() {
     let loss64 = |w: &[f64]| -> f64 {
         let t = Tensor::from_vec(w.to_vec(), (6, 16), &Device::Cpu).unwrap();
         let (_, fc) = layer(&t);
-        let y = fc.forward_t(&x.to_dtype(DType::F64).unwrap(), true).unwrap();
-        values(&(y * g.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap())[0]
+        let y = fc
+            .forward_t(&x.to_dtype(DType::F64).unwrap(), true)
+            .unwrap();
+        values(
+            &(y * g.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+        )[0]
     };
     let base = values(&w0);
     let mut dropped = 0;
@@ -305,7 +315,10 @@ fn fused_f32_block_drop_gradient_matches_f64_finite_differences() {
             grad[i]
         );
     }
-    assert!(dropped > 0 && dropped < base.len(), "{dropped} elements dropped");
+    assert!(
+        dropped > 0 && dropped < base.len(),
+        "{dropped} elements dropped"
+    );
 }
 
 #[test]
@@ -321,7 +334,8 @@ fn scalar_noise_at_p_one_is_quantization_aware_training() {
             update_every: 1,
         },
         0,
-    ).unwrap();
+    )
+    .unwrap();
     let w = fc.qweight().stored().unwrap();
     let params = qn_train::kernels::scalar::observe(
         &w,
@@ -341,7 +355,8 @@ fn scalar_noise_at_p_one_is_quantization_aware_training() {
             update_every: 1,
         },
         0,
-    ).unwrap();
+    )
+    .unwrap();
     assert_eq!(bits(&fc.qweight().weight_t(true).unwrap()), bits(&w));
 }
 
@@ -393,16 +408,25 @@ fn pq_noise_uses_current_centroids_and_keeps_the_weight() {
     fc.qweight().set_noise_step(at(1));
     let noisy1 = fc.qweight().weight_t(true).unwrap();
     let stale = distinct_blocks(&noisy1);
-    assert!(stale.iter().all(|b| old.contains(b)), "step 1 uses step 0's centroids");
+    assert!(
+        stale.iter().all(|b| old.contains(b)),
+        "step 1 uses step 0's centroids"
+    );
     // Next interval: centroids of the moved weight.
     fc.qweight().set_noise_step(at(2));
     let noisy2 = fc.qweight().weight_t(true).unwrap();
     let fresh = distinct_blocks(&noisy2);
     assert!(fresh.len() <= 16);
-    assert!(fresh.iter().all(|b| !old.contains(b)), "step 2 uses new centroids");
+    assert!(
+        fresh.iter().all(|b| !old.contains(b)),
+        "step 2 uses new centroids"
+    );
     let err_stale = qn_train::kernels::relative_mse(&moved, &noisy1).unwrap();
     let err_fresh = qn_train::kernels::relative_mse(&moved, &noisy2).unwrap();
-    assert!(err_fresh < 0.9 && err_fresh < 0.5 * err_stale, "{err_fresh} vs {err_stale}");
+    assert!(
+        err_fresh < 0.9 && err_fresh < 0.5 * err_stale,
+        "{err_fresh} vs {err_stale}"
+    );
     assert_eq!(bits(&fc.qweight().stored().unwrap()), bits(&moved));
 }
 
@@ -481,7 +505,8 @@ fn embedding_padding_row_is_exact_untrained_and_survives_pq() {
             block_size: 4,
         },
         3,
-    ).unwrap();
+    )
+    .unwrap();
     let ids = Tensor::new(&[[1u32, 2, 1], [3, 1, 0]], &Device::Cpu).unwrap();
     let out = emb.forward_t(&ids, true).unwrap();
     assert_eq!(out.dims(), &[2, 3, 8]);
@@ -583,21 +608,24 @@ fn convs_train_with_noise_and_every_variable_gets_a_gradient() {
             block_size: 9,
         },
         1,
-    ).unwrap();
+    )
+    .unwrap();
     pw.set_noise(
         NoiseConfig::BlockDrop {
             p: 0.2,
             block_size: 4,
         },
         2,
-    ).unwrap();
+    )
+    .unwrap();
     dw.set_noise(
         NoiseConfig::BlockDrop {
             p: 0.2,
             block_size: 9,
         },
         3,
-    ).unwrap();
+    )
+    .unwrap();
     let y = dw
         .forward_t(
             &pw.forward_t(&conv.forward_t(&x, true).unwrap(), true)
@@ -677,8 +705,15 @@ fn activation_quantization_fake_quantizes_in_training_with_a_straight_through_gr
     let (mut passed, mut cut) = (0, 0);
     for (i, x) in values(&wide).iter().enumerate() {
         if *x >= lo - 0.45 * step && *x <= hi + 0.45 * step {
-            assert_eq!(g[i], 1.0, "element {i} = {x} inside [{lo}, {hi}] keeps its gradient");
-            assert!((ov[i] - x).abs() <= 0.51 * step, "element {i}: {} vs {x}", ov[i]);
+            assert_eq!(
+                g[i], 1.0,
+                "element {i} = {x} inside [{lo}, {hi}] keeps its gradient"
+            );
+            assert!(
+                (ov[i] - x).abs() <= 0.51 * step,
+                "element {i}: {} vs {x}",
+                ov[i]
+            );
             passed += 1;
         } else if *x < lo - 0.55 * step || *x > hi + 0.55 * step {
             assert_eq!(g[i], 0.0, "element {i} = {x} clamped passes nothing");
@@ -706,8 +741,15 @@ fn activation_quantization_fake_quantizes_in_training_with_a_straight_through_gr
         .filter(|(a, b)| a == b)
         .count() as f64
         / y.len() as f64;
-    assert!((exact - 0.5).abs() < 0.06, "{exact} of the outputs kept exact");
-    assert_eq!(y, values(&half.forward_t(&narrow, true, 3).unwrap()), "same seed, same mask");
+    assert!(
+        (exact - 0.5).abs() < 0.06,
+        "{exact} of the outputs kept exact"
+    );
+    assert_eq!(
+        y,
+        values(&half.forward_t(&narrow, true, 3).unwrap()),
+        "same seed, same mask"
+    );
 }
 
 /// The layer wiring: a QLinear with activation quantization trains through it (its weight gets a
@@ -724,7 +766,11 @@ fn qlinear_activation_quantization_trains_and_quantizes() {
     let x = gaussian(&[64, 32], 41);
     let y = fc.forward_t(&x, true).unwrap();
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let vars: Vec<(String, Var)> = fc.vars().into_iter().map(|v| ("fc.weight".into(), v)).collect();
+    let vars: Vec<(String, Var)> = fc
+        .vars()
+        .into_iter()
+        .map(|v| ("fc.weight".into(), v))
+        .collect();
     assert!(vars_without_gradient(&grads, &vars).is_empty());
     let e = values(&fc.forward_t(&x, false).unwrap());
     let mut levels: Vec<u32> = e.iter().map(|v| (*v as f32).to_bits()).collect();
@@ -743,13 +789,15 @@ fn fc2_range(t: &Tensor) -> (f32, f32) {
 #[test]
 fn stored_weight_is_bit_identical_after_noisy_forward_and_backward() {
     for (layer, bs) in layers() {
-        layer.set_noise(
-            NoiseConfig::BlockDrop {
-                p: 0.5,
-                block_size: bs,
-            },
-            1,
-        ).unwrap();
+        layer
+            .set_noise(
+                NoiseConfig::BlockDrop {
+                    p: 0.5,
+                    block_size: bs,
+                },
+                1,
+            )
+            .unwrap();
         let before = bits(&layer.qweight().stored().unwrap());
         for _ in 0..5 {
             let w = layer.qweight().weight_t(true).unwrap();

@@ -8,7 +8,11 @@ fn var(shape: &[usize]) -> Var {
 }
 
 fn first(v: &Var) -> f32 {
-    v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+    v.as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0]
 }
 
 /// A gradient of 1 everywhere: Adam's first update is `lr · 1`, and the decay multiplies by
@@ -41,7 +45,10 @@ fn after_one_step(decay_on: DecayOn) -> Vec<f32> {
 
 #[test]
 fn weight_decay_applies_to_weight_matrices_only_by_default() {
-    assert_eq!(after_one_step(DecayOn::Weights), vec![0.45, 0.5, 0.5, 0.5, 0.45]);
+    assert_eq!(
+        after_one_step(DecayOn::Weights),
+        vec![0.45, 0.5, 0.5, 0.5, 0.45]
+    );
     assert_eq!(after_one_step(DecayOn::All), vec![0.45; 5]);
     assert_eq!(AdamWParams::default().decay_on, DecayOn::Weights);
 }

@@ -38,7 +38,8 @@ fn noisy_mlp(seed: u64) -> Mlp {
                 block_size: 4,
             },
             100 + i as u64,
-        ).unwrap();
+        )
+        .unwrap();
     }
     mlp
 }
@@ -313,7 +314,11 @@ fn stop_at_pauses_anywhere_and_a_rerun_continues_and_finishes() {
     let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = log
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps, (1..=12).collect::<Vec<_>>());
     let done = run_to(dir.path(), None).unwrap();
@@ -322,11 +327,17 @@ fn stop_at_pauses_anywhere_and_a_rerun_continues_and_finishes() {
     let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     let again = run_to(dir.path(), None).unwrap();
     assert_eq!(again, done);
-    assert_eq!(std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap(), log);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap(),
+        log
+    );
     assert_eq!(log.lines().count(), 14, "13 steps and the stage end");
     // An uninterrupted run reaches the same weights and accuracy.
     let whole = tempfile::tempdir().unwrap();
-    assert_eq!(run_to(whole.path(), None).unwrap().stage_accuracy, done.stage_accuracy);
+    assert_eq!(
+        run_to(whole.path(), None).unwrap().stage_accuracy,
+        done.stage_accuracy
+    );
 }
 
 #[test]
@@ -340,11 +351,17 @@ fn resuming_with_other_settings_is_refused_naming_the_field() {
         dir: Some(dir.path().into()),
         stop_at: None,
     };
-    let other = TrainConfig { lr: 5e-4, ..cfg.clone() };
+    let other = TrainConfig {
+        lr: 5e-4,
+        ..cfg.clone()
+    };
     let err = run_stages(&mut m, &train, &test, &plan, &other, &out)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("`lr` was 0.001, is now 0.0005") && err.contains("afresh"), "{err}");
+    assert!(
+        err.contains("`lr` was 0.001, is now 0.0005") && err.contains("afresh"),
+        "{err}"
+    );
     let err = run_stages(&mut m, &train, &test, &StagePlan::float(14), &cfg, &out)
         .unwrap_err()
         .to_string();
@@ -397,17 +414,35 @@ fn gradient_accumulation_matches_one_large_batch() {
             grad_accum: accum,
             ..TrainConfig::default()
         };
-        run_stages(&mut m, &data, &data, &StagePlan::float(3), &cfg, &RunOutput::default()).unwrap();
+        run_stages(
+            &mut m,
+            &data,
+            &data,
+            &StagePlan::float(3),
+            &cfg,
+            &RunOutput::default(),
+        )
+        .unwrap();
         named_vars(&m)
             .into_iter()
-            .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
             .collect::<Vec<_>>()
     };
     let (one, two) = (run(64, 1), run(32, 2));
     for (i, (a, b)) in one.iter().zip(&two).enumerate() {
         assert!((a - b).abs() < 1e-5, "value {i}: {a} vs {b}");
     }
-    assert_ne!(one, run(32, 1), "a smaller batch without accumulation differs");
+    assert_ne!(
+        one,
+        run(32, 1),
+        "a smaller batch without accumulation differs"
+    );
 }
 
 #[test]

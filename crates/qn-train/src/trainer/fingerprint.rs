@@ -86,7 +86,10 @@ pub fn check(dir: &std::path::Path, saved: &Fingerprint, now: &Fingerprint) -> R
     let show = |v: Option<&String>| {
         let v = v.map(String::as_str).unwrap_or("absent").replace('\n', " ");
         if v.len() > 80 {
-            format!("{}…", &v[..v.char_indices().nth(80).map_or(v.len(), |(i, _)| i)])
+            format!(
+                "{}…",
+                &v[..v.char_indices().nth(80).map_or(v.len(), |(i, _)| i)]
+            )
         } else {
             v
         }

@@ -85,8 +85,11 @@ pub fn int8_centroids(model: &dyn QuantModel) -> Result<()> {
             let c = pq.centroids().as_tensor();
             let values = c.flatten_all()?.to_vec1::<f32>()?;
             let rounded = Codebook::from_f32(&values, CodebookKind::Int8).to_f32();
-            pq.centroids()
-                .set(&candle_core::Tensor::from_vec(rounded, c.dims(), c.device())?)?;
+            pq.centroids().set(&candle_core::Tensor::from_vec(
+                rounded,
+                c.dims(),
+                c.device(),
+            )?)?;
         }
     }
     Ok(())

@@ -109,12 +109,18 @@ impl TrainConfig {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(Error::config(field, format!("{v} is not a positive number")))
+                Err(Error::config(
+                    field,
+                    format!("{v} is not a positive number"),
+                ))
             }
         };
         positive("lr", self.lr)?;
         if self.lr > 10.0 {
-            return Err(Error::config("lr", format!("{} is implausibly large", self.lr)));
+            return Err(Error::config(
+                "lr",
+                format!("{} is implausibly large", self.lr),
+            ));
         }
         if let Some(m) = self.max_grad_norm {
             positive("max_grad_norm", m)?;

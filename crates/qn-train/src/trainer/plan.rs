@@ -84,7 +84,10 @@ impl Stage {
             (None, Some(e)) if e.is_finite() && e > 0.0 => {
                 let steps = (e * n as f64 / per_step.max(1) as f64).ceil();
                 if steps > 1e12 {
-                    return Err(Error::config(self.field("epochs"), format!("{e} is too many")));
+                    return Err(Error::config(
+                        self.field("epochs"),
+                        format!("{e} is too many"),
+                    ));
                 }
                 Ok((steps as usize).max(1))
             }
@@ -126,11 +129,17 @@ impl Stage {
         if let Some(p) = &self.layers {
             regex("layers", p)?;
         }
-        let ks = std::iter::once((self.centroids, "centroids"))
-            .chain(self.overrides.iter().filter_map(|o| o.centroids.map(|k| (k, "override centroids"))));
+        let ks = std::iter::once((self.centroids, "centroids")).chain(
+            self.overrides
+                .iter()
+                .filter_map(|o| o.centroids.map(|k| (k, "override centroids"))),
+        );
         for (k, f) in ks {
             if !(1..=1 << 16).contains(&k) {
-                return Err(Error::config(self.field(f), format!("{k} is outside 1..=65536")));
+                return Err(Error::config(
+                    self.field(f),
+                    format!("{k} is outside 1..=65536"),
+                ));
             }
         }
         let bss = self
@@ -139,7 +148,10 @@ impl Stage {
             .chain(self.overrides.iter().filter_map(|o| o.block_size));
         for bs in bss {
             if bs == 0 {
-                return Err(Error::config(self.field("block_size"), "must be at least 1"));
+                return Err(Error::config(
+                    self.field("block_size"),
+                    "must be at least 1",
+                ));
             }
         }
         for o in &self.overrides {
@@ -168,12 +180,8 @@ pub struct StagePlan {
 impl StagePlan {
     /// Parses a TOML plan; errors name the field.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let plan: StagePlan = toml::from_str(text).map_err(|e| {
-            Error::config(
-                "stage plan",
-                e.message().to_string().replace('\n', " "),
-            )
-        })?;
+        let plan: StagePlan = toml::from_str(text)
+            .map_err(|e| Error::config("stage plan", e.message().to_string().replace('\n', " ")))?;
         plan.validate()?;
         Ok(plan)
     }

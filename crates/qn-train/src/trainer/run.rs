@@ -192,7 +192,11 @@ pub fn run_stages(
     }
     if train.is_empty() || eval.is_empty() {
         return Err(Error::dataset(
-            if train.is_empty() { "training set" } else { "evaluation set" },
+            if train.is_empty() {
+                "training set"
+            } else {
+                "evaluation set"
+            },
             "holds no examples",
         ));
     }
@@ -282,11 +286,8 @@ pub fn run_stages(
             let mut loss_sum = 0.0;
             for micro in 0..cfg.grad_accum {
                 set_noise_step(&layers, st.global as u64, micro as u32);
-                let (x, y) = train.batch(
-                    st.global * cfg.grad_accum + micro,
-                    cfg.batch_size,
-                    cfg.seed,
-                )?;
+                let (x, y) =
+                    train.batch(st.global * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)?;
                 let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 let loss = if cfg.grad_accum > 1 {
@@ -305,7 +306,13 @@ pub fn run_stages(
                 Some(m) => clip_grad_norm(&mut grads, &vars, m)?,
                 None => f64::NAN,
             };
-            let lr = learning_rate(cfg.lr, st.step_in_stage, stage_steps, cfg.warmup, cfg.schedule);
+            let lr = learning_rate(
+                cfg.lr,
+                st.step_in_stage,
+                stage_steps,
+                cfg.warmup,
+                cfg.schedule,
+            );
             opt.step(&grads, lr)?;
             st.step_in_stage += 1;
             st.global += 1;

@@ -1,45 +1,13 @@
 //! `qn quantize | inspect | decompress` as a user runs them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use qn_format::{Encoding, Reader};
 
-fn qn(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_qn"));
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
+use qn_tests::{ok, one_line_error, qn};
 
 fn asset() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/minilm-l6-layer0.safetensors")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// Exit code 1, one line on stderr containing every `needle`.
-fn one_line_error(out: &Output, needles: &[&str]) {
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    for n in needles {
-        assert!(err.contains(n), "`{n}` missing from: {err}");
-    }
+    qn_tests::asset("minilm-l6-layer0.safetensors")
 }
 
 fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
@@ -148,8 +116,12 @@ fn inspect_json_reports_the_ledger_and_int4_is_half_of_int8() {
     let rows = 384 + 1536;
     assert_eq!(sizes[0] - 5 * rows, 737_280);
     assert_eq!(sizes[1] - 5 * rows, 737_280 / 2);
-    // PQ d=8 K=256: one byte per 8 weights plus two 256 x 8 f16 codebooks.
-    assert_eq!(sizes[2], 737_280 / 8 + 2 * 256 * 8 * 2);
+    // PQ K=256 with the paper's block sizes: the attention query in blocks of 4 (one byte per 4
+    // weights, a 256 x 4 f16 codebook), the FFN in blocks of 8 (one byte per 8, 256 x 8).
+    assert_eq!(
+        sizes[2],
+        384 * 384 / 4 + 256 * 4 * 2 + 1536 * 384 / 8 + 256 * 8 * 2
+    );
 }
 
 #[test]
@@ -447,16 +419,7 @@ fn bad_inputs_are_one_line_errors_and_leave_no_output() {
 
 /// all-MiniLM-L6-v2 from `$QN_DATA_DIR/models/all-MiniLM-L6-v2`, if present.
 fn minilm() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("QN_DATA_DIR") else {
-        eprintln!("skipped: QN_DATA_DIR is not set (point it at the shared data directory)");
-        return None;
-    };
-    let p = Path::new(&dir).join("models/all-MiniLM-L6-v2/model.safetensors");
-    if !p.exists() {
-        eprintln!("skipped: {} does not exist", p.display());
-        return None;
-    }
-    Some(p)
+    qn_tests::shared("models/all-MiniLM-L6-v2/model.safetensors")
 }
 
 #[test]
@@ -611,4 +574,168 @@ fn a_pq_embedding_keeps_its_padding_row_exactly_through_the_file() {
         &values[16..32]
     );
     assert!(values[..16].iter().any(|&v| v != 0.0));
+}
+
+/// A safetensors file of `(name, dtype, shape, bytes)`.
+fn write_safetensors(path: &Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.to_string(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+}
+
+/// f16 and bf16 weights come back as f16 and bf16 (quantized or kept raw), not doubled to f32; a
+/// tensor that cannot be quantized (empty, fewer sub-vectors than K) stays raw with a warning
+/// naming it instead of stopping the command.
+#[test]
+fn decompress_keeps_source_dtypes_and_unquantizable_tensors_stay_raw() {
+    use half::{bf16, f16};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("mixed.safetensors");
+    let vals: Vec<f32> = (0..64 * 64)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let h: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    let small: Vec<u8> = vals[..2 * 384]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    write_safetensors(
+        &src,
+        &[
+            ("half.weight", safetensors::Dtype::F16, vec![64, 64], h),
+            ("brain.weight", safetensors::Dtype::BF16, vec![64, 64], b),
+            (
+                "empty.weight",
+                safetensors::Dtype::F32,
+                vec![0, 128],
+                vec![],
+            ),
+            (
+                "token_type_embeddings.weight",
+                safetensors::Dtype::F32,
+                vec![2, 384],
+                small,
+            ),
+        ],
+    );
+    for method in ["pq", "int8"] {
+        let qnz = dir.path().join(format!("{method}.qnz"));
+        let out = qn(&[
+            &"quantize",
+            &src,
+            &"-o",
+            &qnz,
+            &"--method",
+            &method,
+            &"--min-numel",
+            &"0",
+        ]);
+        let stdout = ok(&out);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("`empty.weight` stays raw"), "{err}");
+        if method == "pq" {
+            assert!(
+                err.contains("`token_type_embeddings.weight` stays raw"),
+                "{err}"
+            );
+        }
+        assert!(stdout.contains("wrote"), "{stdout}");
+        let back = dir.path().join(format!("{method}.safetensors"));
+        ok(&qn(&[&"decompress", &qnz, &"-o", &back]));
+        let bytes = std::fs::read(&back).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(
+            st.tensor("half.weight").unwrap().dtype(),
+            safetensors::Dtype::F16
+        );
+        assert_eq!(
+            st.tensor("brain.weight").unwrap().dtype(),
+            safetensors::Dtype::BF16
+        );
+        assert_eq!(st.tensor("empty.weight").unwrap().shape(), &[0, 128]);
+        // The restored file is no bigger than the source.
+        assert!(
+            bytes.len() <= std::fs::metadata(&src).unwrap().len() as usize + 512,
+            "{method}: {} bytes from {}",
+            bytes.len(),
+            std::fs::metadata(&src).unwrap().len()
+        );
+        let r = Reader::open(&qnz).unwrap();
+        assert!(matches!(
+            r.tensor("empty.weight").unwrap().entry.encoding,
+            Encoding::Raw { .. }
+        ));
+        assert!(!matches!(
+            r.tensor("half.weight").unwrap().entry.encoding,
+            Encoding::Raw { .. }
+        ));
+    }
+}
+
+/// The format's own decoder applies the exact row: a library user reading a `.qnz` gets the
+/// padding row exactly, with no CLI involved.
+#[test]
+fn the_format_decoder_applies_exact_rows() {
+    let mut w = qn_format::Writer::new().with_metadata("exact_row:emb.weight", "1");
+    w.add(
+        "emb.weight",
+        &[4, 2],
+        &qn_format::Payload::Pq {
+            layer: qn_format::header::LayerKind::Embedding,
+            block_size: 2,
+            k: 2,
+            codebook: qn_format::Codebook::from_f32(
+                &[1., 1., 2., 2.],
+                qn_format::header::CodebookKind::F32,
+            ),
+            assignments: vec![0, 1, 1, 0],
+        },
+    )
+    .unwrap();
+    w.add(
+        "emb.weight.exact_row",
+        &[2],
+        &qn_format::Payload::raw_f32(&[0.0, 0.5]),
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    w.write_to(&mut bytes).unwrap();
+    let r = Reader::from_bytes(&bytes).unwrap();
+    assert_eq!(
+        r.tensor("emb.weight").unwrap().decode_f32().unwrap(),
+        vec![1., 1., 0., 0.5, 2., 2., 1., 1.]
+    );
+    assert!(r.is_exact_row_companion("emb.weight.exact_row"));
+    // A convention that does not fit the tensors is refused at open.
+    let mut w = qn_format::Writer::new().with_metadata("exact_row:emb.weight", "9");
+    w.add(
+        "emb.weight",
+        &[4, 2],
+        &qn_format::Payload::raw_f32(&[0.0; 8]),
+    )
+    .unwrap();
+    w.add(
+        "emb.weight.exact_row",
+        &[2],
+        &qn_format::Payload::raw_f32(&[0.0; 2]),
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    w.write_to(&mut bytes).unwrap();
+    let err = Reader::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(err.contains("exact_row:emb.weight"), "{err}");
 }

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn qn() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qn"))
+    Command::new(qn_tests::qn_bin())
 }
 
 #[test]
