@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, root, run};
+use crate::{cargo, run, target_dir};
 
 const TOOLKIT: &str = "cuda-toolkit[nvcc,cudart,cublas,curand,nvrtc,cccl]==13.0.3.0";
 
@@ -34,7 +34,7 @@ fn link(target: &Path, at: &Path) -> Result<()> {
 }
 
 fn cuda_home() -> Result<PathBuf> {
-    let base = root().join("target/cuda-toolkit");
+    let base = target_dir()?.join("cuda-toolkit");
     let venv = base.join("venv");
     if !venv.join("bin/python").exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -75,7 +75,7 @@ pub(crate) fn check_cuda(extra: &[String]) -> Result<()> {
         "cuda",
         "--target-dir",
     ])
-    .arg(root().join("target/cuda-check"))
+    .arg(target_dir()?.join("cuda-check"))
     .args(extra)
     .env("CUDA_HOME", &home)
     .env("CUDA_PATH", &home)

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, target_dir};
 
 const ROWS: usize = 1024;
 const COLS: usize = 4096;
@@ -68,7 +68,7 @@ pub(crate) fn compare(rounds: usize) -> Result<()> {
         "--example",
         "kmeans_vs_faiss",
     ]))?;
-    let data = root().join("target/kmeans-bench.f32");
+    let data = target_dir()?.join("kmeans-bench.f32");
     let dims = [ROWS, COLS].map(|v| v.to_string());
     run(Command::new(&python)
         .arg("scripts/faiss_kmeans.py")
@@ -77,7 +77,7 @@ pub(crate) fn compare(rounds: usize) -> Result<()> {
         .args(&dims)
         .arg("0"))?;
     let params = [ROWS, COLS, D, K, ITERS].map(|v| v.to_string());
-    let ours_bin = root().join("target/release/examples/kmeans_vs_faiss");
+    let ours_bin = target_dir()?.join("release/examples/kmeans_vs_faiss");
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let (mut ours_mse, mut theirs_mse) = (0.0, 0.0);
     for round in 1..=rounds.max(1) {
@@ -136,7 +136,7 @@ fn decode_vs_numpy() -> Result<()> {
         "--example",
         "decode_vs_numpy",
     ]))?;
-    let dir = root().join("target/decode-bench");
+    let dir = target_dir()?.join("decode-bench");
     std::fs::create_dir_all(&dir)?;
     let dims = [ROWS, COLS, D].map(|v| v.to_string());
     run(Command::new(&python)
@@ -145,7 +145,7 @@ fn decode_vs_numpy() -> Result<()> {
         .arg(&dir)
         .args(&dims)
         .args([K.to_string(), "0".into()]))?;
-    let ours_bin = root().join("target/release/examples/decode_vs_numpy");
+    let ours_bin = target_dir()?.join("release/examples/decode_vs_numpy");
     let mut rows = Vec::new();
     for round in 1..=3 {
         let n = output(
@@ -158,33 +158,45 @@ fn decode_vs_numpy() -> Result<()> {
                 .args(&dims)
                 .arg("20"),
         )?;
-        let o = output(
-            Command::new(&ours_bin)
-                .arg(dir.join("centroids.f32"))
-                .arg(dir.join("assign.u8"))
-                .args(&dims)
-                .arg("20"),
-        )?;
-        eprintln!("round {round}: numpy {n}\nround {round}: ours  {o}");
+        let ours = |threads: Option<&str>| {
+            let mut c = Command::new(&ours_bin);
+            if let Some(t) = threads {
+                c.env("RAYON_NUM_THREADS", t);
+            }
+            output(
+                c.arg(dir.join("centroids.f32"))
+                    .arg(dir.join("assign.u8"))
+                    .args(&dims)
+                    .arg("20"),
+            )
+        };
+        let (one, all) = (ours(Some("1"))?, ours(None)?);
+        eprintln!("round {round}: numpy {n}\nround {round}: ours 1 thread {one}\nround {round}: ours all threads {all}");
         rows.push((
-            json_number(&o, "gbps")?,
+            json_number(&one, "gbps")?,
+            json_number(&all, "gbps")?,
             json_number(&n, "gather_gbps")?,
             json_number(&n, "layout_gbps")?,
         ));
     }
-    let med = |f: fn(&(f64, f64, f64)) -> f64| median(rows.iter().map(f).collect());
-    let (ours, gather, layout) = (med(|r| r.0), med(|r| r.1), med(|r| r.2));
+    let med = |f: fn(&(f64, f64, f64, f64)) -> f64| median(rows.iter().map(f).collect());
+    let (one, all, gather, layout) = (med(|r| r.0), med(|r| r.1), med(|r| r.2), med(|r| r.3));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("PQ decode {ROWS}x{COLS}, d = {D}, K = {K}, GB/s of f32 written (median of 3 rounds, best of 20 each)");
-    println!("| decoder | GB/s | ours / it |");
-    println!("|---|---|---|");
-    println!("| qn-format decode_into (final layout) | {ours:.2} | 1.00 |");
+    println!("numpy's take is single-threaded; ours runs on 1 thread and on all {threads}.");
+    println!("| decoder | GB/s | ours 1 thread / it | ours {threads} threads / it |");
+    println!("|---|---|---|---|");
+    println!("| qn-format decode_into, 1 thread | {one:.2} | 1.00 | |");
+    println!("| qn-format decode_into, {threads} threads | {all:.2} | | 1.00 |");
     println!(
-        "| numpy take (sub-vector order only) | {gather:.2} | {:.2} |",
-        ours / gather
+        "| numpy take (sub-vector order only) | {gather:.2} | {:.2} | {:.2} |",
+        one / gather,
+        all / gather
     );
     println!(
-        "| numpy take + transpose to the weight layout | {layout:.2} | {:.2} |",
-        ours / layout
+        "| numpy take + transpose to the weight layout | {layout:.2} | {:.2} | {:.2} |",
+        one / layout,
+        all / layout
     );
     Ok(())
 }

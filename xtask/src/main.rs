@@ -1,7 +1,9 @@
 //! Project automation, in Rust rather than shell: `cargo xtask <command>`.
 //!
 //! ```text
-//! cargo xtask test                      the whole suite, as CI runs it (cheapest checks first)
+//! cargo xtask test [--fuzz-cases N]     the whole suite, as CI runs it (cheapest checks first):
+//!                                       fmt, the layering check, clippy -D warnings, tests,
+//!                                       bench build; `--fuzz-cases 1000000` for a long fuzz
 //! cargo xtask demo [ARGS]               quantize a real weight shipped in assets/ (int8, int4, PQ)
 //! cargo xtask bench-kernels [--vs-faiss] [--rounds N]
 //!                                       criterion benches of the kernels; with --vs-faiss, k-means
@@ -69,13 +71,108 @@ pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, a config file or `target/`), as cargo reports it.
+pub(crate) fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .current_dir(root())
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("could not start cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = "\"target_directory\":\"";
+    let start = text
+        .find(key)
+        .context("cargo metadata reports no target_directory")?
+        + key.len();
+    let end = text[start..]
+        .find('"')
+        .context("cargo metadata: unterminated target_directory")?;
+    Ok(PathBuf::from(
+        text[start..start + end].replace("\\\\", "\\"),
+    ))
+}
+
 fn test(extra: &[String]) -> Result<()> {
+    let mut fuzz_cases = None;
+    let mut rest = Vec::new();
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--fuzz-cases" => {
+                let n: u64 = it
+                    .next()
+                    .context("--fuzz-cases needs a number")?
+                    .parse()
+                    .context("--fuzz-cases needs a number")?;
+                fuzz_cases = Some(n);
+            }
+            other => rest.push(other.to_string()),
+        }
+    }
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    layering_check()?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // One optimised build serves the tests and the benches (candle unoptimised is 10-20x slower).
-    run(cargo()
-        .args(["test", "--workspace", "--release"])
-        .args(extra))?;
+    // The end-to-end tests in tests/ run the `qn` binary, built here first.
+    run(cargo().args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "qn-cli",
+        "--bin",
+        "qn",
+    ]))?;
+    let mut t = cargo();
+    t.args(["test", "--workspace", "--release"]).args(&rest);
+    if let Some(n) = fuzz_cases {
+        t.env("QN_FUZZ_CASES", n.to_string());
+    }
+    run(&mut t)?;
     run(cargo().args(["bench", "--workspace", "--no-run"]))?;
+    Ok(())
+}
+
+/// Architecture invariant: `qn-format` knows no tensor library (checked with `cargo tree`).
+fn layering_check() -> Result<()> {
+    let out = cargo()
+        .current_dir(root())
+        .args([
+            "tree",
+            "-p",
+            "qn-format",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("could not start cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = tree.lines().find(|l| l.starts_with("candle")) {
+        bail!("layering: qn-format depends on `{line}`; the format crate must not know candle");
+    }
+    eprintln!("xtask: layering ok (qn-format does not depend on candle)");
     Ok(())
 }
 

@@ -466,11 +466,11 @@ fn metadata_conventions(header: &Header) -> Result<Conventions> {
                 .map_err(|_| bad(format!("`{value}` is not a row index")))?;
             let shape = &header.tensors[t].shape;
             let rows_n = shape.first().copied().unwrap_or(0);
-            let cols = if rows_n == 0 {
-                0
-            } else {
-                shape.iter().product::<usize>() / rows_n
-            };
+            let cols = shape
+                .iter()
+                .product::<usize>()
+                .checked_div(rows_n)
+                .unwrap_or(0);
             let side_entry = &header.tensors[c];
             let float = matches!(side_entry.encoding, Encoding::Raw { dtype } if dtype.is_float());
             if shape.len() < 2 || row >= rows_n || side_entry.shape != [cols] || !float {
