@@ -87,6 +87,9 @@ impl CustomOp1 for BlockDropOp {
 #[derive(Debug, Clone)]
 pub(crate) struct BlockDropMatmulOp {
     pub(crate) drop: BlockDropOp,
+    /// The dropped weight of the forward pass, kept for the backward (which would otherwise
+    /// recompute it: one weight-sized pass per layer and step).
+    pub(crate) dropped: Arc<std::sync::Mutex<Option<(Vec<f32>, usize, usize)>>>,
 }
 
 impl candle_core::CustomOp2 for BlockDropMatmulOp {
@@ -110,6 +113,9 @@ impl candle_core::CustomOp2 for BlockDropMatmulOp {
         let (dropped, _) = self.drop.cpu_fwd(ws, wl)?;
         let wt = Layout::contiguous((n, k)).transpose(0, 1)?;
         let y = xs.matmul(&dropped, (1, m, n, k), xl, &wt)?;
+        if let CpuStorage::F32(v) = dropped {
+            *self.dropped.lock().expect("cache lock") = Some((v, n, k));
+        }
         Ok((y, Shape::from((m, n))))
     }
 
@@ -120,7 +126,11 @@ impl candle_core::CustomOp2 for BlockDropMatmulOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dropped = w.contiguous()?.apply_op1_no_bwd(&self.drop)?;
+        let cached = self.dropped.lock().expect("cache lock").take();
+        let dropped = match cached {
+            Some((v, n, k)) if w.dims() == [n, k] => Tensor::from_vec(v, (n, k), w.device())?,
+            _ => w.contiguous()?.apply_op1_no_bwd(&self.drop)?,
+        };
         let dx = grad.matmul(&dropped)?;
         let dw = grad
             .t()?

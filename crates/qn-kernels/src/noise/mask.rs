@@ -38,8 +38,11 @@ pub struct BlockMask {
 impl BlockMask {
     /// Draws each block independently with probability `p`.
     pub fn sample(layout: &BlockLayout, p: NoiseRate, rng: &mut impl Rng) -> Self {
+        // One 32-bit draw per block against a fixed-point threshold (half the generator output of
+        // an f64 draw; P(noised) = threshold / 2^32, exact to 2^-32).
+        let threshold = (p.get() * 4_294_967_296.0) as u64;
         let noised = (0..layout.n_blocks())
-            .map(|_| rng.random::<f64>() < p.get())
+            .map(|_| (rng.next_u32() as u64) < threshold)
             .collect();
         Self {
             layout: layout.clone(),

@@ -68,6 +68,7 @@ pub fn block_drop_matmul(
             block: mask.layout().block_size(),
             scale: 1.0 / (1.0 - p.get()),
         },
+        dropped: Default::default(),
     };
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
 }
