@@ -89,8 +89,11 @@ pub(crate) struct BlockDropMatmulOp {
     pub(crate) drop: BlockDropOp,
     /// The dropped weight of the forward pass, kept for the backward (which would otherwise
     /// recompute it: one weight-sized pass per layer and step).
-    pub(crate) dropped: Arc<std::sync::Mutex<Option<(Vec<f32>, usize, usize)>>>,
+    pub(crate) dropped: DroppedCache,
 }
+
+/// The forward's dropped weight: row-major values, rows, columns.
+pub(crate) type DroppedCache = Arc<std::sync::Mutex<Option<(Vec<f32>, usize, usize)>>>;
 
 impl candle_core::CustomOp2 for BlockDropMatmulOp {
     fn name(&self) -> &'static str {
