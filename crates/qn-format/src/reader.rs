@@ -403,19 +403,23 @@ fn check_rans_length(e: &TensorEntry, record: &[u8]) -> std::result::Result<(), 
         layer,
         block_size,
         k,
-        codebook,
         rans_words: Some(words),
+        ..
     } = e.encoding
     else {
         return Ok(());
     };
     let (_, _, n_sub, _) = pq_geometry(&e.shape, layer, block_size, k)?;
-    let codebook_len = match codebook {
-        CodebookKind::F32 => 4 * k * block_size,
-        CodebookKind::F16 => 2 * k * block_size,
-        CodebookKind::Int8 => 4 + k * block_size,
-    };
-    let probs: Vec<u32> = record[codebook_len..codebook_len + 4 * k]
+    // The probabilities' place in the record, from the one definition of its parts.
+    let mut start = 0;
+    let mut probs = &record[..0];
+    for (part, len) in record_parts(&e.shape, &e.encoding)? {
+        if part == Part::Probabilities {
+            probs = &record[start..start + len];
+        }
+        start += len;
+    }
+    let probs: Vec<u32> = probs
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();

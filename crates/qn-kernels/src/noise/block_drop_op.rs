@@ -92,6 +92,25 @@ pub(crate) struct BlockDropMatmulOp {
     pub(crate) dropped: DroppedCache,
 }
 
+/// `x · wᵀ` on CPU storage for `x (m, k)` and a row-major `w (n, k)` whose layout is `wl`: the
+/// forward of both matmul ops.
+fn matmul_xwt(
+    what: &str,
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (m, k) = xl.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("{what}: x has {k} columns, the weight {k2}");
+    }
+    let y = xs.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+    Ok((y, Shape::from((m, n))))
+}
+
 /// The forward's dropped weight: row-major values, rows, columns.
 pub(crate) type DroppedCache = Arc<std::sync::Mutex<Option<(Vec<f32>, usize, usize)>>>;
 
@@ -107,19 +126,13 @@ impl candle_core::CustomOp2 for BlockDropMatmulOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("qn-block-drop-matmul: x has {k} columns, the weight {k2}");
-        }
         let (dropped, _) = self.drop.cpu_fwd(ws, wl)?;
-        let wt = Layout::contiguous((n, k)).transpose(0, 1)?;
-        let y = xs.matmul(&dropped, (1, m, n, k), xl, &wt)?;
+        let (n, k) = wl.shape().dims2()?;
+        let out = matmul_xwt(self.name(), xs, xl, &dropped, &Layout::contiguous((n, k)))?;
         if let CpuStorage::F32(v) = dropped {
             *self.dropped.lock().expect("cache lock") = Some((v, n, k));
         }
-        Ok((y, Shape::from((m, n))))
+        Ok(out)
     }
 
     fn bwd(
@@ -161,15 +174,7 @@ impl candle_core::CustomOp2 for LinearMatmulOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("qn-linear-matmul: x has {k} columns, the weight {k2}");
-        }
-        let wt = wl.transpose(0, 1)?;
-        let y = xs.matmul(ws, (1, m, n, k), xl, &wt)?;
-        Ok((y, Shape::from((m, n))))
+        matmul_xwt(self.name(), xs, xl, ws, wl)
     }
 
     fn bwd(
