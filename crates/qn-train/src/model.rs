@@ -3,7 +3,7 @@
 use candle_core::{Tensor, Var};
 
 use crate::layers::QuantNoiseLayer;
-use crate::WeightState;
+use crate::{NoiseStep, WeightState};
 
 /// A model built from quant-noise layers.
 pub trait QuantModel {
@@ -17,6 +17,9 @@ pub trait QuantModel {
     fn other_vars(&self) -> Vec<(String, Var)> {
         Vec::new()
     }
+    /// Where the run stands, for randomness outside the layers (dropout): the trainer calls this
+    /// with [`crate::set_noise_step`] before each micro-batch, so a resumed run draws the same masks.
+    fn set_step(&self, _at: NoiseStep) {}
 }
 
 /// Every trainable variable with a unique name: `<layer>.weight` or `<layer>.centroids`, `<layer>.bias`,

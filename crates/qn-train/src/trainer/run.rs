@@ -15,7 +15,7 @@ use crate::checkpoint::{self, Position};
 use crate::data::Dataset;
 use crate::model::{named_vars, QuantModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
-use crate::{set_noise_step, Error, PqWeight, Result, WeightState};
+use crate::{set_noise_step, Error, NoiseStep, PqWeight, Result, WeightState};
 
 /// Mean cross-entropy of `logits` `(n, classes)` against `labels` `(n)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
@@ -286,6 +286,10 @@ pub fn run_stages(
             let mut loss_sum = 0.0;
             for micro in 0..cfg.grad_accum {
                 set_noise_step(&layers, st.global as u64, micro as u32);
+                model.set_step(NoiseStep {
+                    step: st.global as u64,
+                    micro: micro as u32,
+                });
                 let (x, y) =
                     train.batch(st.global * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)?;
                 let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;

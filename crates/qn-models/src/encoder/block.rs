@@ -1,0 +1,147 @@
+//! One transformer layer (post-LayerNorm, as BERT and RoBERTa): self-attention, then the
+//! feed-forward block, each followed by dropout, a residual and LayerNorm.
+
+use candle_core::{ModuleT, Tensor, Var};
+use candle_nn::VarBuilder;
+use qn_train::{layers::QLinear, NoiseStep};
+
+use super::config::{Activation, EncoderConfig};
+use super::ops::{activate, dropout, layer_norm, softmax};
+use crate::Result;
+
+/// A LayerNorm's parameters.
+#[derive(Debug)]
+pub struct Norm {
+    pub(crate) weight: Var,
+    pub(crate) bias: Var,
+    pub(crate) eps: f64,
+    pub(crate) name: String,
+}
+
+impl Norm {
+    pub(crate) fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: Var::from_tensor(&vb.get(dim, "weight")?)?,
+            bias: Var::from_tensor(&vb.get(dim, "bias")?)?,
+            eps,
+            name: vb.prefix(),
+        })
+    }
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
+    }
+    pub(crate) fn named_vars(&self) -> [(String, Var); 2] {
+        [
+            (format!("{}.weight", self.name), self.weight.clone()),
+            (format!("{}.bias", self.name), self.bias.clone()),
+        ]
+    }
+}
+
+/// A `QLinear` with Hugging Face's names, read from `vb` (which must hold the tensors).
+pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<QLinear> {
+    let w = Var::from_tensor(&vb.get((out_dim, in_dim), "weight")?)?;
+    let b = Var::from_tensor(&vb.get(out_dim, "bias")?)?;
+    Ok(QLinear::new(&vb.prefix(), w, Some(b))?)
+}
+
+/// Where dropout draws its masks: the run's seed and step, and this site's number.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropCtx {
+    pub seed: u64,
+    pub at: NoiseStep,
+    pub train: bool,
+}
+
+impl DropCtx {
+    pub(crate) fn apply(&self, x: &Tensor, p: f64, site: u64) -> candle_core::Result<Tensor> {
+        if self.train {
+            dropout(x, p, self.seed, self.at, site)
+        } else {
+            Ok(x.clone())
+        }
+    }
+}
+
+/// One encoder layer.
+#[derive(Debug)]
+pub struct EncoderLayer {
+    pub(crate) query: QLinear,
+    pub(crate) key: QLinear,
+    pub(crate) value: QLinear,
+    pub(crate) attn_out: QLinear,
+    pub(crate) attn_norm: Norm,
+    pub(crate) intermediate: QLinear,
+    pub(crate) output: QLinear,
+    pub(crate) out_norm: Norm,
+    heads: usize,
+    act: Activation,
+    hidden_p: f64,
+    attn_p: f64,
+    index: u64,
+}
+
+impl EncoderLayer {
+    pub(crate) fn new(cfg: &EncoderConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let att = vb.pp("attention");
+        Ok(Self {
+            query: linear(h, h, att.pp("self").pp("query"))?,
+            key: linear(h, h, att.pp("self").pp("key"))?,
+            value: linear(h, h, att.pp("self").pp("value"))?,
+            attn_out: linear(h, h, att.pp("output").pp("dense"))?,
+            attn_norm: Norm::new(h, cfg.layer_norm_eps, att.pp("output").pp("LayerNorm"))?,
+            intermediate: linear(h, cfg.intermediate_size, vb.pp("intermediate").pp("dense"))?,
+            output: linear(cfg.intermediate_size, h, vb.pp("output").pp("dense"))?,
+            out_norm: Norm::new(h, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            act: cfg.activation().expect("validated"),
+            hidden_p: cfg.hidden_dropout_prob,
+            attn_p: cfg.attention_probs_dropout_prob,
+            index: index as u64,
+        })
+    }
+
+    /// `x` `(b, l, h)`, `bias` `(b, 1, 1, l)` additive attention mask.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        drop: DropCtx,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let dh = h / self.heads;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, self.heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.query.forward_t(x, drop.train)?)?;
+        let k = split(self.key.forward_t(x, drop.train)?)?;
+        let v = split(self.value.forward_t(x, drop.train)?)?;
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(bias)?;
+        let probs = drop.apply(&softmax(&scores)?, self.attn_p, self.site(0))?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, l, h))?;
+        let a = drop.apply(
+            &self.attn_out.forward_t(&ctx, drop.train)?,
+            self.hidden_p,
+            self.site(1),
+        )?;
+        let a = self.attn_norm.forward(&(a + x)?)?;
+        let f = activate(&self.intermediate.forward_t(&a, drop.train)?, self.act)?;
+        let f = drop.apply(
+            &self.output.forward_t(&f, drop.train)?,
+            self.hidden_p,
+            self.site(2),
+        )?;
+        self.out_norm.forward(&(f + a)?)
+    }
+
+    fn site(&self, i: u64) -> u64 {
+        16 + self.index * 4 + i
+    }
+}
