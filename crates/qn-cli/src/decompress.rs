@@ -16,7 +16,8 @@ use crate::input::write_atomic;
 pub struct DecompressArgs {
     /// The `.qnz` file.
     file: PathBuf,
-    /// The safetensors file to write.
+    /// The safetensors file to write; for a model written by `qn compress`, a path not ending in
+    /// `.safetensors` gets a Hugging Face directory (new, or an existing empty one).
     #[arg(short, long, visible_alias = "out")]
     output: PathBuf,
 }
@@ -50,6 +51,13 @@ fn float_bytes(values: &[f32], dtype: RawDType) -> Vec<u8> {
 /// Runs `qn decompress`.
 pub fn run(args: &DecompressArgs) -> Result<()> {
     let reader = Reader::open(&args.file)?;
+    let model_file = reader
+        .header()
+        .metadata
+        .contains_key(qn_models::bundle::CONFIG_KEY);
+    if model_file && args.output.extension().is_none_or(|e| e != "safetensors") {
+        return hf_directory(args);
+    }
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for view in reader.views() {
         let e = view.entry;
@@ -99,6 +107,37 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
         args.output.display(),
         tensors.len(),
         bytes.len()
+    );
+    Ok(())
+}
+
+/// A model `.qnz` (from `qn compress` / `qn finetune`) to a Hugging Face directory:
+/// `config.json`, `model.safetensors` under the `…ForSequenceClassification` names, and the
+/// source's tokenizer files byte for byte.
+fn hf_directory(args: &DecompressArgs) -> Result<()> {
+    use qn_models::hf_dir::{safetensors_bytes, state_dict, write_dir};
+    let spec = args.file.to_string_lossy().to_string();
+    let bundle = qn_models::bundle::load_bundle(
+        &spec,
+        None,
+        &Default::default(),
+        0,
+        &candle_core::Device::Cpu,
+    )?;
+    let mut files = vec![
+        ("config.json".to_string(), bundle.config.to_json().into_bytes()),
+        (
+            "model.safetensors".to_string(),
+            safetensors_bytes(&state_dict(&bundle.model)?)?,
+        ),
+    ];
+    files.extend(bundle.files.iter().cloned());
+    write_dir(&args.output, &files, false)?;
+    println!(
+        "wrote {}: a Hugging Face {} directory ({} files)",
+        args.output.display(),
+        bundle.config.for_classification().architectures.unwrap_or_default().join(", "),
+        files.len()
     );
     Ok(())
 }

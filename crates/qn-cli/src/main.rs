@@ -6,6 +6,12 @@
 //! qn decompress model.qnz -o restored.safetensors
 //! qn train-mlp -o runs/mlp [--plan ipq.toml] [--epochs 1 | --max-steps N] [--stop-at N] [--noise block:p=0.1]
 //! qn demo [--weights FILE.safetensors]
+//! qn finetune --model <dir|hub-id> --train train.tsv --eval dev.tsv --task sst2 --noise block:p=0.1 -o run/
+//! qn compress --model run/ --train train.tsv --task sst2 [--method ipq|int8|int4] -o model.qnz
+//! qn eval --model model.qnz --data dev.tsv --task sst2 [--json]
+//! qn predict --model model.qnz --text "…" [--text-pair "…"] [--json]
+//! qn embed --model <dir|hub-id|.qnz> --text "…" [--json]
+//! qn decompress model.qnz -o hf-dir/
 //! ```
 //!
 //! Errors are one line naming the file and tensor at fault, with exit code 1 (2 for bad usage);
@@ -14,6 +20,7 @@
 mod args;
 mod decompress;
 mod demo;
+mod encoder;
 mod input;
 mod inspect;
 mod quantize;
@@ -45,6 +52,16 @@ enum Command {
     TrainMlp(train::TrainArgs),
     /// Quantize real weight matrices with int8, int4 and PQ and print a rate/distortion table.
     Demo(demo::DemoArgs),
+    /// Fine-tune a BERT-family encoder (directory or hub id) on a text task with quant noise.
+    Finetune(encoder::finetune::FinetuneArgs),
+    /// Compress an encoder to a self-contained .qnz: iPQ with centroid fine-tuning, or int8/int4.
+    Compress(encoder::compress::CompressArgs),
+    /// Accuracy of an encoder (directory, hub id or .qnz) on labelled TSV data.
+    Eval(encoder::eval::EvalArgs),
+    /// Label and probabilities for texts.
+    Predict(encoder::predict::PredictArgs),
+    /// Mean-pooled, L2-normalised sentence embeddings.
+    Embed(encoder::predict::EmbedArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +72,11 @@ fn main() -> std::process::ExitCode {
         Command::Decompress(args) => decompress::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::TrainMlp(args) => train::run(&args),
+        Command::Finetune(args) => encoder::finetune::run(&args),
+        Command::Compress(args) => encoder::compress::run(&args),
+        Command::Eval(args) => encoder::eval::run(&args),
+        Command::Predict(args) => encoder::predict::run_predict(&args),
+        Command::Embed(args) => encoder::predict::run_embed(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -73,7 +73,11 @@ pub fn classifier_config(config: &EncoderConfig, labels: &[String]) -> EncoderCo
 pub fn write_dir(out: &Path, files: &[(String, Vec<u8>)], merge: bool) -> Result<()> {
     if merge && out.is_dir() {
         for (name, bytes) in files {
-            write_file_atomic(&out.join(name), bytes)?;
+            let p = out.join(name);
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).map_err(|e| Error::file(d, e))?;
+            }
+            write_file_atomic(&p, bytes)?;
         }
         return Ok(());
     }

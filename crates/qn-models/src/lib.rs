@@ -20,6 +20,7 @@
 //! # Ok::<(), qn_models::Error>(())
 //! ```
 
+pub mod bundle;
 pub mod encoder;
 mod error;
 pub mod hf_dir;

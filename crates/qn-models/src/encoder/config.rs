@@ -75,7 +75,7 @@ pub struct EncoderConfig {
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f64,
     /// Dropout before the classifier (`null`: `hidden_dropout_prob`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classifier_dropout: Option<f64>,
     /// Positions the model was trained for.
     pub max_position_embeddings: usize,
@@ -86,22 +86,22 @@ pub struct EncoderConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     /// The padding token (RoBERTa's positions start after it).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<u32>,
     /// Must be `absolute`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_embedding_type: Option<String>,
     /// The classes' names, by index (as strings, as Hugging Face writes them).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id2label: Option<BTreeMap<String, String>>,
     /// The classes' indices, by name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label2id: Option<BTreeMap<String, usize>>,
     /// Number of classes (when `id2label` is absent).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_labels: Option<usize>,
     /// The model classes the checkpoint was saved from.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architectures: Option<Vec<String>>,
     /// Every other field, kept as it was.
     #[serde(flatten)]

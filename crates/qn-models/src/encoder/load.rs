@@ -30,6 +30,8 @@ pub struct Loaded {
     pub model: Encoder,
     /// Things initialised or ignored (one line each).
     pub warnings: Vec<String>,
+    /// Whether the classification head came from the seed rather than the file.
+    pub head_initialised: bool,
 }
 
 /// Reads a safetensors file as f32 tensors on `device`, named in the canonical layout.
@@ -77,10 +79,12 @@ pub fn canonical_name(name: &str, family: Family) -> String {
     n
 }
 
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".position_ids") || name.ends_with("embeddings.token_type_ids")
+}
+
 fn is_known_leftover(name: &str, family: Family) -> bool {
-    name.ends_with(".position_ids")
-        || name.ends_with("embeddings.token_type_ids")
-        || name.starts_with("lm_head.")
+    name.starts_with("lm_head.")
         || name.starts_with("cls.")
         || (family == Family::Roberta && name.starts_with("roberta.pooler."))
 }
@@ -244,6 +248,8 @@ pub fn build_encoder(
     let used: std::collections::HashSet<&String> = rec.used.iter().collect();
     let mut unused: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
     unused.sort();
+    // Buffers (position ids) are recomputed from the input: not worth a warning.
+    unused.retain(|n| !is_buffer(n));
     let (leftover, unexpected): (Vec<_>, Vec<_>) = unused
         .into_iter()
         .partition(|n| is_known_leftover(n, family));
@@ -264,5 +270,9 @@ pub fn build_encoder(
             listed(&leftover)
         ));
     }
-    Ok(Loaded { model, warnings })
+    Ok(Loaded {
+        model,
+        warnings,
+        head_initialised: !head_missing.is_empty() || !head_mismatch.is_empty(),
+    })
 }

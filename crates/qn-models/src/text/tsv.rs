@@ -103,12 +103,14 @@ impl LabelMap {
         v.dedup();
         Self::new(v)
     }
-    /// The class index of a label as a data file writes it (or as its name).
+    /// The class index of a label as a data file writes it, or as its name, or as the index
+    /// itself (SST-2 writes 0/1 for a model whose labels are named negative/positive).
     pub fn index_of(&self, label: &str) -> Option<usize> {
         self.values
             .iter()
             .position(|v| v == label)
             .or_else(|| self.names.iter().position(|n| n == label))
+            .or_else(|| label.parse::<usize>().ok().filter(|i| *i < self.names.len()))
     }
     /// Class names by index.
     pub fn names(&self) -> &[String] {

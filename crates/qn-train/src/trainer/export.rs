@@ -13,6 +13,17 @@ use crate::{Error, Result, WeightState};
 /// Writes the model as a `.qnz`: PQ layers as codes (codebooks stored as `codebook`), float weights
 /// and every other variable raw `f32`. Returns the file size.
 pub fn export_qnz(model: &dyn QuantModel, path: &Path, codebook: CodebookKind) -> Result<u64> {
+    export_qnz_with(model, path, codebook, &[])
+}
+
+/// [`export_qnz`] with extra header metadata (what a model needs besides its tensors: its config,
+/// tokenizer, label map), so that the file is self-contained.
+pub fn export_qnz_with(
+    model: &dyn QuantModel,
+    path: &Path,
+    codebook: CodebookKind,
+    metadata: &[(String, String)],
+) -> Result<u64> {
     // A quantized layer's exact row (an embedding's padding row) travels beside its codes: the
     // tensor `<weight>.exact_row` and the metadata `exact_row:<weight>` = row (docs/format.md), so
     // that decoders restore it exactly instead of losing padding_idx to the codebook.
@@ -33,6 +44,9 @@ pub fn export_qnz(model: &dyn QuantModel, path: &Path, codebook: CodebookKind) -
         qn_format::Error::Io { source, .. } => Error::file(path, source),
         other => Error::file(path, other),
     };
+    for (k, v) in metadata {
+        w = w.with_metadata(k.clone(), v.clone());
+    }
     for (name, row, value) in &exact_rows {
         w = w.with_metadata(format!("exact_row:{name}"), row.to_string());
         let v = value

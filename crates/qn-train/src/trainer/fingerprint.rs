@@ -38,6 +38,7 @@ pub fn fingerprint(
     put("seed", cfg.seed.to_string());
     put("centroid_grad", format!("{:?}", cfg.centroid_grad));
     put("kmeans_iters", cfg.kmeans_iters.to_string());
+    put("frozen", format!("{:?}", cfg.frozen));
     put("train_examples", n_train.to_string());
     let layers = model.layers();
     put(

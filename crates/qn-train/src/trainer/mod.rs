@@ -37,7 +37,7 @@ mod metrics;
 pub mod plan;
 mod run;
 
-pub use export::export_qnz;
+pub use export::{export_qnz, export_qnz_with};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use ipq::int8_centroids;
 pub use plan::{Stage, StageOverride, StagePlan};
@@ -80,6 +80,8 @@ pub struct TrainConfig {
     pub centroid_grad: CentroidGrad,
     /// k-means iterations when a stage quantizes.
     pub kmeans_iters: usize,
+    /// Regex of variable names the optimizer leaves alone (e.g. `embeddings\.`); `None`: train all.
+    pub frozen: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -98,6 +100,7 @@ impl Default for TrainConfig {
             progress: false,
             centroid_grad: CentroidGrad::Mean,
             kmeans_iters: 20,
+            frozen: None,
         }
     }
 }
@@ -147,7 +150,18 @@ impl TrainConfig {
                 return Err(Error::config(f, "must be at least 1"));
             }
         }
+        if let Some(f) = &self.frozen {
+            regex::Regex::new(f).map_err(|e| Error::config("frozen", e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// Whether the optimizer leaves variable `name` alone.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen
+            .as_ref()
+            .and_then(|f| regex::Regex::new(f).ok())
+            .is_some_and(|r| r.is_match(name))
     }
 }
 

@@ -253,7 +253,8 @@ pub fn run_stages(
             st.pq_layers.extend(q.done);
             st.warnings.extend(q.skipped);
         }
-        let named = named_vars(model);
+        let mut named = named_vars(model);
+        named.retain(|(n, _)| !cfg.is_frozen(n));
         let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
         let mut opt = AdamW::new(named.clone(), cfg.adamw)?;
         if let Some((steps, tensors)) = restored_opt.take() {

@@ -1,0 +1,178 @@
+//! `qn finetune`: fine-tune a BERT-family encoder on a text-classification task with quantization
+//! noise, writing a Hugging Face directory (config.json with the label map, model.safetensors,
+//! the tokenizer files) plus `metrics.jsonl` and checkpoints. Rerunning the command resumes.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use qn_models::hf_dir::{safetensors_bytes, state_dict, write_dir};
+use qn_models::text::Task;
+use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
+use qn_train::{NoiseSpec, QuantModel};
+
+use super::{parse_max_len, parse_task, read_data, task_labels, to_dataset, ModelArgs};
+use crate::args::{parse_positive_f64, parse_probability_or_spec};
+
+/// Arguments of `qn finetune`.
+#[derive(clap::Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Training data (TSV).
+    #[arg(long)]
+    train: PathBuf,
+    /// Evaluation data (TSV).
+    #[arg(long)]
+    eval: PathBuf,
+    /// Data layout: sst2, rte or tsv.
+    #[arg(long, value_parser = parse_task)]
+    task: Task,
+    /// Noise: none, block:p=0.1[,bs=8], pq:p=0.1[,bs=8,k=256], scalar:bits=8,p=0.5 (block sizes
+    /// default to the paper's per layer kind).
+    #[arg(long, default_value = "none", value_parser = parse_probability_or_spec, allow_negative_numbers = true)]
+    noise: NoiseSpec,
+    /// Regex of the layers that get the noise (default: every Linear and Embedding).
+    #[arg(long, default_value = ".")]
+    noise_layers: String,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4, value_parser = parse_positive_f64, allow_negative_numbers = true)]
+    lr: f64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
+    batch_size: u64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096), allow_negative_numbers = true)]
+    grad_accum: u64,
+    /// Truncate inputs to this many tokens.
+    #[arg(long, default_value_t = 128, value_parser = parse_max_len)]
+    max_len: usize,
+    /// Training length in epochs (default 1, unless --max-steps).
+    #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true, conflicts_with = "max_steps")]
+    epochs: Option<f64>,
+    /// Training length in optimizer steps.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
+    max_steps: Option<u64>,
+    /// Pause at this step with a checkpoint (rerun to continue).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
+    stop_at: Option<u64>,
+    /// Use a seeded subset of this many training rows.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    max_examples: Option<u64>,
+    /// Warm-up: a fraction of the run (< 1) or a number of steps.
+    #[arg(long, default_value_t = 0.06, value_parser = parse_warmup, allow_negative_numbers = true)]
+    warmup: f64,
+    /// AdamW weight decay (weights only, not biases or LayerNorm).
+    #[arg(long, default_value_t = 0.01, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    weight_decay: f64,
+    /// Leave the embedding tables untrained.
+    #[arg(long)]
+    freeze_embeddings: bool,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every N steps (0: at the end and at pauses only).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Seed of the head, batches, dropout and noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (a Hugging Face model directory, plus metrics and checkpoints).
+    #[arg(short, long, visible_alias = "out")]
+    output: PathBuf,
+}
+
+fn parse_warmup(s: &str) -> Result<f64, String> {
+    let v = parse_non_negative(s)?;
+    if v >= 1.0 && v.fract() != 0.0 {
+        return Err(format!("{s} is neither a fraction below 1 nor a whole number of steps"));
+    }
+    Ok(v)
+}
+
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s} is not a non-negative number")),
+    }
+}
+
+/// Runs `qn finetune`.
+pub fn run(args: &FinetuneArgs) -> Result<()> {
+    args.model.apply_threads();
+    let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
+    if args.output.exists() && !args.output.is_dir() {
+        bail!("--output `{}` exists and is not a directory", args.output.display());
+    }
+    let plan = match (args.max_steps, args.epochs) {
+        (Some(n), _) => StagePlan::float(n as usize),
+        (None, e) => StagePlan::float_epochs(e.unwrap_or(1.0))?,
+    };
+    let train_rows = read_data(&args.train, args.task, args.max_examples.map(|n| n as usize), args.seed)?;
+    let eval_rows = read_data(&args.eval, args.task, None, args.seed)?;
+    let labels = task_labels(args.task, &train_rows);
+    let bundle = args.model.load(Some(labels.clone()), args.seed, false)?;
+    let tok = bundle.tokenizer(Some(args.max_len))?;
+    let train = to_dataset(&train_rows, &labels, &tok, &args.train)?;
+    let eval = to_dataset(&eval_rows, &labels, &tok, &args.eval)?;
+    let mut bundle = bundle;
+    let layers = bundle.model.layers();
+    let touched =
+        qn_train::apply_noise_spec(&layers, &pattern, |n, l| args.noise.resolve(n, l), args.seed)
+            .context("--noise")?;
+    if !matches!(args.noise, NoiseSpec::None) && touched.is_empty() {
+        bail!("--noise-layers `{}` matches no layer", args.noise_layers);
+    }
+    let per_step = (args.batch_size * args.grad_accum) as usize;
+    let total = plan.stages[0].total_steps(train.len(), per_step)?;
+    let warmup = if args.warmup < 1.0 {
+        (args.warmup * total as f64).round() as usize
+    } else {
+        args.warmup as usize
+    };
+    let mut cfg = TrainConfig {
+        lr: args.lr,
+        warmup,
+        batch_size: args.batch_size as usize,
+        grad_accum: args.grad_accum as usize,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        seed: args.seed,
+        progress: true,
+        frozen: args.freeze_embeddings.then(|| r"\.embeddings\.".to_string()),
+        ..TrainConfig::default()
+    };
+    cfg.adamw.weight_decay = args.weight_decay;
+    cfg.validate()?;
+    let out = RunOutput {
+        dir: Some(args.output.clone()),
+        stop_at: args.stop_at.map(|s| s as usize),
+    };
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("--output `{}`", args.output.display()))?;
+    let report = run_stages(&mut bundle.model, &train, &eval, &plan, &cfg, &out)?;
+    if report.stopped {
+        println!(
+            "paused at step {}; rerun without --stop-at (or with a larger one) to continue",
+            report.steps
+        );
+        return Ok(());
+    }
+    let mut files = vec![
+        ("config.json".to_string(), bundle.config.to_json().into_bytes()),
+        (
+            "model.safetensors".to_string(),
+            safetensors_bytes(&state_dict(&bundle.model)?)?,
+        ),
+    ];
+    files.extend(bundle.files.iter().cloned());
+    write_dir(&args.output, &files, true)?;
+    println!(
+        "fine-tuned {} steps on {} examples; eval accuracy {:.2} % on {} examples; wrote {}",
+        report.steps,
+        train.len(),
+        report.stage_accuracy.last().copied().unwrap_or(f64::NAN) * 100.0,
+        eval.len(),
+        args.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Times a training step of all-MiniLM-L6-v2 on SST-2 (batch 32, ≤ 64 tokens, AdamW): forward,
+//! backward and optimizer separately, median of N steps.
+//!
+//! `cargo run --release -p qn-models --example step_time -- $QN_DATA_DIR [steps] [noise]`
+
+use std::time::Instant;
+
+use candle_core::Device;
+use qn_models::bundle::{load_bundle, HeadRequest};
+use qn_models::text::{read_examples, to_dataset, Task};
+use qn_train::optim::{AdamW, AdamWParams};
+use qn_train::{named_vars, QuantModel};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::PathBuf::from(std::env::args().nth(1).expect("QN_DATA_DIR"));
+    let steps: usize = std::env::args().nth(2).map_or(5, |s| s.parse().unwrap());
+    let noise: Option<String> = std::env::args().nth(3);
+    let task = Task::Sst2;
+    let rows = read_examples(&root.join("data/sst2/train.tsv"), task, Some(32 * steps), 0)?;
+    let labels = task.fixed_labels().unwrap();
+    let b = load_bundle(
+        root.join("models/all-MiniLM-L6-v2").to_str().unwrap(),
+        None,
+        &HeadRequest { labels: Some(labels.clone()) },
+        0,
+        &Device::Cpu,
+    )?;
+    let tok = b.tokenizer(Some(64))?;
+    let data = to_dataset(&rows, &labels, &tok, "train", &Device::Cpu)?;
+    if let Some(spec) = noise {
+        let spec: qn_train::NoiseSpec = spec.parse()?;
+        let layers = b.model.layers();
+        qn_train::apply_noise_spec(&layers, &regex::Regex::new(".")?, |n, l| spec.resolve(n, l), 0)?;
+    }
+    let named = named_vars(&b.model);
+    let mut opt = AdamW::new(named.clone(), AdamWParams::default())?;
+    let (mut f, mut bw, mut o) = (vec![], vec![], vec![]);
+    for s in 0..steps {
+        let (x, y) = data.batch(s, 32, 0)?;
+        qn_train::set_noise_step(&b.model.layers(), s as u64, 0);
+        let t0 = Instant::now();
+        let logits = b.model.forward_t(&x, true)?;
+        let loss = qn_train::trainer::cross_entropy(&logits, &y)?;
+        let _ = loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        f.push((t1 - t0).as_secs_f64());
+        bw.push((t2 - t1).as_secs_f64());
+        o.push((t3 - t2).as_secs_f64());
+    }
+    let (f, bw, o) = (median(f), median(bw), median(o));
+    println!(
+        "median of {steps} steps: forward {f:.3} s, backward {bw:.3} s, optimizer {o:.3} s, step {:.3} s",
+        f + bw + o
+    );
+    Ok(())
+}
