@@ -125,7 +125,10 @@ fn hf_directory(args: &DecompressArgs) -> Result<()> {
         &candle_core::Device::Cpu,
     )?;
     let mut files = vec![
-        ("config.json".to_string(), bundle.config.to_json().into_bytes()),
+        (
+            "config.json".to_string(),
+            bundle.config.to_json().into_bytes(),
+        ),
         (
             "model.safetensors".to_string(),
             safetensors_bytes(&state_dict(&bundle.model)?)?,
@@ -136,7 +139,12 @@ fn hf_directory(args: &DecompressArgs) -> Result<()> {
     println!(
         "wrote {}: a Hugging Face {} directory ({} files)",
         args.output.display(),
-        bundle.config.for_classification().architectures.unwrap_or_default().join(", "),
+        bundle
+            .config
+            .for_classification()
+            .architectures
+            .unwrap_or_default()
+            .join(", "),
         files.len()
     );
     Ok(())

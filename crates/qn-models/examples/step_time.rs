@@ -26,7 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let b = load_bundle(
         root.join("models/all-MiniLM-L6-v2").to_str().unwrap(),
         None,
-        &HeadRequest { labels: Some(labels.clone()) },
+        &HeadRequest {
+            labels: Some(labels.clone()),
+        },
         0,
         &Device::Cpu,
     )?;
@@ -35,7 +37,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(spec) = noise {
         let spec: qn_train::NoiseSpec = spec.parse()?;
         let layers = b.model.layers();
-        qn_train::apply_noise_spec(&layers, &regex::Regex::new(".")?, |n, l| spec.resolve(n, l), 0)?;
+        qn_train::apply_noise_spec(
+            &layers,
+            &regex::Regex::new(".")?,
+            |n, l| spec.resolve(n, l),
+            0,
+        )?;
     }
     let named = named_vars(&b.model);
     let mut opt = AdamW::new(named.clone(), AdamWParams::default())?;

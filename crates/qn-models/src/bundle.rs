@@ -81,14 +81,32 @@ pub fn load_bundle(
     let tensors = read_weights(&files.weights, config.family(), device)?;
     let mut extra = Vec::new();
     for (name, p) in &files.tokenizer_files {
-        extra.push((name.clone(), std::fs::read(p).map_err(|e| Error::file(p, e))?));
+        extra.push((
+            name.clone(),
+            std::fs::read(p).map_err(|e| Error::file(p, e))?,
+        ));
     }
-    for (name, p) in [("1_Pooling/config.json", &files.pooling), ("modules.json", &files.modules)] {
+    for (name, p) in [
+        ("1_Pooling/config.json", &files.pooling),
+        ("modules.json", &files.modules),
+    ] {
         if let Some(p) = p {
-            extra.push((name.to_string(), std::fs::read(p).map_err(|e| Error::file(p, e))?));
+            extra.push((
+                name.to_string(),
+                std::fs::read(p).map_err(|e| Error::file(p, e))?,
+            ));
         }
     }
-    assemble(config, tensors, &files.weights, extra, files.source, head, seed, device)
+    assemble(
+        config,
+        tensors,
+        &files.weights,
+        extra,
+        files.source,
+        head,
+        seed,
+        device,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -143,7 +161,11 @@ fn load_qnz(path: &Path, head: &HeadRequest, seed: u64, device: &Device) -> Resu
         if let Some(name) = k.strip_prefix(FILE_KEY) {
             files.push((name.to_string(), v.as_bytes().to_vec()));
         } else if let Some(name) = k.strip_prefix(HEX_KEY) {
-            files.push((name.to_string(), from_hex(v).ok_or_else(|| Error::file(path, format!("metadata `{k}` is not hex")))?));
+            files.push((
+                name.to_string(),
+                from_hex(v)
+                    .ok_or_else(|| Error::file(path, format!("metadata `{k}` is not hex")))?,
+            ));
         }
     }
     let mut tensors = HashMap::new();
@@ -156,8 +178,21 @@ fn load_qnz(path: &Path, head: &HeadRequest, seed: u64, device: &Device) -> Resu
         let t = Tensor::from_vec(values, view.entry.shape.clone(), device)?;
         tensors.insert(crate::encoder::canonical_name(name, config.family()), t);
     }
-    let head = if head.labels.is_some() { head.clone() } else { HeadRequest::default() };
-    assemble(config, tensors, path, files, path.display().to_string(), &head, seed, device)
+    let head = if head.labels.is_some() {
+        head.clone()
+    } else {
+        HeadRequest::default()
+    };
+    assemble(
+        config,
+        tensors,
+        path,
+        files,
+        path.display().to_string(),
+        &head,
+        seed,
+        device,
+    )
 }
 
 /// The header metadata that makes a `.qnz` of this bundle self-contained.
@@ -193,7 +228,8 @@ impl EncoderBundle {
             .map(|(_, b)| b)
             .ok_or_else(|| Error::File {
                 path: format!("{}/tokenizer.json", self.source),
-                reason: "missing: the model has no tokenizer.json (a fast tokenizer is required)".into(),
+                reason: "missing: the model has no tokenizer.json (a fast tokenizer is required)"
+                    .into(),
             })?;
         let path = PathBuf::from(format!("{}/tokenizer.json", self.source));
         // A requested length beyond the model's positions is cut to what the model holds.
@@ -248,7 +284,11 @@ impl EncoderBundle {
         } else {
             let first = h.narrow(1, 0, 1)?.squeeze(1)?;
             if p.normalize {
-                let n = first.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+                let n = first
+                    .sqr()?
+                    .sum_keepdim(1)?
+                    .sqrt()?
+                    .clamp(1e-12, f64::MAX)?;
                 Ok(first.broadcast_div(&n)?)
             } else {
                 Ok(first)

@@ -28,9 +28,27 @@ fn cache_rules_offline_revisions_and_misses() {
     let cache = tmp.path().join("cache");
     let main = "a".repeat(40);
     let v1 = "b".repeat(40);
-    snapshot(&cache, "org/tiny", "main", &main, &["config.json", "model.safetensors", "tokenizer.json"]);
-    snapshot(&cache, "org/tiny", "v1", &v1, &["config.json", "model.safetensors"]);
-    snapshot(&cache, "org/torch-only", "main", &main, &["config.json", "pytorch_model.bin"]);
+    snapshot(
+        &cache,
+        "org/tiny",
+        "main",
+        &main,
+        &["config.json", "model.safetensors", "tokenizer.json"],
+    );
+    snapshot(
+        &cache,
+        "org/tiny",
+        "v1",
+        &v1,
+        &["config.json", "model.safetensors"],
+    );
+    snapshot(
+        &cache,
+        "org/torch-only",
+        "main",
+        &main,
+        &["config.json", "pytorch_model.bin"],
+    );
 
     std::env::set_var("HF_HUB_OFFLINE", "1");
     std::env::set_var("HF_HUB_CACHE", &cache);
@@ -38,7 +56,9 @@ fn cache_rules_offline_revisions_and_misses() {
     assert_eq!(cache_dir(), cache, "HF_HUB_CACHE comes first");
 
     let f = resolve(&ModelRef::parse("org/tiny"), None).unwrap();
-    assert!(f.weights.starts_with(cache.join("models--org--tiny/snapshots").join(&main)));
+    assert!(f
+        .weights
+        .starts_with(cache.join("models--org--tiny/snapshots").join(&main)));
     assert!(f.tokenizer.is_some());
     // Optional files absent from the snapshot are skipped, not errors.
     assert!(f.pooling.is_none() && f.modules.is_none());
@@ -49,13 +69,29 @@ fn cache_rules_offline_revisions_and_misses() {
     // A commit hash is a revision too.
     assert!(resolve(&ModelRef::parse("org/tiny"), Some(&main)).is_ok());
 
-    let e = resolve(&ModelRef::parse("org/missing"), None).unwrap_err().to_string();
-    assert!(e.contains("org/missing") && e.contains(cache.to_str().unwrap()) && e.contains("HF_HUB_OFFLINE"), "{e}");
-    let e = resolve(&ModelRef::parse("org/tiny"), Some("v2")).unwrap_err().to_string();
+    let e = resolve(&ModelRef::parse("org/missing"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("org/missing")
+            && e.contains(cache.to_str().unwrap())
+            && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+    let e = resolve(&ModelRef::parse("org/tiny"), Some("v2"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("revision v2"), "{e}");
-    let e = resolve(&ModelRef::parse("org/torch-only"), None).unwrap_err().to_string();
-    assert!(e.contains("pytorch_model.bin") && e.contains("safe_serialization"), "{e}");
-    let e = resolve(&ModelRef::parse("not a valid id!"), None).unwrap_err().to_string();
+    let e = resolve(&ModelRef::parse("org/torch-only"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("safe_serialization"),
+        "{e}"
+    );
+    let e = resolve(&ModelRef::parse("not a valid id!"), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("neither a directory nor a hub id"), "{e}");
 
     // Without HF_HUB_CACHE: $HF_HOME/hub.

@@ -111,7 +111,10 @@ steps = {steps}
 pub fn run(args: &CompressArgs) -> Result<()> {
     args.model.apply_threads();
     if args.output.extension().is_none_or(|e| e != "qnz") {
-        bail!("--output `{}`: give a path ending in .qnz", args.output.display());
+        bail!(
+            "--output `{}`: give a path ending in .qnz",
+            args.output.display()
+        );
     }
     if args.output.is_dir() {
         bail!("--output `{}` is a directory", args.output.display());
@@ -139,7 +142,12 @@ fn scalar(args: &CompressArgs, bits: u8) -> Result<()> {
     for k in &kept {
         eprintln!("qn: warning: left raw: {k}");
     }
-    let bytes = export_qnz_with(&bundle.model, &args.output, CodebookKind::F16, &qnz_metadata(&bundle))?;
+    let bytes = export_qnz_with(
+        &bundle.model,
+        &args.output,
+        CodebookKind::F16,
+        &qnz_metadata(&bundle),
+    )?;
     println!(
         "wrote {} ({bytes} bytes, int{bits}, {} layers quantized)",
         args.output.display(),
@@ -167,7 +175,12 @@ fn ipq(args: &CompressArgs) -> Result<()> {
         }
     }
     plan.validate()?;
-    let train_rows = read_data(train_path, task, args.max_examples.map(|n| n as usize), args.seed)?;
+    let train_rows = read_data(
+        train_path,
+        task,
+        args.max_examples.map(|n| n as usize),
+        args.seed,
+    )?;
     let eval_rows = match &args.eval {
         Some(e) => read_data(e, task, None, args.seed)?,
         None => train_rows.iter().take(256).cloned().collect(),
@@ -213,7 +226,12 @@ fn ipq(args: &CompressArgs) -> Result<()> {
     } else {
         CodebookKind::F16
     };
-    let bytes = export_qnz_with(&bundle.model, &args.output, codebook, &qnz_metadata(&bundle))?;
+    let bytes = export_qnz_with(
+        &bundle.model,
+        &args.output,
+        codebook,
+        &qnz_metadata(&bundle),
+    )?;
     println!(
         "compressed with {} stages ({} steps); accuracy after each stage {:?}; wrote {} ({bytes} bytes)",
         plan.stages.len(),

@@ -53,7 +53,12 @@ pub fn predict_all(model: &dyn QuantModel, x: &Tensor, batch: usize) -> Result<V
 /// Runs `qn eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
     args.model.apply_threads();
-    let rows = read_data(&args.data, args.task, args.max_examples.map(|n| n as usize), args.seed)?;
+    let rows = read_data(
+        &args.data,
+        args.task,
+        args.max_examples.map(|n| n as usize),
+        args.seed,
+    )?;
     let start = Instant::now();
     let bundle = args.model.load(None, 0, false)?;
     let tok = bundle.tokenizer(Some(args.max_len))?;
@@ -63,9 +68,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let correct = pred.iter().zip(&gold).filter(|(p, g)| p == g).count();
     let accuracy = correct as f64 / gold.len() as f64;
     let f1 = (bundle.labels.len() == 2).then(|| {
-        let tp = pred.iter().zip(&gold).filter(|(p, g)| **p == 1 && **g == 1).count() as f64;
-        let fp = pred.iter().zip(&gold).filter(|(p, g)| **p == 1 && **g == 0).count() as f64;
-        let fneg = pred.iter().zip(&gold).filter(|(p, g)| **p == 0 && **g == 1).count() as f64;
+        let tp = pred
+            .iter()
+            .zip(&gold)
+            .filter(|(p, g)| **p == 1 && **g == 1)
+            .count() as f64;
+        let fp = pred
+            .iter()
+            .zip(&gold)
+            .filter(|(p, g)| **p == 1 && **g == 0)
+            .count() as f64;
+        let fneg = pred
+            .iter()
+            .zip(&gold)
+            .filter(|(p, g)| **p == 0 && **g == 1)
+            .count() as f64;
         if tp == 0.0 {
             0.0
         } else {

@@ -84,7 +84,9 @@ pub struct FinetuneArgs {
 fn parse_warmup(s: &str) -> Result<f64, String> {
     let v = parse_non_negative(s)?;
     if v >= 1.0 && v.fract() != 0.0 {
-        return Err(format!("{s} is neither a fraction below 1 nor a whole number of steps"));
+        return Err(format!(
+            "{s} is neither a fraction below 1 nor a whole number of steps"
+        ));
     }
     Ok(v)
 }
@@ -101,13 +103,21 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     args.model.apply_threads();
     let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
     if args.output.exists() && !args.output.is_dir() {
-        bail!("--output `{}` exists and is not a directory", args.output.display());
+        bail!(
+            "--output `{}` exists and is not a directory",
+            args.output.display()
+        );
     }
     let plan = match (args.max_steps, args.epochs) {
         (Some(n), _) => StagePlan::float(n as usize),
         (None, e) => StagePlan::float_epochs(e.unwrap_or(1.0))?,
     };
-    let train_rows = read_data(&args.train, args.task, args.max_examples.map(|n| n as usize), args.seed)?;
+    let train_rows = read_data(
+        &args.train,
+        args.task,
+        args.max_examples.map(|n| n as usize),
+        args.seed,
+    )?;
     let eval_rows = read_data(&args.eval, args.task, None, args.seed)?;
     let labels = task_labels(args.task, &train_rows);
     let bundle = args.model.load(Some(labels.clone()), args.seed, false)?;
@@ -116,9 +126,13 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let eval = to_dataset(&eval_rows, &labels, &tok, &args.eval)?;
     let mut bundle = bundle;
     let layers = bundle.model.layers();
-    let touched =
-        qn_train::apply_noise_spec(&layers, &pattern, |n, l| args.noise.resolve(n, l), args.seed)
-            .context("--noise")?;
+    let touched = qn_train::apply_noise_spec(
+        &layers,
+        &pattern,
+        |n, l| args.noise.resolve(n, l),
+        args.seed,
+    )
+    .context("--noise")?;
     if !matches!(args.noise, NoiseSpec::None) && touched.is_empty() {
         bail!("--noise-layers `{}` matches no layer", args.noise_layers);
     }
@@ -138,7 +152,9 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         progress: true,
-        frozen: args.freeze_embeddings.then(|| r"\.embeddings\.".to_string()),
+        frozen: args
+            .freeze_embeddings
+            .then(|| r"\.embeddings\.".to_string()),
         ..TrainConfig::default()
     };
     cfg.adamw.weight_decay = args.weight_decay;
@@ -158,7 +174,10 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         return Ok(());
     }
     let mut files = vec![
-        ("config.json".to_string(), bundle.config.to_json().into_bytes()),
+        (
+            "config.json".to_string(),
+            bundle.config.to_json().into_bytes(),
+        ),
         (
             "model.safetensors".to_string(),
             safetensors_bytes(&state_dict(&bundle.model)?)?,

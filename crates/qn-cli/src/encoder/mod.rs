@@ -37,7 +37,12 @@ impl ModelArgs {
     }
 
     /// Loads the model (its head sized for `labels` when given), printing its warnings.
-    pub fn load(&self, labels: Option<LabelMap>, seed: u64, quiet_head: bool) -> Result<EncoderBundle> {
+    pub fn load(
+        &self,
+        labels: Option<LabelMap>,
+        seed: u64,
+        quiet_head: bool,
+    ) -> Result<EncoderBundle> {
         let b = load_bundle(
             &self.model,
             self.revision.as_deref(),
@@ -88,13 +93,20 @@ pub fn to_dataset(
     tok: &TextTokenizer,
     file: &Path,
 ) -> Result<Dataset> {
-    qn_models::text::to_dataset(examples, labels, tok, &file.display().to_string(), &Device::Cpu)
-        .with_context(|| format!("dataset `{}`", file.display()))
+    qn_models::text::to_dataset(
+        examples,
+        labels,
+        tok,
+        &file.display().to_string(),
+        &Device::Cpu,
+    )
+    .with_context(|| format!("dataset `{}`", file.display()))
 }
 
 /// The label map of a task: fixed for SST-2 and RTE, else the training file's labels.
 pub fn task_labels(task: Task, train: &[TextExample]) -> LabelMap {
-    task.fixed_labels().unwrap_or_else(|| LabelMap::from_examples(train))
+    task.fixed_labels()
+        .unwrap_or_else(|| LabelMap::from_examples(train))
 }
 
 /// Texts from `--text`/`--text-pair` or `--input FILE` (one per line, a tab separating a pair).
@@ -116,8 +128,7 @@ pub fn texts(
         .map(|(i, t)| (t.clone(), pair.get(i).cloned()))
         .collect();
     if let Some(f) = input {
-        let body = std::fs::read_to_string(f)
-            .with_context(|| format!("file `{}`", f.display()))?;
+        let body = std::fs::read_to_string(f).with_context(|| format!("file `{}`", f.display()))?;
         for line in body.lines().filter(|l| !l.trim().is_empty()) {
             let mut parts = line.splitn(2, '\t');
             let a = parts.next().unwrap_or_default().to_string();
@@ -127,7 +138,11 @@ pub fn texts(
     if out.is_empty() {
         bail!("no input: give --text (one or more) or --input FILE");
     }
-    if let Some((i, _)) = out.iter().enumerate().find(|(_, (t, _))| t.trim().is_empty()) {
+    if let Some((i, _)) = out
+        .iter()
+        .enumerate()
+        .find(|(_, (t, _))| t.trim().is_empty())
+    {
         bail!("input {}: empty text", i + 1);
     }
     Ok(out)

@@ -95,12 +95,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
         println!("{j}");
     } else {
         for (i, (_, p, best)) in results.iter().enumerate() {
-            println!(
-                "{}\t{:.4}\t{}",
-                bundle.labels[*best],
-                p[*best],
-                inputs[i].0
-            );
+            println!("{}\t{:.4}\t{}", bundle.labels[*best], p[*best], inputs[i].0);
         }
     }
     Ok(())
@@ -109,7 +104,8 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
 fn candle_nn_free_softmax(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     let m = logits.max_keepdim(D::Minus1)?;
     let e = logits.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_vec2::<f32>()?)
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_vec2::<f32>()?)
 }
 
 /// Runs `qn embed`.

@@ -110,7 +110,12 @@ impl LabelMap {
             .iter()
             .position(|v| v == label)
             .or_else(|| self.names.iter().position(|n| n == label))
-            .or_else(|| label.parse::<usize>().ok().filter(|i| *i < self.names.len()))
+            .or_else(|| {
+                label
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|i| *i < self.names.len())
+            })
     }
     /// Class names by index.
     pub fn names(&self) -> &[String] {
