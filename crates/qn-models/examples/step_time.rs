@@ -5,6 +5,9 @@
 
 use std::time::Instant;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::Device;
 use qn_models::bundle::{load_bundle, HeadRequest};
 use qn_models::text::{read_examples, to_dataset, Task};

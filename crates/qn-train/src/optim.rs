@@ -60,11 +60,52 @@ impl Default for AdamWParams {
 #[derive(Debug)]
 pub struct AdamW {
     params: AdamWParams,
+    names: Vec<String>,
     vars: Vec<Var>,
     decay: Vec<bool>,
-    first: Vec<Tensor>,
-    second: Vec<Tensor>,
+    first: Vec<Moment>,
+    second: Vec<Moment>,
     step: u64,
+}
+
+/// One moment: host memory updated in place by the fused CPU kernel, or a tensor elsewhere.
+#[derive(Debug)]
+enum Moment {
+    Host(Vec<f32>),
+    Device(Tensor),
+}
+
+impl Moment {
+    fn zeros_for(v: &Var) -> Result<Self> {
+        let t = v.as_tensor();
+        Ok(if fused(t) {
+            Moment::Host(vec![0.0; t.elem_count()])
+        } else {
+            Moment::Device(t.zeros_like()?)
+        })
+    }
+    fn to_tensor(&self, like: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Moment::Host(v) => Tensor::from_slice(v, like.dims(), like.device())?,
+            Moment::Device(t) => t.clone(),
+        })
+    }
+    fn from_tensor(t: Tensor, like: &Var) -> Result<Self> {
+        Ok(if fused(like.as_tensor()) {
+            Moment::Host(
+                t.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?,
+            )
+        } else {
+            Moment::Device(t)
+        })
+    }
+}
+
+/// Whether the fused in-place CPU update applies (f32 on the CPU).
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
 impl AdamW {
@@ -74,14 +115,18 @@ impl AdamW {
             .iter()
             .map(|(n, v)| params.decay_on.applies(n, v.rank()))
             .collect();
-        let vars: Vec<Var> = named.into_iter().map(|(_, v)| v).collect();
+        let (names, vars): (Vec<String>, Vec<Var>) = named.into_iter().unzip();
         let first = vars
             .iter()
-            .map(|v| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let second = first.clone();
+            .map(Moment::zeros_for)
+            .collect::<Result<Vec<_>>>()?;
+        let second = vars
+            .iter()
+            .map(Moment::zeros_for)
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             params,
+            names,
             vars,
             decay,
             first,
@@ -105,26 +150,44 @@ impl AdamW {
         self.step
     }
 
-    /// `(first, second)` moments per variable, and the update count (for checkpoints).
-    pub fn state(&self) -> (&[Tensor], &[Tensor], u64) {
-        (&self.first, &self.second, self.step)
+    /// `(first, second)` moments of the variable named `name` (for checkpoints).
+    pub fn moments(&self, name: &str) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(i) = self.names.iter().position(|n| n == name) else {
+            return Ok(None);
+        };
+        let like = self.vars[i].as_tensor();
+        Ok(Some((
+            self.first[i].to_tensor(like)?,
+            self.second[i].to_tensor(like)?,
+        )))
     }
 
-    /// Restores moments saved by [`Self::state`].
+    /// Restores moments saved by [`Self::moments`], in the order of the variables.
     pub fn set_state(&mut self, first: Vec<Tensor>, second: Vec<Tensor>, step: u64) -> Result<()> {
+        if first.len() != self.vars.len() || second.len() != self.vars.len() {
+            return Err(crate::Error::config(
+                "optimizer state",
+                format!("{} moments for {} variables", first.len(), self.vars.len()),
+            ));
+        }
         for (i, (f, s)) in first.iter().zip(&second).enumerate() {
-            if f.dims() != self.vars[i].dims()
-                || s.dims() != self.vars[i].dims()
-                || first.len() != self.vars.len()
-            {
+            if f.dims() != self.vars[i].dims() || s.dims() != self.vars[i].dims() {
                 return Err(crate::Error::config(
                     "optimizer state",
-                    format!("moment {i} does not match its variable"),
+                    format!("the moments of `{}` do not match it", self.names[i]),
                 ));
             }
         }
-        self.first = first;
-        self.second = second;
+        self.first = first
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(t, v)| Moment::from_tensor(t, v))
+            .collect::<Result<_>>()?;
+        self.second = second
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(t, v)| Moment::from_tensor(t, v))
+            .collect::<Result<_>>()?;
         self.step = step;
         Ok(())
     }
@@ -141,18 +204,97 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let m = ((&self.first[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
-            let v = ((&self.second[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
-            let decayed = if self.decay[i] && p.weight_decay != 0.0 {
-                (var.as_tensor() * (1.0 - lr * p.weight_decay))?
-            } else {
-                var.as_tensor().clone()
-            };
-            var.set(&(decayed - (update * lr)?)?)?;
-            self.first[i] = m;
-            self.second[i] = v;
+            let decay = if self.decay[i] { p.weight_decay } else { 0.0 };
+            match (&mut self.first[i], &mut self.second[i]) {
+                (Moment::Host(m), Moment::Host(v)) if g.dtype() == candle_core::DType::F32 => {
+                    // One pass over weight, gradient and both moments, in place: the tensor
+                    // version below allocates seven temporaries the size of every variable.
+                    let op = FusedAdamW {
+                        m: std::sync::Mutex::new(m),
+                        v: std::sync::Mutex::new(v),
+                        lr: lr as f32,
+                        beta1: p.beta1 as f32,
+                        beta2: p.beta2 as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        eps: p.eps as f32,
+                        decay: (1.0 - lr * decay) as f32,
+                    };
+                    var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                }
+                (first, second) => {
+                    let like = var.as_tensor();
+                    let m0 = first.to_tensor(like)?;
+                    let v0 = second.to_tensor(like)?;
+                    let m = ((m0 * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+                    let v = ((v0 * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+                    let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
+                    let decayed = (like * (1.0 - lr * decay))?;
+                    var.set(&(decayed - (update * lr)?)?)?;
+                    *first = Moment::Device(m);
+                    *second = Moment::Device(v);
+                }
+            }
         }
+        Ok(())
+    }
+}
+
+/// PyTorch's AdamW step on host memory: `w ← w·(1 − lr·λ) − lr·m̂/(√v̂ + ε)`.
+struct FusedAdamW<'a> {
+    m: std::sync::Mutex<&'a mut Vec<f32>>,
+    v: std::sync::Mutex<&'a mut Vec<f32>>,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    decay: f32,
+}
+
+impl candle_core::InplaceOp2 for FusedAdamW<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_l: &candle_core::Layout,
+        g_s: &candle_core::CpuStorage,
+        g_l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (candle_core::CpuStorage::F32(w), candle_core::CpuStorage::F32(g)) = (dst, g_s) else {
+            candle_core::bail!("fused-adamw: f32 only");
+        };
+        let (Some((w0, w1)), Some((g0, g1))) =
+            (dst_l.contiguous_offsets(), g_l.contiguous_offsets())
+        else {
+            candle_core::bail!("fused-adamw: contiguous tensors only");
+        };
+        let w = &mut w[w0..w1];
+        let g = &g[g0..g1];
+        let mut m = self.m.lock().expect("moment lock");
+        let mut v = self.v.lock().expect("moment lock");
+        let (b1, b2, eps, lr, decay) = (self.beta1, self.beta2, self.eps, self.lr, self.decay);
+        let (ibc1, ibc2) = (1.0 / self.bc1, 1.0 / self.bc2);
+        const CHUNK: usize = 1 << 14;
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((w, g), m), v)| {
+                for i in 0..w.len() {
+                    let gi = g[i];
+                    let mi = b1 * m[i] + (1.0 - b1) * gi;
+                    let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+                    m[i] = mi;
+                    v[i] = vi;
+                    w[i] = w[i] * decay - lr * (mi * ibc1) / ((vi * ibc2).sqrt() + eps);
+                }
+            });
         Ok(())
     }
 }

@@ -55,12 +55,11 @@ fn checkpoint_tensors(
 ) -> Result<HashMap<String, Tensor>> {
     let mut t = HashMap::new();
     let vars = named_vars(model);
-    for (i, (name, var)) in vars.iter().enumerate() {
+    for (name, var) in vars.iter() {
         t.insert(format!("var/{name}"), var.as_tensor().detach());
-        if let Some(opt) = opt {
-            let (first, second, _) = opt.state();
-            t.insert(format!("opt/first/{name}"), first[i].clone());
-            t.insert(format!("opt/second/{name}"), second[i].clone());
+        if let Some((first, second)) = opt.map(|o| o.moments(name)).transpose()?.flatten() {
+            t.insert(format!("opt/first/{name}"), first);
+            t.insert(format!("opt/second/{name}"), second);
         }
     }
     for layer in model.layers() {
