@@ -223,6 +223,9 @@ impl AdamW {
                     var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
                 }
                 (first, second) => {
+                    // Gradients carry the graph they were computed through: moments built from
+                    // them undetached would keep every step's activations alive.
+                    let g = &g.detach();
                     let like = var.as_tensor();
                     let m0 = first.to_tensor(like)?;
                     let v0 = second.to_tensor(like)?;
@@ -231,8 +234,8 @@ impl AdamW {
                     let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
                     let decayed = (like * (1.0 - lr * decay))?;
                     var.set(&(decayed - (update * lr)?)?)?;
-                    *first = Moment::Device(m);
-                    *second = Moment::Device(v);
+                    *first = Moment::Device(m.detach());
+                    *second = Moment::Device(v.detach());
                 }
             }
         }
