@@ -584,10 +584,9 @@ fn minilm_embed_and_int8_round_trip() {
 /// directory written today has exactly the tensors transformers found then.
 #[test]
 fn decompressed_directories_have_the_tensors_transformers_loaded() {
-    let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(asset("golden/hf-load-check.json")).unwrap(),
-    )
-    .unwrap();
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(asset("golden/hf-load-check.json")).unwrap())
+            .unwrap();
     for (name, g) in golden.as_object().unwrap() {
         for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
             assert!(g[k].as_array().unwrap().is_empty(), "{name}: {k} {}", g[k]);
@@ -596,7 +595,15 @@ fn decompressed_directories_have_the_tensors_transformers_loaded() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let qnz = tmp.path().join("m.qnz");
-    ok(&qn(&[&"compress", &"--model", &asset("tiny-roberta"), &"--method", &"int8", &"-o", &qnz]));
+    ok(&qn(&[
+        &"compress",
+        &"--model",
+        &asset("tiny-roberta"),
+        &"--method",
+        &"int8",
+        &"-o",
+        &qnz,
+    ]));
     let hf = tmp.path().join("hf");
     ok(&qn(&[&"decompress", &qnz, &"-o", &hf]));
     let mut ours = safetensors_names(&hf.join("model.safetensors"));

@@ -64,7 +64,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t3 = Instant::now();
         let rss = std::fs::read_to_string("/proc/self/statm").unwrap();
         let pages: u64 = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
-        eprintln!("step {s}: rss {} MB, seq len {}", pages * 4096 / (1 << 20), x.dim(2)?);
+        eprintln!(
+            "step {s}: rss {} MB, seq len {}",
+            pages * 4096 / (1 << 20),
+            x.dim(2)?
+        );
         f.push((t1 - t0).as_secs_f64());
         bw.push((t2 - t1).as_secs_f64());
         o.push((t3 - t2).as_secs_f64());
