@@ -5,9 +5,6 @@
 
 use std::time::Instant;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use candle_core::Device;
 use qn_models::bundle::{load_bundle, HeadRequest};
 use qn_models::text::{read_examples, to_dataset, Task};
@@ -62,13 +59,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t2 = Instant::now();
         opt.step(&grads, 1e-4)?;
         let t3 = Instant::now();
-        let rss = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: u64 = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
-        eprintln!(
-            "step {s}: rss {} MB, seq len {}",
-            pages * 4096 / (1 << 20),
-            x.dim(2)?
-        );
+        if std::env::var_os("QN_STEP_RSS").is_some() {
+            // Resident memory per step: a leak (moments holding graphs) shows as growth.
+            let statm = std::fs::read_to_string("/proc/self/statm")?;
+            let pages: u64 = statm.split_whitespace().nth(1).unwrap_or("0").parse()?;
+            eprintln!("step {s}: rss {} MB", pages * 4096 / (1 << 20));
+        }
         f.push((t1 - t0).as_secs_f64());
         bw.push((t2 - t1).as_secs_f64());
         o.push((t3 - t2).as_secs_f64());

@@ -8,9 +8,10 @@
 
 mod block;
 pub mod config;
+pub mod fused;
 pub mod load;
 pub mod model;
-mod ops;
+pub mod ops;
 
 pub use config::{Activation, EncoderConfig, Family};
 pub use load::{build_encoder, canonical_name, read_weights, Loaded};

@@ -10,8 +10,32 @@ use rand_chacha::ChaCha8Rng;
 use super::config::Activation;
 use qn_train::NoiseStep;
 
-/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as PyTorch).
+/// LayerNorm over the last dimension: the fused kernel on the CPU, the plain-op twin elsewhere.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if super::fused::fused_ok(x) {
+        super::fused::layer_norm(x, w, b, eps)
+    } else {
+        layer_norm_reference(x, w, b, eps)
+    }
+}
+
+/// Softmax over the last dimension: fused on the CPU, the plain-op twin elsewhere.
+pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    if super::fused::fused_ok(x) {
+        super::fused::softmax_last_dim(x)
+    } else {
+        softmax_reference(x)
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (biased variance, as PyTorch),
+/// from plain ops.
+pub fn layer_norm_reference(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -20,8 +44,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
         .broadcast_add(b)
 }
 
-/// Softmax over the last dimension, max-subtracted.
-pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+/// Softmax over the last dimension, max-subtracted, from plain ops.
+pub fn softmax_reference(x: &Tensor) -> candle_core::Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&m)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -30,6 +54,7 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 /// The feed-forward activation.
 pub fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     match act {
+        Activation::GeluErf if super::fused::fused_ok(x) => super::fused::gelu_erf(x),
         Activation::GeluErf => x.gelu_erf(),
         Activation::GeluTanh => x.gelu(),
         Activation::Relu => x.relu(),

@@ -1,0 +1,115 @@
+//! The fused CPU kernels against their plain-op twins: values and gradients (through candle's
+//! autograd of the plain ops), on shapes with odd widths.
+
+use candle_core::{Device, Tensor, Var};
+use qn_models::encoder::{fused, ops};
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    // A fixed pseudo-random fill: the comparison does not depend on candle's RNG.
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Runs `f` on fresh variables, backpropagates `sum(out · r)`, returns the output and the gradients.
+fn run(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let r = rand(out.dims(), 99);
+    let g = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| g.get(v.as_tensor()).unwrap().clone())
+        .collect();
+    (out, grads)
+}
+
+#[test]
+fn layer_norm_matches_the_plain_ops() {
+    for (shape, h) in [
+        (vec![3, 5, 37], 37),
+        (vec![64, 384], 384),
+        (vec![1, 1, 3], 3),
+    ] {
+        let x = rand(&shape, 1);
+        let w = rand(&[h], 2);
+        let b = rand(&[h], 3);
+        let (y0, g0) = run(&[x.clone(), w.clone(), b.clone()], |t| {
+            ops::layer_norm_reference(&t[0], &t[1], &t[2], 1e-5).unwrap()
+        });
+        let (y1, g1) = run(&[x, w, b], |t| {
+            fused::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap()
+        });
+        assert!(max_diff(&y0, &y1) < 1e-5, "{shape:?} values");
+        for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
+            assert!(
+                max_diff(a, b) / scale < 1e-4,
+                "{shape:?} grad {i}: {}",
+                max_diff(a, b)
+            );
+        }
+    }
+}
+
+#[test]
+fn gelu_matches_candle_and_its_derivative() {
+    let x = rand(&[7, 301], 4);
+    let (y0, g0) = run(&[x.clone()], |t| t[0].gelu_erf().unwrap());
+    let (y1, g1) = run(&[x], |t| fused::gelu_erf(&t[0]).unwrap());
+    assert!(max_diff(&y0, &y1) < 1e-6, "values {}", max_diff(&y0, &y1));
+    assert!(
+        max_diff(&g0[0], &g1[0]) < 1e-5,
+        "grads {}",
+        max_diff(&g0[0], &g1[0])
+    );
+}
+
+#[test]
+fn softmax_matches_the_plain_ops_with_masked_columns() {
+    let mut x = rand(&[2, 3, 5, 9], 5);
+    // Masked positions as the encoder adds them.
+    let bias = Tensor::from_vec(
+        (0..9).map(|j| if j > 6 { -1e30f32 } else { 0.0 }).collect(),
+        (1, 1, 1, 9),
+        &Device::Cpu,
+    )
+    .unwrap();
+    x = x.broadcast_add(&bias).unwrap();
+    let (y0, g0) = run(&[x.clone()], |t| ops::softmax_reference(&t[0]).unwrap());
+    let (y1, g1) = run(&[x], |t| fused::softmax_last_dim(&t[0]).unwrap());
+    assert!(max_diff(&y0, &y1) < 1e-6);
+    assert!(max_diff(&g0[0], &g1[0]) < 1e-6);
+}
