@@ -1,5 +1,6 @@
-//! Times a training step of all-MiniLM-L6-v2 on SST-2 (batch 32, ≤ 64 tokens, AdamW): forward,
-//! backward and optimizer separately, median of N steps.
+//! Times a training step of all-MiniLM-L6-v2 on SST-2 (batch 32, ≤ 64 tokens, dynamic padding,
+//! AdamW): forward, backward and optimizer separately, median of N steps. The peer is
+//! `scripts/step_time_torch.py` (same rows, same batches); `scripts/encoder_step_time.sh` runs both.
 //!
 //! `cargo run --release -p qn-models --example step_time -- $QN_DATA_DIR [steps] [noise]`
 
@@ -21,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let steps: usize = std::env::args().nth(2).map_or(5, |s| s.parse().unwrap());
     let noise: Option<String> = std::env::args().nth(3);
     let task = Task::Sst2;
-    let rows = read_examples(&root.join("data/sst2/train.tsv"), task, Some(32 * steps), 0)?;
+    // The first 32·steps rows in file order, batches in order: the same work as
+    // scripts/step_time_torch.py does.
+    let mut rows = read_examples(&root.join("data/sst2/train.tsv"), task, None, 0)?;
+    rows.truncate(32 * steps);
     let labels = task.fixed_labels().unwrap();
     let b = load_bundle(
         root.join("models/all-MiniLM-L6-v2").to_str().unwrap(),
@@ -48,7 +52,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opt = AdamW::new(named.clone(), AdamWParams::default())?;
     let (mut f, mut bw, mut o) = (vec![], vec![], vec![]);
     for s in 0..steps {
-        let (x, y) = data.batch(s, 32, 0)?;
+        let x = data.x.narrow(0, 32 * s, 32)?;
+        let y = data.y.narrow(0, 32 * s, 32)?;
         qn_train::set_noise_step(&b.model.layers(), s as u64, 0);
         let t0 = Instant::now();
         let logits = b.model.forward_t(&x, true)?;
