@@ -616,3 +616,25 @@ fn decompressed_directories_have_the_tensors_transformers_loaded() {
         .collect();
     assert_eq!(ours, want);
 }
+
+#[test]
+fn freeze_embeddings_leaves_the_tables_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("frozen");
+    ok(&finetune(&run, &["--freeze-embeddings", "--lr", "1e-2"]));
+    let read = |p: &Path, name: &str| -> Vec<u8> {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(name).unwrap().data().to_vec()
+    };
+    let src = asset("tiny-roberta/model.safetensors");
+    let out = run.join("model.safetensors");
+    for t in [
+        "roberta.embeddings.word_embeddings.weight",
+        "roberta.embeddings.position_embeddings.weight",
+    ] {
+        assert_eq!(read(&src, t), read(&out, t), "{t} changed");
+    }
+    let t = "roberta.encoder.layer.0.attention.self.query.weight";
+    assert_ne!(read(&src, t), read(&out, t), "{t} did not train");
+}
