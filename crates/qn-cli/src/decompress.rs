@@ -115,7 +115,7 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
 /// `config.json`, `model.safetensors` under the `…ForSequenceClassification` names, and the
 /// source's tokenizer files byte for byte.
 fn hf_directory(args: &DecompressArgs) -> Result<()> {
-    use qn_models::hf_dir::{safetensors_bytes, state_dict, write_dir};
+    use qn_models::hf_dir::write_dir;
     let spec = args.file.to_string_lossy().to_string();
     let bundle = qn_models::bundle::load_bundle(
         &spec,
@@ -124,17 +124,7 @@ fn hf_directory(args: &DecompressArgs) -> Result<()> {
         0,
         &candle_core::Device::Cpu,
     )?;
-    let mut files = vec![
-        (
-            "config.json".to_string(),
-            bundle.config.to_json().into_bytes(),
-        ),
-        (
-            "model.safetensors".to_string(),
-            safetensors_bytes(&state_dict(&bundle.model)?)?,
-        ),
-    ];
-    files.extend(bundle.files.iter().cloned());
+    let files = bundle.hf_files()?;
     write_dir(&args.output, &files, false)?;
     println!(
         "wrote {}: a Hugging Face {} directory ({} files)",

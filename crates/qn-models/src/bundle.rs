@@ -247,6 +247,24 @@ impl EncoderBundle {
         }
     }
 
+    /// The files of the model as a Hugging Face directory: `config.json`, `model.safetensors`
+    /// (dense, Hugging Face names) and the tokenizer files byte for byte.
+    pub fn hf_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        use crate::hf_dir::{safetensors_bytes, state_dict};
+        let mut files = vec![
+            (
+                "config.json".to_string(),
+                self.config.to_json().into_bytes(),
+            ),
+            (
+                "model.safetensors".to_string(),
+                safetensors_bytes(&state_dict(&self.model)?)?,
+            ),
+        ];
+        files.extend(self.files.iter().cloned());
+        Ok(files)
+    }
+
     /// The label map (class names; data files may write them or their indices for SST-2).
     pub fn label_map(&self) -> LabelMap {
         LabelMap::new(self.labels.clone())

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use qn_models::hf_dir::{safetensors_bytes, state_dict, write_dir};
+use qn_models::hf_dir::write_dir;
 use qn_models::text::Task;
 use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
 use qn_train::{NoiseSpec, QuantModel};
@@ -173,17 +173,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let mut files = vec![
-        (
-            "config.json".to_string(),
-            bundle.config.to_json().into_bytes(),
-        ),
-        (
-            "model.safetensors".to_string(),
-            safetensors_bytes(&state_dict(&bundle.model)?)?,
-        ),
-    ];
-    files.extend(bundle.files.iter().cloned());
+    let files = bundle.hf_files()?;
     write_dir(&args.output, &files, true)?;
     println!(
         "fine-tuned {} steps on {} examples; eval accuracy {:.2} % on {} examples; wrote {}",

@@ -65,7 +65,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
             .collect::<qn_models::Result<Vec<_>>>()?;
         let x = pack_batch(&rows, tok.pad_id(), &Device::Cpu)?;
         let logits = bundle.model.forward_t(&x, false)?;
-        let probs = candle_nn_free_softmax(&logits)?;
+        let probs = softmax_rows(&logits)?;
         for (l, p) in logits.to_vec2::<f32>()?.into_iter().zip(probs) {
             let best = p
                 .iter()
@@ -101,7 +101,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
     Ok(())
 }
 
-fn candle_nn_free_softmax(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
+fn softmax_rows(logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
     let m = logits.max_keepdim(D::Minus1)?;
     let e = logits.broadcast_sub(&m)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
