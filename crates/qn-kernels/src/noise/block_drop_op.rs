@@ -48,6 +48,48 @@ impl BlockDropOp {
     }
 }
 
+impl BlockDropOp {
+    fn run_inplace<T: Copy + Send + Sync + std::ops::Mul<Output = T> + Default>(
+        &self,
+        data: &mut [T],
+        scale: T,
+    ) {
+        let bpr = self.cols / self.block;
+        data.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(o, row)| {
+                let flags = &self.noised[o * bpr..(o + 1) * bpr];
+                for (d, &dropped) in row.chunks_exact_mut(self.block).zip(flags) {
+                    if dropped {
+                        d.fill(T::default());
+                    } else {
+                        d.iter_mut().for_each(|d| *d = *d * scale);
+                    }
+                }
+            });
+    }
+}
+
+/// The same op in place, for the weight gradient: a fresh matmul output nobody else holds, so
+/// masking it where it lies saves a weight-sized allocation and zero fill per layer and step.
+impl candle_core::InplaceOp1 for BlockDropOp {
+    fn name(&self) -> &'static str {
+        "qn-block-drop-inplace"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("qn-block-drop needs a contiguous gradient".into())
+        })?;
+        match storage {
+            CpuStorage::F32(v) => self.run_inplace(&mut v[start..end], self.scale as f32),
+            CpuStorage::F64(v) => self.run_inplace(&mut v[start..end], self.scale),
+            _ => candle_core::bail!("qn-block-drop: only f32 and f64 weights are supported"),
+        }
+        Ok(())
+    }
+}
+
 impl CustomOp1 for BlockDropOp {
     fn name(&self) -> &'static str {
         "qn-block-drop"
@@ -148,11 +190,9 @@ impl candle_core::CustomOp2 for BlockDropMatmulOp {
             _ => w.contiguous()?.apply_op1_no_bwd(&self.drop)?,
         };
         let dx = grad.matmul(&dropped)?;
-        let dw = grad
-            .t()?
-            .matmul(x)?
-            .contiguous()?
-            .apply_op1_no_bwd(&self.drop)?;
+        // A fresh, contiguous matmul output that nothing else holds: masked where it lies.
+        let dw = grad.t()?.matmul(x)?.contiguous()?;
+        dw.inplace_op1(&self.drop)?;
         Ok((Some(dx), Some(dw)))
     }
 }
