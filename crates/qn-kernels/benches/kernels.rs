@@ -143,11 +143,35 @@ fn bench_decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// Depthwise convolution forward + backward on one of EfficientNet-Lite0's shapes (8 x 144 x 56²,
+/// k3): the fused op against candle's grouped conv2d.
+fn bench_depthwise(c: &mut Criterion) {
+    use candle_core::Var;
+    use qn_kernels::conv::{depthwise_conv2d, depthwise_conv2d_reference, Padding2d};
+    let dev = candle_core::Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 144, 56, 56), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (144, 1, 3, 3), &dev).unwrap()).unwrap();
+    let pad = Padding2d::symmetric(1);
+    let mut g = c.benchmark_group("depthwise 8x144x56x56 k3 fwd+bwd");
+    g.sample_size(10);
+    type Conv = fn(&Tensor, &Tensor, usize, Padding2d) -> qn_kernels::Result<Tensor>;
+    let run = |conv: Conv| {
+        let y = conv(&x, &w, 1, pad).unwrap();
+        y.sum_all().unwrap().backward().unwrap()
+    };
+    g.bench_function("fused", |b| b.iter(|| run(depthwise_conv2d)));
+    g.bench_function("candle conv2d groups=C", |b| {
+        b.iter(|| run(depthwise_conv2d_reference))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_kmeans,
     bench_scalar,
     bench_noise,
-    bench_decode
+    bench_decode,
+    bench_depthwise
 );
 criterion_main!(benches);
