@@ -25,6 +25,7 @@ pub mod encoder;
 mod error;
 pub mod hf_dir;
 pub mod hub;
+mod recording;
 pub mod text;
 
 pub use error::{Error, Result};

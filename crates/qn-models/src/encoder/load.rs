@@ -11,16 +11,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::{EncoderConfig, Family};
 use super::model::Encoder;
+use crate::recording::{listed, name_hash, recording_vb, take, InitFn};
 use crate::{Error, Result};
 
 /// A loaded encoder and what the user should be told about it.
@@ -93,82 +92,6 @@ fn is_head(name: &str, family: Family) -> bool {
     name.starts_with("classifier.") || (family == Family::Bert && name.starts_with("bert.pooler."))
 }
 
-#[derive(Default)]
-struct Record {
-    used: Vec<String>,
-    missing: Vec<String>,
-    mismatched: Vec<String>,
-}
-
-struct Recording {
-    tensors: HashMap<String, Tensor>,
-    record: Arc<Mutex<Record>>,
-    seed: u64,
-    std: f64,
-}
-
-impl SimpleBackend for Recording {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut rec = self.record.lock().expect("record lock");
-        rec.used.push(name.to_string());
-        if let Some(t) = self.tensors.get(name) {
-            if t.shape() == &s {
-                return t.to_dtype(dtype)?.to_device(dev);
-            }
-            rec.mismatched.push(format!(
-                "`{name}` is {:?}, the config needs {:?}",
-                t.dims(),
-                s.dims()
-            ));
-        } else {
-            rec.missing.push(name.to_string());
-        }
-        // Hugging Face's initialisation: normal(0, initializer_range) weights, zero biases, unit
-        // LayerNorm scales; seeded by the run seed and the name so that reruns agree.
-        let n = s.elem_count();
-        let values = if name.ends_with("bias") {
-            vec![0f32; n]
-        } else if name.ends_with("LayerNorm.weight") {
-            vec![1f32; n]
-        } else {
-            let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ h);
-            let normal = Normal::new(0f32, self.std as f32).map_err(candle_core::Error::wrap)?;
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
-    }
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.into() })?
-            .to_dtype(dtype)?
-            .to_device(dev)
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-}
-
-fn listed(names: &[String]) -> String {
-    let shown: Vec<_> = names.iter().take(8).map(|n| format!("`{n}`")).collect();
-    let more = names.len().saturating_sub(8);
-    if more > 0 {
-        format!("{} and {more} more", shown.join(", "))
-    } else {
-        shown.join(", ")
-    }
-}
-
 /// Builds an encoder with a `num_labels`-way head from canonical `tensors` (read from
 /// `weights_path`, which errors name). A head absent from the file, or one with another number of
 /// classes, is initialised from `seed` with a warning.
@@ -190,17 +113,22 @@ pub fn build_encoder(
         .and_then(|v| v.as_f64())
         .unwrap_or(0.02);
     let names: Vec<String> = tensors.keys().cloned().collect();
-    let record = Arc::new(Mutex::new(Record::default()));
-    let backend = Recording {
-        tensors,
-        record: record.clone(),
-        seed,
-        std,
-    };
-    let backend: Box<dyn SimpleBackend> = Box::new(backend);
-    let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+    // Hugging Face's initialisation for what the file lacks: normal(0, initializer_range)
+    // weights, zero biases, unit LayerNorm scales; seeded by the run seed and the name.
+    let init: InitFn = Box::new(move |name, n| {
+        Ok(if name.ends_with("bias") {
+            vec![0f32; n]
+        } else if name.ends_with("LayerNorm.weight") {
+            vec![1f32; n]
+        } else {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
+            let normal = Normal::new(0f32, std as f32).map_err(candle_core::Error::wrap)?;
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        })
+    });
+    let (vb, record) = recording_vb(tensors, init, device);
     let model = Encoder::new(config, num_labels, seed, vb)?;
-    let rec = std::mem::take(&mut *record.lock().expect("record lock"));
+    let rec = take(&record);
     let mut warnings = Vec::new();
     let head_missing: Vec<String> = rec
         .missing

@@ -2,6 +2,7 @@
 
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use qn_kernels::conv::{depthwise_conv2d, Padding2d};
 use qn_kernels::layout::LayerKind;
 
 use super::QuantNoiseLayer;
@@ -14,6 +15,7 @@ pub struct QConv2d {
     weight: QWeight,
     bias: Option<Var>,
     config: Conv2dConfig,
+    same_padding: bool,
     act_quant: Option<ActQuant>,
 }
 
@@ -24,8 +26,23 @@ impl QConv2d {
             weight: QWeight::new(name, LayerKind::Conv2d, weight)?,
             bias,
             config,
+            same_padding: false,
             act_quant: None,
         })
+    }
+
+    /// Pads like TensorFlow's "SAME" (computed per input size, asymmetric for even strides) instead
+    /// of `config.padding` on every side: what weights trained in TensorFlow expect.
+    pub fn with_same_padding(mut self) -> Self {
+        self.same_padding = true;
+        self
+    }
+
+    /// True for a depthwise convolution (one `k x k` kernel per channel), which runs the fused
+    /// [`qn_kernels::conv::depthwise_conv2d`] instead of candle's per-group convolutions.
+    pub fn is_depthwise(&self) -> bool {
+        let d = self.weight.layout().shape();
+        self.config.groups > 1 && d[0] == self.config.groups && d[1] == 1 && d[2] == d[3]
     }
 
     /// Quantizes the layer's output with [`ActQuant`] (`None`: off).
@@ -67,7 +84,22 @@ impl ModuleT for QConv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let w = self.weight.weight_t(train)?;
         let c = &self.config;
-        let y = x.conv2d(&w, c.padding, c.stride, c.dilation, c.groups)?;
+        let (_, _, h, wd) = x.dims4()?;
+        let k = w.dim(2)?;
+        let pad = if self.same_padding && c.dilation == 1 {
+            Padding2d::same(h, wd, k, c.stride)
+        } else {
+            Padding2d::symmetric(c.padding)
+        };
+        let y = if self.is_depthwise() && c.dilation == 1 {
+            depthwise_conv2d(x, &w, c.stride, pad).map_err(candle_core::Error::wrap)?
+        } else if pad == Padding2d::symmetric(pad.top) {
+            x.conv2d(&w, pad.top, c.stride, c.dilation, c.groups)?
+        } else {
+            x.pad_with_zeros(2, pad.top, pad.bottom)?
+                .pad_with_zeros(3, pad.left, pad.right)?
+                .conv2d(&w, 0, c.stride, c.dilation, c.groups)?
+        };
         let y = match &self.bias {
             None => y,
             Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?,
