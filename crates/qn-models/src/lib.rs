@@ -27,6 +27,7 @@ pub mod hf_dir;
 pub mod hub;
 mod recording;
 pub mod text;
+pub mod vision;
 
 pub use error::{Error, Result};
 pub use qn_train as train;

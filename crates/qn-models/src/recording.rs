@@ -21,8 +21,8 @@ pub(crate) struct Record {
     pub mismatched: Vec<String>,
 }
 
-/// Values for an absent tensor: `(name, element count) -> values`.
-pub(crate) type InitFn = Box<dyn Fn(&str, usize) -> candle_core::Result<Vec<f32>> + Send + Sync>;
+/// Values for an absent tensor: `(name, shape) -> values`.
+pub(crate) type InitFn = Box<dyn Fn(&str, &[usize]) -> candle_core::Result<Vec<f32>> + Send + Sync>;
 
 struct Recording {
     tensors: HashMap<String, Tensor>,
@@ -76,7 +76,7 @@ impl SimpleBackend for Recording {
         } else {
             rec.missing.push(name.to_string());
         }
-        let values = (self.init)(name, s.elem_count())?;
+        let values = (self.init)(name, s.dims())?;
         Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

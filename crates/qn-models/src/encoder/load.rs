@@ -115,7 +115,8 @@ pub fn build_encoder(
     let names: Vec<String> = tensors.keys().cloned().collect();
     // Hugging Face's initialisation for what the file lacks: normal(0, initializer_range)
     // weights, zero biases, unit LayerNorm scales; seeded by the run seed and the name.
-    let init: InitFn = Box::new(move |name, n| {
+    let init: InitFn = Box::new(move |name, dims| {
+        let n = dims.iter().product();
         Ok(if name.ends_with("bias") {
             vec![0f32; n]
         } else if name.ends_with("LayerNorm.weight") {

@@ -1,0 +1,105 @@
+//! Batch normalisation over `(batch, channel, h, w)` with running statistics, as PyTorch's
+//! `BatchNorm2d`: training normalises with the batch's statistics and updates the running ones
+//! (`running = (1 - momentum) · running + momentum · batch`, the variance unbiased); evaluation uses
+//! the running ones. Scale and shift are trainable; the running statistics are buffers that are
+//! saved and exported with the weights.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor, Var, D};
+use candle_nn::VarBuilder;
+
+use crate::Result;
+
+/// A `BatchNorm2d` layer (PyTorch names: `weight`, `bias`, `running_mean`, `running_var`).
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    name: String,
+    weight: Var,
+    bias: Var,
+    running: Mutex<(Tensor, Tensor)>,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// `channels` statistics from `vb` (missing ones start at mean 0, variance 1, scale 1, shift 0).
+    pub fn new(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = Var::from_tensor(&vb.get_with_hints(
+            channels,
+            "weight",
+            candle_nn::Init::Const(1.0),
+        )?)?;
+        let bias =
+            Var::from_tensor(&vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?)?;
+        let mean = vb.get_with_hints(channels, "running_mean", candle_nn::Init::Const(0.0))?;
+        let var = vb.get_with_hints(channels, "running_var", candle_nn::Init::Const(1.0))?;
+        Ok(Self {
+            name: vb.prefix(),
+            weight,
+            bias,
+            running: Mutex::new((mean, var)),
+            eps,
+            momentum,
+        })
+    }
+
+    /// `(prefix.weight, ·)`, `(prefix.bias, ·)`: the trainable variables.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        vec![
+            (format!("{}.weight", self.name), self.weight.clone()),
+            (format!("{}.bias", self.name), self.bias.clone()),
+        ]
+    }
+
+    /// `(prefix.running_mean, ·)`, `(prefix.running_var, ·)`: the buffers, as they are now.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        let r = self.running.lock().expect("running stats lock");
+        vec![
+            (format!("{}.running_mean", self.name), r.0.clone()),
+            (format!("{}.running_var", self.name), r.1.clone()),
+        ]
+    }
+
+    /// Replaces the running statistics (restoring a checkpoint).
+    pub fn set_buffers(&self, mean: Tensor, var: Tensor) {
+        *self.running.lock().expect("running stats lock") = (mean, var);
+    }
+
+    /// Normalises `x (n, c, h, w)`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let c = x.dim(1)?;
+        let (mean, var) = if train {
+            let (n, _, h, w) = x.dims4()?;
+            let count = (n * h * w) as f64;
+            // Per-channel statistics as (c) vectors: the mean over the batch and the pixels.
+            let flat = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+            let mean = flat.mean(D::Minus1)?;
+            let centred = flat.broadcast_sub(&mean.unsqueeze(1)?)?;
+            let var = centred.sqr()?.mean(D::Minus1)?;
+            {
+                let mut r = self.running.lock().expect("running stats lock");
+                let m = self.momentum;
+                let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
+                let new_mean = ((&r.0 * (1.0 - m))? + (mean.detach() * m)?)?;
+                let new_var = ((&r.1 * (1.0 - m))? + (unbiased * m)?)?;
+                *r = (new_mean, new_var);
+            }
+            (mean, var)
+        } else {
+            let r = self.running.lock().expect("running stats lock");
+            (r.0.clone(), r.1.clone())
+        };
+        // y = (x - mean) · scale + shift, with scale = weight / sqrt(var + eps).
+        let scale = (self.weight.as_tensor() / (var + self.eps)?.sqrt()?)?;
+        let shift = (self.bias.as_tensor() - (&mean * &scale)?)?;
+        let shape = (1, c, 1, 1);
+        x.broadcast_mul(&scale.reshape(shape)?)?
+            .broadcast_add(&shift.reshape(shape)?)
+    }
+
+    /// The dtype of the statistics (f32).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+}

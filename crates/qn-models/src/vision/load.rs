@@ -1,0 +1,211 @@
+//! Loading EfficientNet weights from safetensors: the variant inferred from tensor names and
+//! shapes (or given), every tensor checked by name and shape.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Uniform};
+
+use super::config::EfficientNetConfig;
+use super::efficientnet::EfficientNet;
+use crate::recording::{listed, name_hash, recording_vb, take, InitFn};
+use crate::{Error, Result};
+
+/// A loaded network and what the user should be told about it.
+#[derive(Debug)]
+pub struct LoadedImageModel {
+    /// The network.
+    pub model: EfficientNet,
+    /// One line each: what was initialised or ignored.
+    pub warnings: Vec<String>,
+}
+
+/// Reads `path` (safetensors) as f32 tensors; integer buffers (`num_batches_tracked`) are dropped.
+pub fn read_image_weights(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let raw = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::weights(path, format!("cannot read safetensors: {e}")))?;
+    let mut out = HashMap::with_capacity(raw.len());
+    for (name, t) in raw {
+        if name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        if !t.dtype().is_float() {
+            return Err(Error::weights(
+                path,
+                format!("tensor `{name}` has dtype {:?}, not a float", t.dtype()),
+            ));
+        }
+        out.insert(name, t.to_dtype(DType::F32)?);
+    }
+    Ok(out)
+}
+
+/// The variant whose architecture the tensors describe: Lite when there is no squeeze-and-excitation,
+/// then the one with the same number of blocks and the same head and block shapes.
+pub fn infer_variant(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<EfficientNetConfig> {
+    let fc = tensors.get("_fc.weight").ok_or_else(|| {
+        let sample: Vec<String> = {
+            let mut k: Vec<String> = tensors.keys().cloned().collect();
+            k.sort();
+            k.into_iter().take(4).collect()
+        };
+        Error::weights(
+            path,
+            format!(
+                "no `_fc.weight`: not an EfficientNet in the EfficientNet-PyTorch layout (first names: {})",
+                listed(&sample)
+            ),
+        )
+    })?;
+    let classes = fc.dim(0)?;
+    let lite = !tensors.keys().any(|k| k.contains("_se_reduce"));
+    let blocks = (0..)
+        .take_while(|i| tensors.contains_key(&format!("_blocks.{i}._depthwise_conv.weight")))
+        .count();
+    let dims = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+    let candidates: &[&str] = if lite {
+        &["lite0", "lite1", "lite2", "lite3", "lite4"]
+    } else {
+        &["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"]
+    };
+    for v in candidates {
+        let cfg = EfficientNetConfig::variant(v, classes)?;
+        let args = cfg.blocks();
+        if args.len() != blocks {
+            continue;
+        }
+        let last = args.last().expect("blocks").output;
+        let fits = dims("_conv_head.weight") == Some(vec![cfg.head_channels(), last, 1, 1])
+            && dims("_conv_stem.weight") == Some(vec![cfg.stem_channels(), 3, 3, 3]);
+        if fits {
+            return Ok(cfg);
+        }
+    }
+    Err(Error::weights(
+        path,
+        format!(
+            "{blocks} blocks{} match no EfficientNet {} variant; pass --variant to see which tensors differ",
+            if lite { " without squeeze-excitation" } else { "" },
+            if lite { "Lite" } else { "B" }
+        ),
+    ))
+}
+
+/// Builds `config`'s network from `tensors` (EfficientNet-PyTorch names, read from `path`, which
+/// errors name). Missing, mis-shaped and unexpected tensors are errors that list them, except a
+/// classifier of another size, which is initialised from `seed` with a warning.
+pub fn build_efficientnet(
+    config: &EfficientNetConfig,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<LoadedImageModel> {
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    // What the file lacks starts as PyTorch would: batch norms at identity (scale 1, shift 0,
+    // running mean 0, variance 1), convolutions and the classifier U(±1/sqrt(fan_in)), seeded by
+    // the run seed and the name.
+    let init: InitFn = Box::new(move |name, dims| {
+        let n: usize = dims.iter().product();
+        let is_bn = name.starts_with("_bn") || name.contains("._bn");
+        if is_bn || name.ends_with("running_mean") || name.ends_with("running_var") {
+            let one = name.ends_with("running_var") || name.ends_with(".weight");
+            return Ok(vec![if one { 1f32 } else { 0f32 }; n]);
+        }
+        // fan_in: everything but the output dimension (the bias's layer is not known: use 1/n).
+        let fan_in = if dims.len() > 1 { n / dims[0] } else { n };
+        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
+        let u = Uniform::new_inclusive(-bound, bound).map_err(candle_core::Error::wrap)?;
+        Ok((0..n).map(|_| u.sample(&mut rng)).collect())
+    });
+    let (vb, record) = recording_vb(tensors, init, device);
+    let model = EfficientNet::new(config, seed, vb)?;
+    let rec = take(&record);
+    let is_head = |n: &str| n.starts_with("_fc.") || n.starts_with("`_fc.");
+    let body_missing: Vec<String> = rec
+        .missing
+        .iter()
+        .filter(|n| !is_head(n))
+        .cloned()
+        .collect();
+    if !body_missing.is_empty() {
+        return Err(Error::weights(
+            path,
+            format!(
+                "missing tensors {} for EfficientNet-{}",
+                listed(&body_missing),
+                config.variant
+            ),
+        ));
+    }
+    let (head_bad, body_bad): (Vec<String>, Vec<String>) =
+        rec.mismatched.iter().cloned().partition(|m| is_head(m));
+    if !body_bad.is_empty() {
+        return Err(Error::weights(
+            path,
+            format!(
+                "wrong shapes for EfficientNet-{}: {}",
+                config.variant,
+                body_bad.join("; ")
+            ),
+        ));
+    }
+    let mut warnings = Vec::new();
+    let head_missing: Vec<String> = rec.missing.iter().filter(|n| is_head(n)).cloned().collect();
+    if !head_missing.is_empty() || !head_bad.is_empty() {
+        warnings.push(format!(
+            "{}: the classifier ({}) is initialised from seed {seed} for {} classes; fine-tune before trusting its predictions",
+            path.display(),
+            if head_bad.is_empty() { listed(&head_missing) } else { head_bad.join("; ") },
+            config.num_classes
+        ));
+    }
+    let used: HashSet<&String> = rec.used.iter().collect();
+    let mut unexpected: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
+    unexpected.sort();
+    if !unexpected.is_empty() {
+        return Err(Error::weights(
+            path,
+            format!(
+                "unexpected tensors {} (not part of EfficientNet-{})",
+                listed(&unexpected),
+                config.variant
+            ),
+        ));
+    }
+    Ok(LoadedImageModel { model, warnings })
+}
+
+/// Reads `path` and builds its network: the variant inferred unless `variant` names one, the
+/// classifier sized by `num_classes` (default: the file's).
+pub fn load_efficientnet(
+    path: &Path,
+    variant: Option<&str>,
+    num_classes: Option<usize>,
+    seed: u64,
+    device: &Device,
+) -> Result<LoadedImageModel> {
+    let tensors = read_image_weights(path, device)?;
+    let mut cfg = match variant {
+        Some(v) => {
+            let classes = tensors
+                .get("_fc.weight")
+                .map(|t| t.dim(0))
+                .transpose()?
+                .unwrap_or(1000);
+            EfficientNetConfig::variant(v, classes)?
+        }
+        None => infer_variant(&tensors, path)?,
+    };
+    if let Some(n) = num_classes {
+        cfg = EfficientNetConfig {
+            num_classes: n,
+            ..cfg
+        };
+    }
+    build_efficientnet(&cfg, tensors, path, seed, device)
+}
