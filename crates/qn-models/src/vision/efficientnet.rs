@@ -19,8 +19,7 @@ use crate::Result;
 fn conv(
     vb: VarBuilder,
     name: &str,
-    in_c: usize,
-    out_c: usize,
+    (in_c, out_c): (usize, usize),
     k: usize,
     stride: usize,
     groups: usize,
@@ -74,7 +73,15 @@ impl MbConv {
         let mid = args.input * args.expand;
         let expand = if args.expand != 1 {
             Some((
-                conv(vb.clone(), "_expand_conv", args.input, mid, 1, 1, 1, false)?,
+                conv(
+                    vb.clone(),
+                    "_expand_conv",
+                    (args.input, mid),
+                    1,
+                    1,
+                    1,
+                    false,
+                )?,
                 BatchNorm2d::new(mid, eps, m, vb.pp("_bn0"))?,
             ))
         } else {
@@ -83,8 +90,7 @@ impl MbConv {
         let depthwise = conv(
             vb.clone(),
             "_depthwise_conv",
-            mid,
-            mid,
+            (mid, mid),
             args.kernel,
             args.stride,
             mid,
@@ -94,8 +100,8 @@ impl MbConv {
         let se = if args.se_ratio > 0.0 {
             let squeezed = ((args.input as f64 * args.se_ratio) as usize).max(1);
             Some(SqueezeExcite {
-                reduce: conv(vb.clone(), "_se_reduce", mid, squeezed, 1, 1, 1, true)?,
-                expand: conv(vb.clone(), "_se_expand", squeezed, mid, 1, 1, 1, true)?,
+                reduce: conv(vb.clone(), "_se_reduce", (mid, squeezed), 1, 1, 1, true)?,
+                expand: conv(vb.clone(), "_se_expand", (squeezed, mid), 1, 1, 1, true)?,
             })
         } else {
             None
@@ -103,8 +109,7 @@ impl MbConv {
         let project = conv(
             vb.clone(),
             "_project_conv",
-            mid,
-            args.output,
+            (mid, args.output),
             1,
             1,
             1,
@@ -222,7 +227,7 @@ impl EfficientNet {
     pub fn new(config: &EfficientNetConfig, seed: u64, vb: VarBuilder) -> Result<Self> {
         let (eps, m) = (config.bn_eps, config.bn_momentum);
         let stem_c = config.stem_channels();
-        let stem = conv(vb.clone(), "_conv_stem", 3, stem_c, 3, 2, 1, false)?;
+        let stem = conv(vb.clone(), "_conv_stem", (3, stem_c), 3, 2, 1, false)?;
         let bn0 = BatchNorm2d::new(stem_c, eps, m, vb.pp("_bn0"))?;
         let args = config.blocks();
         let n = args.len();
@@ -238,7 +243,7 @@ impl EfficientNet {
         }
         let last = args.last().map(|a| a.output).unwrap_or(stem_c);
         let head_c = config.head_channels();
-        let head = conv(vb.clone(), "_conv_head", last, head_c, 1, 1, 1, false)?;
+        let head = conv(vb.clone(), "_conv_head", (last, head_c), 1, 1, 1, false)?;
         let bn1 = BatchNorm2d::new(head_c, eps, m, vb.pp("_bn1"))?;
         let fcb = vb.pp("_fc");
         let bound = 1.0 / (head_c as f64).sqrt();
