@@ -104,3 +104,58 @@ fn variants_have_the_published_parameter_counts() {
     );
     assert!(EfficientNetConfig::variant("b9", 10).is_err());
 }
+
+#[test]
+fn training_reaches_every_variable_and_updates_running_statistics_with_noise_on_every_conv() {
+    let dev = Device::Cpu;
+    // A B0 with squeeze-excitation, randomly initialised, 4 classes, 32x32 inputs.
+    let cfg = EfficientNetConfig::variant("b0", 4).unwrap();
+    let tensors = std::collections::HashMap::new();
+    let loaded = qn_models::vision::build_efficientnet(
+        &cfg,
+        tensors,
+        std::path::Path::new("<random>"),
+        3,
+        &dev,
+    );
+    // Nothing in the file: every body tensor is missing, which the loader refuses by name.
+    let e = loaded.unwrap_err().to_string();
+    assert!(
+        e.contains("missing tensors") && e.contains("_conv_stem.weight"),
+        "{e}"
+    );
+
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let model = qn_models::vision::EfficientNet::new(&cfg, 3, vb).unwrap();
+    let layers = model.layers();
+    let all = regex::Regex::new(".*").unwrap();
+    // Block drop at the paper's default block size of each layer: whole k x k kernels for the
+    // stem and depthwise convolutions, runs of input channels for 1x1 (3 for the SE reduce of 6).
+    let spec: qn_models::train::NoiseSpec = "block:p=0.1".parse().unwrap();
+    qn_models::train::apply_noise_spec(&layers, &all, |name, layout| spec.resolve(name, layout), 7)
+        .unwrap();
+    assert!(layers
+        .iter()
+        .all(|l| l.qweight().noise() != qn_models::train::NoiseConfig::None));
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+    let before = model.buffers()[0].1.to_vec1::<f32>().unwrap();
+    let logits = model.forward_t(&x, true).unwrap();
+    assert_eq!(logits.dims(), &[2, 4]);
+    let grads = logits
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let vars = qn_models::train::named_vars(&model);
+    let missing = qn_models::train::vars_without_gradient(&grads, &vars);
+    assert!(missing.is_empty(), "no gradient: {missing:?}");
+    let after = model.buffers()[0].1.to_vec1::<f32>().unwrap();
+    assert_ne!(before, after, "training must move the running mean");
+    // Evaluation uses the running statistics: the same input twice gives the same logits.
+    let a = model.forward_t(&x, false).unwrap();
+    let b = model.forward_t(&x, false).unwrap();
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+}
