@@ -26,6 +26,7 @@ mod inspect;
 mod quantize;
 mod rules;
 mod train;
+mod vision;
 
 use clap::{Parser, Subcommand};
 

@@ -68,5 +68,9 @@ fn main() {
             r * 1e3
         );
     }
-    println!("sum                  {:9.2} ms   {:9.2} ms", total_f * 1e3, total_r * 1e3);
+    println!(
+        "sum                  {:9.2} ms   {:9.2} ms",
+        total_f * 1e3,
+        total_r * 1e3
+    );
 }

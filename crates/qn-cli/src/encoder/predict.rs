@@ -37,6 +37,15 @@ pub struct PredictArgs {
     model: ModelArgs,
     #[command(flatten)]
     input: TextArgs,
+    /// An image (PNG/JPEG) for an image model (repeat for more): prints the top-5 classes.
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// EfficientNet variant (b0..b7, lite0..lite4; default: inferred from the weights).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Input resolution (default: the variant's).
+    #[arg(long)]
+    image_size: Option<usize>,
 }
 
 /// Arguments of `qn embed`.
@@ -54,6 +63,20 @@ const BATCH: usize = 32;
 pub fn run_predict(args: &PredictArgs) -> Result<()> {
     args.model.apply_threads();
     let t = &args.input;
+    if !args.image.is_empty() {
+        if !t.text.is_empty() || t.input.is_some() {
+            anyhow::bail!(
+                "--image and --text/--input do not mix: one model reads one kind of input"
+            );
+        }
+        return crate::vision::predict_images(
+            &args.model.model,
+            &args.image,
+            args.variant.as_deref(),
+            args.image_size,
+            t.json,
+        );
+    }
     let inputs = texts(&t.text, &t.text_pair, &t.input)?;
     let bundle = args.model.load(None, 0, false)?;
     let tok = bundle.tokenizer(t.max_len)?;

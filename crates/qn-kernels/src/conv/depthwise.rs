@@ -73,7 +73,10 @@ impl Geometry {
         let (n, c, h, wd) = x.dims4().map_err(|_| {
             Error::shape(
                 "depthwise input",
-                format!("expected (batch, channels, height, width), got {:?}", x.dims()),
+                format!(
+                    "expected (batch, channels, height, width), got {:?}",
+                    x.dims()
+                ),
             )
         })?;
         let (wc, one, kh, kw) = w.dims4().map_err(|_| {
@@ -99,12 +102,12 @@ impl Geometry {
             out_len(wd, pad.left, pad.right, kh, stride),
         ) {
             (Some(ho), Some(wo)) => (ho, wo),
-            _ => {
-                return Err(Error::shape(
-                    "depthwise input",
-                    format!("a {h}x{wd} image with padding {pad:?} is smaller than the {kh}x{kh} kernel"),
-                ))
-            }
+            _ => return Err(Error::shape(
+                "depthwise input",
+                format!(
+                    "a {h}x{wd} image with padding {pad:?} is smaller than the {kh}x{kh} kernel"
+                ),
+            )),
         };
         Ok(Self {
             n,
@@ -264,16 +267,18 @@ impl DepthwiseOp {
         let spans = g.spans();
         let (plane_in, plane_out, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
         let mut y = vec![T::default(); g.n * g.c * plane_out];
-        y.par_chunks_mut(plane_out).enumerate().for_each(|(p, out)| {
-            let ch = p % g.c;
-            forward_plane(
-                g,
-                &spans,
-                &x[p * plane_in..(p + 1) * plane_in],
-                &kern[ch * kk..(ch + 1) * kk],
-                out,
-            );
-        });
+        y.par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let ch = p % g.c;
+                forward_plane(
+                    g,
+                    &spans,
+                    &x[p * plane_in..(p + 1) * plane_in],
+                    &kern[ch * kk..(ch + 1) * kk],
+                    out,
+                );
+            });
         y
     }
 }
@@ -324,16 +329,18 @@ impl InputGradOp {
         let spans = g.spans();
         let (plane_in, plane_out, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
         let mut dx = vec![T::default(); g.n * g.c * plane_in];
-        dx.par_chunks_mut(plane_in).enumerate().for_each(|(p, out)| {
-            let ch = p % g.c;
-            input_grad_plane(
-                g,
-                &spans,
-                &gy[p * plane_out..(p + 1) * plane_out],
-                &kern[ch * kk..(ch + 1) * kk],
-                out,
-            );
-        });
+        dx.par_chunks_mut(plane_in)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let ch = p % g.c;
+                input_grad_plane(
+                    g,
+                    &spans,
+                    &gy[p * plane_out..(p + 1) * plane_out],
+                    &kern[ch * kk..(ch + 1) * kk],
+                    out,
+                );
+            });
         dx
     }
 }

@@ -78,7 +78,13 @@ pub fn same_padding(len: usize, kernel: usize, stride: usize) -> (usize, usize) 
 }
 
 /// Output length of a convolution along one axis (`None` when the kernel does not fit).
-pub(crate) fn out_len(len: usize, before: usize, after: usize, k: usize, s: usize) -> Option<usize> {
+pub(crate) fn out_len(
+    len: usize,
+    before: usize,
+    after: usize,
+    k: usize,
+    s: usize,
+) -> Option<usize> {
     let padded = len + before + after;
     if padded < k || s == 0 {
         None

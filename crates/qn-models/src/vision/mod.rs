@@ -29,3 +29,11 @@ pub use image::{image_to_tensor, load_image, Normalization};
 pub use load::{
     build_efficientnet, infer_variant, load_efficientnet, read_image_weights, LoadedImageModel,
 };
+
+/// The 1,000 ImageNet-1k class names, line `i` = class `i` (torchvision's list; a copy of
+/// `data/imagenet/classes.txt` of the shared data, kept in `assets/imagenet/`).
+pub fn imagenet_classes() -> Vec<&'static str> {
+    include_str!("../../../../assets/imagenet/classes.txt")
+        .lines()
+        .collect()
+}
