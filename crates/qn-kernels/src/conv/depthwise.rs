@@ -97,17 +97,11 @@ impl Geometry {
         if stride == 0 {
             return Err(Error::config("depthwise stride", "must be at least 1"));
         }
-        let (ho, wo) = match (
-            out_len(h, pad.top, pad.bottom, kh, stride),
-            out_len(wd, pad.left, pad.right, kh, stride),
-        ) {
-            (Some(ho), Some(wo)) => (ho, wo),
-            _ => return Err(Error::shape(
-                "depthwise input",
-                format!(
-                    "a {h}x{wd} image with padding {pad:?} is smaller than the {kh}x{kh} kernel"
-                ),
-            )),
+        let ho = out_len(h, pad.top, pad.bottom, kh, stride);
+        let wo = out_len(wd, pad.left, pad.right, kh, stride);
+        let (Some(ho), Some(wo)) = (ho, wo) else {
+            let why = format!("a {h}x{wd} image with padding {pad:?} is smaller than the kernel");
+            return Err(Error::shape("depthwise input", why));
         };
         Ok(Self {
             n,
