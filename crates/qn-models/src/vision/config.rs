@@ -177,6 +177,27 @@ impl EfficientNetConfig {
         })
     }
 
+    /// A network outside the named variants (a small one for tests or training from scratch):
+    /// B0's stages scaled by `width` and `depth`, with Lite's rules when `lite`.
+    pub fn custom(width: f64, depth: f64, lite: bool, num_classes: usize) -> Result<Self> {
+        for (field, v) in [("width", width), ("depth", depth)] {
+            if !(v.is_finite() && v > 0.0 && v <= 16.0) {
+                return Err(Error::Config {
+                    file: "EfficientNet".into(),
+                    field: field.into(),
+                    reason: format!("{v} is not in (0, 16]"),
+                });
+            }
+        }
+        let base = Self::variant(if lite { "lite0" } else { "b0" }, num_classes)?;
+        Ok(Self {
+            variant: format!("custom(width={width}, depth={depth})"),
+            width,
+            depth,
+            ..base
+        })
+    }
+
     /// Channels after width scaling, rounded to a multiple of 8 (never down by more than 10 %).
     pub fn round_filters(&self, filters: usize) -> usize {
         let f = filters as f64 * self.width;
