@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, D};
 use qn_models::vision::{imagenet_classes, load_efficientnet, load_image, Normalization};
 use qn_train::QuantModel;
@@ -16,17 +16,7 @@ pub fn predict_images(
     image_size: Option<usize>,
     json: bool,
 ) -> Result<()> {
-    let dir = Path::new(model);
-    let weights = if dir.is_dir() {
-        dir.join("model.safetensors")
-    } else {
-        dir.to_path_buf()
-    };
-    if !weights.is_file() {
-        bail!(
-            "model `{model}`: no model.safetensors there (an image model is a directory holding one, or the file)"
-        );
-    }
+    let weights = weights_path(model)?;
     let loaded = load_efficientnet(&weights, variant, None, 0, &Device::Cpu)?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
@@ -36,11 +26,7 @@ pub fn predict_images(
     if size < 32 {
         bail!("--image-size {size}: at least 32 pixels are needed");
     }
-    let norm = if cfg.lite {
-        Normalization::SIGNED_UNIT
-    } else {
-        Normalization::IMAGENET
-    };
+    let norm = normalization(&cfg);
     let names = if cfg.num_classes == 1000 {
         imagenet_classes()
     } else {
@@ -92,6 +78,168 @@ pub fn predict_images(
                 println!("  {p:.4}\t{l}\t{n}");
             }
         }
+    }
+    Ok(())
+}
+
+/// The weights file of an image model given as a directory or the file itself.
+fn weights_path(model: &str) -> Result<PathBuf> {
+    let p = Path::new(model);
+    let w = if p.is_dir() {
+        p.join("model.safetensors")
+    } else {
+        p.to_path_buf()
+    };
+    if !w.is_file() {
+        bail!(
+            "model `{model}`: no model.safetensors there (an image model is a directory holding one, or the file)"
+        );
+    }
+    Ok(w)
+}
+
+fn normalization(cfg: &qn_models::vision::EfficientNetConfig) -> Normalization {
+    if cfg.lite {
+        Normalization::SIGNED_UNIT
+    } else {
+        Normalization::IMAGENET
+    }
+}
+
+/// `qn finetune --task idx`: fine-tunes an EfficientNet on (Fashion-)MNIST and writes
+/// `model.safetensors` (EfficientNet-PyTorch names, running statistics included) with
+/// `metrics.jsonl` and resumable checkpoints in the output directory.
+pub fn finetune_idx(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()> {
+    use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
+    let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
+    if args.output.exists() && !args.output.is_dir() {
+        bail!(
+            "--output `{}` exists and is not a directory",
+            args.output.display()
+        );
+    }
+    let plan = match (args.max_steps, args.epochs) {
+        (Some(n), _) => StagePlan::float(n as usize),
+        (None, e) => StagePlan::float_epochs(e.unwrap_or(1.0))?,
+    };
+    let weights = weights_path(&args.model.model)?;
+    // The variant first (cheap), so that the data is read with the right normalisation.
+    let probe = load_efficientnet(&weights, None, None, args.seed, &Device::Cpu)?;
+    let norm = normalization(probe.model.config());
+    drop(probe);
+    let size = args.image_size as usize;
+    let train = qn_models::vision::idx_images(
+        &args.train,
+        "train",
+        args.max_examples.map(|n| n as usize),
+        size,
+        norm,
+        &Device::Cpu,
+    )?;
+    let eval = qn_models::vision::idx_images(&args.eval, "t10k", None, size, norm, &Device::Cpu)?;
+    let classes = train.y.max(0)?.to_scalar::<u32>()? as usize + 1;
+    let loaded = load_efficientnet(&weights, None, Some(classes), args.seed, &Device::Cpu)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut model = loaded.model;
+    let layers = qn_train::QuantModel::layers(&model);
+    let touched = qn_train::apply_noise_spec(
+        &layers,
+        &pattern,
+        |n, l| args.noise.resolve(n, l),
+        args.seed,
+    )
+    .context("--noise")?;
+    if !matches!(args.noise, qn_train::NoiseSpec::None) && touched.is_empty() {
+        bail!("--noise-layers `{}` matches no layer", args.noise_layers);
+    }
+    let per_step = (args.batch_size * args.grad_accum) as usize;
+    let total = plan.stages[0].total_steps(train.len(), per_step)?;
+    let warmup = if args.warmup < 1.0 {
+        (args.warmup * total as f64).round() as usize
+    } else {
+        args.warmup as usize
+    };
+    let mut cfg = TrainConfig {
+        lr: args.lr,
+        warmup,
+        batch_size: args.batch_size as usize,
+        grad_accum: args.grad_accum as usize,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        seed: args.seed,
+        progress: true,
+        ..TrainConfig::default()
+    };
+    cfg.adamw.weight_decay = args.weight_decay;
+    cfg.validate()?;
+    let out = RunOutput {
+        dir: Some(args.output.clone()),
+        stop_at: args.stop_at.map(|s| s as usize),
+    };
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("--output `{}`", args.output.display()))?;
+    let report = run_stages(&mut model, &train, &eval, &plan, &cfg, &out)?;
+    if report.stopped {
+        println!(
+            "paused at step {}; rerun without --stop-at (or with a larger one) to continue",
+            report.steps
+        );
+        return Ok(());
+    }
+    let mut tensors: Vec<(String, candle_core::Tensor)> = qn_train::named_vars(&model)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().detach()))
+        .collect();
+    tensors.extend(model.buffers());
+    let bytes = qn_models::hf_dir::safetensors_bytes(&tensors)?;
+    qn_models::hf_dir::write_file_atomic(&args.output.join("model.safetensors"), &bytes)?;
+    println!(
+        "fine-tuned EfficientNet-{} {} steps on {} images at {size} px; eval accuracy {:.2} % on {} images; wrote {}",
+        model.config().variant,
+        report.steps,
+        train.len(),
+        report.stage_accuracy.last().copied().unwrap_or(f64::NAN) * 100.0,
+        eval.len(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// `qn eval --task idx`: accuracy of an image model on the `t10k` split of `--data`.
+pub fn eval_idx(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
+    let start = std::time::Instant::now();
+    let weights = weights_path(&args.model.model)?;
+    let loaded = load_efficientnet(&weights, None, None, 0, &Device::Cpu)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let norm = normalization(loaded.model.config());
+    let data = qn_models::vision::idx_images(
+        &args.data,
+        "t10k",
+        args.max_examples.map(|n| n as usize),
+        args.image_size as usize,
+        norm,
+        &Device::Cpu,
+    )?;
+    let pred = crate::encoder::eval::predict_all(&loaded.model, &data.x, args.batch_size as usize)?;
+    let gold = data.y.to_vec1::<u32>()?;
+    let correct = pred.iter().zip(&gold).filter(|(p, g)| p == g).count();
+    let accuracy = correct as f64 / gold.len().max(1) as f64;
+    let seconds = start.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"accuracy": accuracy, "examples": gold.len(), "seconds": seconds})
+        );
+    } else {
+        println!(
+            "accuracy {:.2} % ({correct} / {}) in {seconds:.1} s",
+            accuracy * 100.0,
+            gold.len()
+        );
     }
     Ok(())
 }

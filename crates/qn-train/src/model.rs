@@ -20,6 +20,15 @@ pub trait QuantModel {
     /// Where the run stands, for randomness outside the layers (dropout): the trainer calls this
     /// with [`crate::set_noise_step`] before each micro-batch, so a resumed run draws the same masks.
     fn set_step(&self, _at: NoiseStep) {}
+    /// State that is not trained but saved with the weights (batch-norm running statistics), with
+    /// unique names: checkpointed, restored on resume and exported raw.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    /// Replaces the buffer `name` (restoring a checkpoint); an unknown name is an error.
+    fn set_buffer(&self, name: &str, _value: &Tensor) -> candle_core::Result<()> {
+        candle_core::bail!("the model has no buffer `{name}`")
+    }
 }
 
 /// Every trainable variable with a unique name: `<layer>.weight` or `<layer>.centroids`, `<layer>.bias`,

@@ -5,37 +5,40 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use qn_models::text::Task;
 use qn_train::QuantModel;
 
-use super::{parse_max_len, parse_task, read_data, to_dataset, ModelArgs};
+use super::{parse_any_task, parse_max_len, read_data, to_dataset, AnyTask, ModelArgs};
 
 /// Arguments of `qn eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Labelled data (TSV).
     #[arg(long)]
-    data: PathBuf,
-    /// Data layout: sst2, rte or tsv.
-    #[arg(long, value_parser = parse_task)]
-    task: Task,
+    pub(crate) data: PathBuf,
+    /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
+    /// directories holding `train-*` / `t10k-*` IDX files).
+    #[arg(long, value_parser = parse_any_task)]
+    pub(crate) task: AnyTask,
+    /// Image models: input resolution (default 64 for idx).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=1024), allow_negative_numbers = true)]
+    pub(crate) image_size: u64,
     /// Truncate inputs to this many tokens.
     #[arg(long, default_value_t = 128, value_parser = parse_max_len)]
-    max_len: usize,
+    pub(crate) max_len: usize,
     /// Examples per forward pass.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
-    batch_size: u64,
+    pub(crate) batch_size: u64,
     /// Evaluate a seeded subset of this many rows.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
-    max_examples: Option<u64>,
+    pub(crate) max_examples: Option<u64>,
     /// Seed of the subset.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Print one JSON object: accuracy (a fraction), examples, seconds (and f1).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Predicted class indices of a packed dataset, `batch` rows at a time.
@@ -53,9 +56,13 @@ pub fn predict_all(model: &dyn QuantModel, x: &Tensor, batch: usize) -> Result<V
 /// Runs `qn eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
     args.model.apply_threads();
+    let task = match args.task {
+        AnyTask::Text(t) => t,
+        AnyTask::Idx => return crate::vision::eval_idx(args),
+    };
     let rows = read_data(
         &args.data,
-        args.task,
+        task,
         args.max_examples.map(|n| n as usize),
         args.seed,
     )?;

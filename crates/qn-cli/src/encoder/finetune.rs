@@ -6,79 +6,84 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use qn_models::hf_dir::write_dir;
-use qn_models::text::Task;
 use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
 use qn_train::{NoiseSpec, QuantModel};
 
-use super::{parse_max_len, parse_task, read_data, task_labels, to_dataset, ModelArgs};
+use super::{
+    parse_any_task, parse_max_len, read_data, task_labels, to_dataset, AnyTask, ModelArgs,
+};
 use crate::args::{parse_positive_f64, parse_probability_or_spec};
 
 /// Arguments of `qn finetune`.
 #[derive(clap::Args, Debug)]
 pub struct FinetuneArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Training data (TSV).
     #[arg(long)]
-    train: PathBuf,
+    pub(crate) train: PathBuf,
     /// Evaluation data (TSV).
     #[arg(long)]
-    eval: PathBuf,
-    /// Data layout: sst2, rte or tsv.
-    #[arg(long, value_parser = parse_task)]
-    task: Task,
+    pub(crate) eval: PathBuf,
+    /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
+    /// directories holding `train-*` / `t10k-*` IDX files).
+    #[arg(long, value_parser = parse_any_task)]
+    pub(crate) task: AnyTask,
+    /// Image models: input resolution (default 64 for idx).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=1024), allow_negative_numbers = true)]
+    pub(crate) image_size: u64,
     /// Noise: none, block:p=0.1[,bs=8], pq:p=0.1[,bs=8,k=256], scalar:bits=8,p=0.5 (block sizes
     /// default to the paper's per layer kind).
     #[arg(long, default_value = "none", value_parser = parse_probability_or_spec, allow_negative_numbers = true)]
-    noise: NoiseSpec,
+    pub(crate) noise: NoiseSpec,
     /// Regex of the layers that get the noise (default: every Linear and Embedding).
     #[arg(long, default_value = ".")]
-    noise_layers: String,
+    pub(crate) noise_layers: String,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-4, value_parser = parse_positive_f64, allow_negative_numbers = true)]
-    lr: f64,
+    pub(crate) lr: f64,
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
-    batch_size: u64,
+    pub(crate) batch_size: u64,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096), allow_negative_numbers = true)]
-    grad_accum: u64,
+    pub(crate) grad_accum: u64,
     /// Truncate inputs to this many tokens.
     #[arg(long, default_value_t = 128, value_parser = parse_max_len)]
-    max_len: usize,
+    pub(crate) max_len: usize,
     /// Training length in epochs (default 1, unless --max-steps).
     #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true, conflicts_with = "max_steps")]
-    epochs: Option<f64>,
+    pub(crate) epochs: Option<f64>,
     /// Training length in optimizer steps.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
-    max_steps: Option<u64>,
+    pub(crate) max_steps: Option<u64>,
     /// Pause at this step with a checkpoint (rerun to continue).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
-    stop_at: Option<u64>,
+    pub(crate) stop_at: Option<u64>,
     /// Use a seeded subset of this many training rows.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
-    max_examples: Option<u64>,
+    pub(crate) max_examples: Option<u64>,
     /// Warm-up: a fraction of the run (< 1) or a number of steps.
     #[arg(long, default_value_t = 0.06, value_parser = parse_warmup, allow_negative_numbers = true)]
-    warmup: f64,
+    pub(crate) warmup: f64,
     /// AdamW weight decay (weights only, not biases or LayerNorm).
     #[arg(long, default_value_t = 0.01, value_parser = parse_non_negative, allow_negative_numbers = true)]
-    weight_decay: f64,
+    pub(crate) weight_decay: f64,
     /// Leave the embedding tables untrained.
     #[arg(long)]
-    freeze_embeddings: bool,
+    pub(crate) freeze_embeddings: bool,
     /// Evaluate every N steps (0: at the end only).
     #[arg(long, default_value_t = 0)]
-    eval_every: usize,
+    pub(crate) eval_every: usize,
     /// Checkpoint every N steps (0: at the end and at pauses only).
     #[arg(long, default_value_t = 100)]
-    checkpoint_every: usize,
+    pub(crate) checkpoint_every: usize,
     /// Seed of the head, batches, dropout and noise.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Output directory (a Hugging Face model directory, plus metrics and checkpoints).
     #[arg(short, long, visible_alias = "out")]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
 }
 
 fn parse_warmup(s: &str) -> Result<f64, String> {
@@ -101,6 +106,10 @@ fn parse_non_negative(s: &str) -> Result<f64, String> {
 /// Runs `qn finetune`.
 pub fn run(args: &FinetuneArgs) -> Result<()> {
     args.model.apply_threads();
+    let task = match args.task {
+        AnyTask::Text(t) => t,
+        AnyTask::Idx => return crate::vision::finetune_idx(args),
+    };
     let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
     if args.output.exists() && !args.output.is_dir() {
         bail!(
@@ -114,12 +123,12 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     };
     let train_rows = read_data(
         &args.train,
-        args.task,
+        task,
         args.max_examples.map(|n| n as usize),
         args.seed,
     )?;
-    let eval_rows = read_data(&args.eval, args.task, None, args.seed)?;
-    let labels = task_labels(args.task, &train_rows);
+    let eval_rows = read_data(&args.eval, task, None, args.seed)?;
+    let labels = task_labels(task, &train_rows);
     let bundle = args.model.load(Some(labels.clone()), args.seed, false)?;
     let tok = bundle.tokenizer(Some(args.max_len))?;
     let train = to_dataset(&train_rows, &labels, &tok, &args.train)?;

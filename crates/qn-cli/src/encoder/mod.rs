@@ -65,6 +65,25 @@ pub fn parse_task(s: &str) -> Result<Task, String> {
     s.parse()
 }
 
+/// `--task` of the commands that take text or images: a text layout, or `idx` (images).
+#[derive(Debug, Clone, Copy)]
+pub enum AnyTask {
+    /// sst2, rte, tsv.
+    Text(Task),
+    /// (Fashion-)MNIST IDX files.
+    Idx,
+}
+
+/// `--task`: sst2, rte, tsv or idx.
+pub fn parse_any_task(s: &str) -> Result<AnyTask, String> {
+    if s == "idx" {
+        return Ok(AnyTask::Idx);
+    }
+    s.parse()
+        .map(AnyTask::Text)
+        .map_err(|e: String| format!("{e}, or idx for images"))
+}
+
 /// `--max-len`: 1..=8192.
 pub fn parse_max_len(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

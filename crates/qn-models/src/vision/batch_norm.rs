@@ -66,6 +66,29 @@ impl BatchNorm2d {
         *self.running.lock().expect("running stats lock") = (mean, var);
     }
 
+    /// Replaces `prefix.running_mean` or `prefix.running_var` when `name` is one of them (checked
+    /// shape); `Ok(false)` when the name is another layer's.
+    pub fn set_buffer(&self, name: &str, value: &Tensor) -> candle_core::Result<bool> {
+        let Some(which) = name.strip_prefix(&format!("{}.", self.name)) else {
+            return Ok(false);
+        };
+        let mut r = self.running.lock().expect("running stats lock");
+        let slot = match which {
+            "running_mean" => &mut r.0,
+            "running_var" => &mut r.1,
+            _ => return Ok(false),
+        };
+        if value.dims() != slot.dims() {
+            candle_core::bail!(
+                "buffer `{name}` is {:?}, the layer has {:?}",
+                value.dims(),
+                slot.dims()
+            );
+        }
+        *slot = value.to_dtype(slot.dtype())?;
+        Ok(true)
+    }
+
     /// Normalises `x (n, c, h, w)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let c = x.dim(1)?;

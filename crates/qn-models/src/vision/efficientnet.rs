@@ -357,4 +357,17 @@ impl QuantModel for EfficientNet {
     fn set_step(&self, at: NoiseStep) {
         *self.step.lock().expect("step lock") = at;
     }
+
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        EfficientNet::buffers(self)
+    }
+
+    fn set_buffer(&self, name: &str, value: &Tensor) -> candle_core::Result<()> {
+        for bn in self.norms() {
+            if bn.set_buffer(name, value)? {
+                return Ok(());
+            }
+        }
+        candle_core::bail!("EfficientNet has no buffer `{name}`")
+    }
 }

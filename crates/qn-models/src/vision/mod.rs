@@ -18,12 +18,14 @@
 
 mod batch_norm;
 mod config;
+mod data;
 mod efficientnet;
 mod image;
 mod load;
 
 pub use batch_norm::BatchNorm2d;
 pub use config::{Act, BlockArgs, EfficientNetConfig, StageArgs, B0_STAGES};
+pub use data::idx_images;
 pub use efficientnet::EfficientNet;
 pub use image::{image_to_tensor, load_image, Normalization};
 pub use load::{

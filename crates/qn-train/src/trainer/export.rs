@@ -72,6 +72,15 @@ pub fn export_qnz_with(
         )
         .map_err(bad)?;
     }
+    for (name, b) in model.buffers() {
+        let t = b.to_dtype(DType::F32)?;
+        w.add(
+            &name,
+            t.dims(),
+            &Payload::raw_f32(&t.flatten_all()?.to_vec1::<f32>()?),
+        )
+        .map_err(bad)?;
+    }
     for layer in model.layers() {
         let name = format!("{}.weight", layer.name());
         match layer.qweight().state() {

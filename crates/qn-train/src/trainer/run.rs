@@ -62,6 +62,9 @@ fn checkpoint_tensors(
             t.insert(format!("opt/second/{name}"), second);
         }
     }
+    for (name, b) in model.buffers() {
+        t.insert(format!("buf/{name}"), b.detach());
+    }
     for layer in model.layers() {
         if let WeightState::Pq(pq) = layer.qweight().state() {
             let codes = pq.codes()?;
@@ -111,6 +114,12 @@ fn restore(
             .get(&format!("var/{name}"))
             .ok_or_else(|| missing(&name))?;
         var.set(t)?;
+    }
+    for (name, _) in model.buffers() {
+        let t = tensors
+            .get(&format!("buf/{name}"))
+            .ok_or_else(|| missing(&name))?;
+        model.set_buffer(&name, t)?;
     }
     Ok(())
 }
