@@ -78,3 +78,115 @@ fn bad_images_and_wrong_variants_are_one_line_errors() {
     let out = qn(&[&"predict", &"--model", &dir.path(), &"--image", &garbage]);
     one_line_error(&out, &["model.safetensors"]);
 }
+
+#[test]
+fn lite0_fine_tunes_on_fashion_mnist_pauses_resumes_and_evaluates_what_it_wrote() {
+    let Some(model) = shared("models/efficientnet-lite0") else {
+        return;
+    };
+    let data = qn_tests::asset("fashion-mnist-subset");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let finetune = |extra: &[&str]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"finetune",
+            &"--model",
+            &model,
+            &"--task",
+            &"idx",
+            &"--train",
+            &data,
+            &"--eval",
+            &data,
+            &"--image-size",
+            &"16",
+            &"--max-steps",
+            &"4",
+            &"--batch-size",
+            &"8",
+            &"--max-examples",
+            &"64",
+            &"--noise",
+            &"block:p=0.1",
+            &"-o",
+            &out,
+        ];
+        for e in extra {
+            args.push(e);
+        }
+        qn(&args)
+    };
+    let paused = ok(&finetune(&["--stop-at", "2"]));
+    assert!(paused.contains("paused at step 2"), "{paused}");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "a paused run writes no model"
+    );
+    let done = ok(&finetune(&[]));
+    assert!(
+        done.contains("fine-tuned EfficientNet-lite0 4 steps"),
+        "{done}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            // Training records carry the loss; the final evaluation record has the step too.
+            v.get("loss")?;
+            v["step"].as_u64()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4],
+        "each step logged once across the pause"
+    );
+    // The accuracy the trainer reported is what `qn eval` measures on the file it wrote (the
+    // running statistics travel with it).
+    let reported: f64 = done
+        .split("eval accuracy ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let j: Value = serde_json::from_str(
+        ok(&qn(&[
+            &"eval",
+            &"--model",
+            &out,
+            &"--task",
+            &"idx",
+            &"--data",
+            &data,
+            &"--image-size",
+            &"16",
+            &"--json",
+        ]))
+        .trim(),
+    )
+    .unwrap();
+    assert!(
+        (j["accuracy"].as_f64().unwrap() * 100.0 - reported).abs() < 0.01,
+        "{j} vs {reported}"
+    );
+    assert_eq!(j["examples"], 1000);
+
+    // Degenerate input: one-line errors, nothing written.
+    let bad = qn(&[
+        &"finetune",
+        &"--model",
+        &model,
+        &"--task",
+        &"idx",
+        &"--train",
+        &dir.path(),
+        &"--eval",
+        &data,
+        &"-o",
+        &dir.path().join("x"),
+    ]);
+    one_line_error(&bad, &["train-images-idx3-ubyte.gz"]);
+    assert!(!dir.path().join("x").join("model.safetensors").exists());
+}
