@@ -190,3 +190,105 @@ fn lite0_fine_tunes_on_fashion_mnist_pauses_resumes_and_evaluates_what_it_wrote(
     one_line_error(&bad, &["train-images-idx3-ubyte.gz"]);
     assert!(!dir.path().join("x").join("model.safetensors").exists());
 }
+
+#[test]
+fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
+    let Some(model) = shared("models/efficientnet-lite0") else {
+        return;
+    };
+    let data = qn_tests::asset("fashion-mnist-subset");
+    let dir = tempfile::tempdir().unwrap();
+    // A 10-class model to compress: two steps of fine-tuning at 16 px.
+    let tuned = dir.path().join("tuned");
+    ok(&qn(&[
+        &"finetune",
+        &"--model",
+        &model,
+        &"--task",
+        &"idx",
+        &"--train",
+        &data,
+        &"--eval",
+        &data,
+        &"--image-size",
+        &"16",
+        &"--max-steps",
+        &"2",
+        &"--batch-size",
+        &"8",
+        &"--max-examples",
+        &"32",
+        &"-o",
+        &tuned,
+    ]));
+    let dense = std::fs::metadata(tuned.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let ipq = dir.path().join("ipq.qnz");
+    let text = ok(&qn(&[
+        &"compress",
+        &"--model",
+        &tuned,
+        &"--task",
+        &"idx",
+        &"--train",
+        &data,
+        &"--image-size",
+        &"16",
+        &"--steps",
+        &"1",
+        &"--batch-size",
+        &"8",
+        &"--max-examples",
+        &"32",
+        &"-o",
+        &ipq,
+    ]));
+    assert!(text.contains("compressed with 3 stages"), "{text}");
+    let int8 = dir.path().join("int8.qnz");
+    ok(&qn(&[
+        &"compress",
+        &"--model",
+        &tuned,
+        &"--task",
+        &"idx",
+        &"--method",
+        &"int8",
+        &"-o",
+        &int8,
+    ]));
+    let (ipq_size, int8_size) = (
+        std::fs::metadata(&ipq).unwrap().len(),
+        std::fs::metadata(&int8).unwrap().len(),
+    );
+    // iPQ at K = 256 with int8 centroids is about 10x smaller than f32 here (the early depthwise
+    // layers and the batch norms stay float); int8 about 3.6x.
+    assert!(ipq_size * 8 < dense, "iPQ {ipq_size} vs f32 {dense}");
+    assert!(
+        int8_size * 3 < dense && int8_size > ipq_size,
+        "int8 {int8_size} vs f32 {dense}"
+    );
+    for file in [&ipq, &int8] {
+        let j: Value = serde_json::from_str(
+            ok(&qn(&[
+                &"eval",
+                &"--model",
+                file,
+                &"--task",
+                &"idx",
+                &"--data",
+                &data,
+                &"--image-size",
+                &"16",
+                &"--max-examples",
+                &"50",
+                &"--json",
+            ]))
+            .trim(),
+        )
+        .unwrap();
+        assert_eq!(j["examples"], 50);
+        let acc = j["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+}

@@ -243,3 +243,122 @@ pub fn eval_idx(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The default iPQ schedule for EfficientNet (committed as `crates/qn-cli/plans/efficientnet-ipq.toml`).
+const DEFAULT_IMAGE_PLAN: &str = include_str!("../plans/efficientnet-ipq.toml");
+
+/// `qn compress --task idx`: an EfficientNet to a `.qnz` by iPQ with centroid fine-tuning on
+/// (Fashion-)MNIST (stages of `--plan`, default [`DEFAULT_IMAGE_PLAN`]), or post-training
+/// int8/int4. The file holds every tensor under EfficientNet-PyTorch names (running statistics
+/// included), so `qn eval`/`predict` take it alone.
+pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()> {
+    use crate::encoder::compress::{quantize_scalar_layers, scalar_config, Method};
+    use qn_format::header::CodebookKind;
+    use qn_train::trainer::{export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
+    let weights = weights_path(&args.model.model)?;
+    let loaded = load_efficientnet(&weights, None, None, args.seed, &Device::Cpu)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut model = loaded.model;
+    let meta = vec![(
+        "efficientnet:variant".to_string(),
+        model.config().variant.clone(),
+    )];
+    let bits = match args.method {
+        Method::Int8 => Some(8),
+        Method::Int4 => Some(4),
+        Method::Ipq => None,
+    };
+    if let Some(bits) = bits {
+        let kept = quantize_scalar_layers(&mut model, &scalar_config(args, bits)?);
+        let bytes = export_qnz_with(&model, &args.output, CodebookKind::F16, &meta)?;
+        println!(
+            "wrote {} ({bytes} bytes, int{bits}, {} layers quantized)",
+            args.output.display(),
+            qn_train::QuantModel::layers(&model).len() - kept.len()
+        );
+        return Ok(());
+    }
+    let Some(train_path) = &args.train else {
+        bail!("--method ipq fine-tunes centroids on task data: give --train");
+    };
+    let mut plan = match &args.plan {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read the plan", p.display()))?;
+            StagePlan::from_toml(&text).with_context(|| p.display().to_string())?
+        }
+        None => {
+            StagePlan::from_toml(DEFAULT_IMAGE_PLAN).context("the default EfficientNet plan")?
+        }
+    };
+    if let Some(s) = args.steps {
+        for st in &mut plan.stages {
+            st.steps = Some(s as usize);
+            st.epochs = None;
+        }
+    }
+    plan.validate()?;
+    let norm = normalization(model.config());
+    let size = args.image_size as usize;
+    let train = qn_models::vision::idx_images(
+        train_path,
+        "train",
+        args.max_examples.map(|n| n as usize),
+        size,
+        norm,
+        &Device::Cpu,
+    )?;
+    let eval = match &args.eval {
+        Some(e) => qn_models::vision::idx_images(e, "t10k", Some(1000), size, norm, &Device::Cpu)?,
+        None => {
+            let n = train.len().min(256);
+            qn_train::data::Dataset {
+                x: train.x.narrow(0, 0, n)?,
+                y: train.y.narrow(0, 0, n)?,
+            }
+        }
+    };
+    let cfg = TrainConfig {
+        lr: args.lr,
+        batch_size: args.batch_size as usize,
+        seed: args.seed,
+        progress: true,
+        checkpoint_every: 50,
+        ..TrainConfig::default()
+    };
+    cfg.validate()?;
+    let work = args.work_dir.clone().unwrap_or_else(|| {
+        let mut p = args.output.clone().into_os_string();
+        p.push(".work");
+        PathBuf::from(p)
+    });
+    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir `{}`", work.display()))?;
+    let out = RunOutput {
+        dir: Some(work),
+        stop_at: None,
+    };
+    let report = run_stages(&mut model, &train, &eval, &plan, &cfg, &out)?;
+    for w in &report.warnings {
+        eprintln!("qn: warning: {w}");
+    }
+    let codebook = if plan.int8_centroids {
+        CodebookKind::Int8
+    } else {
+        CodebookKind::F16
+    };
+    let bytes = export_qnz_with(&model, &args.output, codebook, &meta)?;
+    println!(
+        "compressed with {} stages ({} steps); accuracy after each stage {:?}; wrote {} ({bytes} bytes)",
+        plan.stages.len(),
+        report.steps,
+        report
+            .stage_accuracy
+            .iter()
+            .map(|a| format!("{:.2} %", a * 100.0))
+            .collect::<Vec<_>>(),
+        args.output.display()
+    );
+    Ok(())
+}

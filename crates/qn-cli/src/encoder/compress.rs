@@ -10,11 +10,12 @@ use anyhow::{bail, Context, Result};
 use qn_format::header::CodebookKind;
 use qn_kernels::scalar::{Granularity, ObserverKind, ScalarConfig, Scheme};
 use qn_models::bundle::qnz_metadata;
-use qn_models::text::Task;
 use qn_train::trainer::{export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
 use qn_train::QuantModel;
 
-use super::{parse_max_len, parse_task, read_data, task_labels, to_dataset, ModelArgs};
+use super::{
+    parse_any_task, parse_max_len, read_data, task_labels, to_dataset, AnyTask, ModelArgs,
+};
 use crate::args::parse_positive_f64;
 use crate::rules::{parse_granularity, parse_observer};
 
@@ -33,53 +34,57 @@ pub enum Method {
 #[derive(clap::Args, Debug)]
 pub struct CompressArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Training data for the centroid fine-tuning (TSV; iPQ only).
     #[arg(long)]
-    train: Option<PathBuf>,
+    pub(crate) train: Option<PathBuf>,
     /// Data checked at the end of each stage (default: 256 training rows).
     #[arg(long)]
-    eval: Option<PathBuf>,
-    /// Data layout: sst2, rte or tsv.
-    #[arg(long, value_parser = parse_task)]
-    task: Option<Task>,
+    pub(crate) eval: Option<PathBuf>,
+    /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
+    /// directories holding `train-*` / `t10k-*` IDX files).
+    #[arg(long, value_parser = parse_any_task)]
+    pub(crate) task: Option<AnyTask>,
+    /// Image models: input resolution.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=1024), allow_negative_numbers = true)]
+    pub(crate) image_size: u64,
     /// ipq (default), int8 or int4.
     #[arg(long, value_enum, default_value_t = Method::Ipq)]
-    method: Method,
+    pub(crate) method: Method,
     /// TOML stage plan (default: the paper's RoBERTa schedule: embeddings, FFN, attention with
     /// blocks 8 / 8 / 4, K = 256, int8 centroids).
     #[arg(long)]
-    plan: Option<PathBuf>,
+    pub(crate) plan: Option<PathBuf>,
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
-    steps: Option<u64>,
+    pub(crate) steps: Option<u64>,
     /// Use a seeded subset of this many training rows.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
-    max_examples: Option<u64>,
+    pub(crate) max_examples: Option<u64>,
     /// Centroid fine-tuning learning rate.
     #[arg(long, default_value_t = 1e-4, value_parser = parse_positive_f64, allow_negative_numbers = true)]
-    lr: f64,
+    pub(crate) lr: f64,
     /// Examples per step.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
-    batch_size: u64,
+    pub(crate) batch_size: u64,
     /// Truncate inputs to this many tokens.
     #[arg(long, default_value_t = 128, value_parser = parse_max_len)]
-    max_len: usize,
+    pub(crate) max_len: usize,
     /// Scalar granularity (int8/int4): tensor, channel[:axis] or group:<size>.
     #[arg(long, default_value = "channel", value_parser = parse_granularity, allow_negative_numbers = true)]
-    granularity: Granularity,
+    pub(crate) granularity: Granularity,
     /// Scalar observer (int8/int4): minmax or histogram.
     #[arg(long, default_value = "minmax", value_parser = parse_observer)]
-    observer: ObserverKind,
+    pub(crate) observer: ObserverKind,
     /// Where the iPQ stages checkpoint (default: `<output>.work`).
     #[arg(long)]
-    work_dir: Option<PathBuf>,
+    pub(crate) work_dir: Option<PathBuf>,
     /// Seed of k-means, batches and dropout.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// The `.qnz` to write.
     #[arg(short, long, visible_alias = "out")]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
 }
 
 /// The paper's RoBERTa iPQ schedule with `steps` of fine-tuning per stage.
@@ -119,6 +124,9 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     if args.output.is_dir() {
         bail!("--output `{}` is a directory", args.output.display());
     }
+    if matches!(args.task, Some(AnyTask::Idx)) {
+        return crate::vision::compress_idx(args);
+    }
     match args.method {
         Method::Ipq => ipq(args),
         Method::Int8 => scalar(args, 8),
@@ -126,22 +134,37 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     }
 }
 
-fn scalar(args: &CompressArgs, bits: u8) -> Result<()> {
-    let cfg = ScalarConfig::new(bits)?
+/// The post-training scalar settings of `--method int8|int4`.
+pub(crate) fn scalar_config(args: &CompressArgs, bits: u8) -> Result<ScalarConfig> {
+    Ok(ScalarConfig::new(bits)?
         .with_scheme(Scheme::Symmetric)
         .with_granularity(args.granularity)
-        .with_observer(args.observer);
-    let mut bundle = args.model.load(None, args.seed, false)?;
+        .with_observer(args.observer))
+}
+
+/// Quantizes every layer's weight to `cfg`; layers that cannot be are left raw, with a warning, and
+/// returned.
+pub(crate) fn quantize_scalar_layers(
+    model: &mut dyn QuantModel,
+    cfg: &ScalarConfig,
+) -> Vec<String> {
     let mut kept = Vec::new();
-    for layer in bundle.model.layers_mut() {
+    for layer in model.layers_mut() {
         let name = layer.name().to_string();
-        if let Err(e) = layer.qweight_mut().quantize_scalar(&cfg) {
+        if let Err(e) = layer.qweight_mut().quantize_scalar(cfg) {
             kept.push(format!("{name} ({e})"));
         }
     }
     for k in &kept {
         eprintln!("qn: warning: left raw: {k}");
     }
+    kept
+}
+
+fn scalar(args: &CompressArgs, bits: u8) -> Result<()> {
+    let cfg = scalar_config(args, bits)?;
+    let mut bundle = args.model.load(None, args.seed, false)?;
+    let kept = quantize_scalar_layers(&mut bundle.model, &cfg);
     let bytes = export_qnz_with(
         &bundle.model,
         &args.output,
@@ -157,7 +180,11 @@ fn scalar(args: &CompressArgs, bits: u8) -> Result<()> {
 }
 
 fn ipq(args: &CompressArgs) -> Result<()> {
-    let (Some(train_path), Some(task)) = (&args.train, args.task) else {
+    let task = match args.task {
+        Some(AnyTask::Text(t)) => Some(t),
+        _ => None,
+    };
+    let (Some(train_path), Some(task)) = (&args.train, task) else {
         bail!("--method ipq fine-tunes centroids on task data: give --train and --task");
     };
     let mut plan = match &args.plan {

@@ -61,10 +61,6 @@ impl ModelArgs {
 }
 
 /// `--task`.
-pub fn parse_task(s: &str) -> Result<Task, String> {
-    s.parse()
-}
-
 /// `--task` of the commands that take text or images: a text layout, or `idx` (images).
 #[derive(Debug, Clone, Copy)]
 pub enum AnyTask {

@@ -23,8 +23,12 @@ pub struct LoadedImageModel {
     pub warnings: Vec<String>,
 }
 
-/// Reads `path` (safetensors) as f32 tensors; integer buffers (`num_batches_tracked`) are dropped.
+/// Reads `path` (safetensors, or a `.qnz` written by `qn compress`, decoded) as f32 tensors;
+/// integer buffers (`num_batches_tracked`) are dropped.
 pub fn read_image_weights(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if path.extension().is_some_and(|e| e == "qnz") {
+        return read_qnz(path, device);
+    }
     let raw = candle_core::safetensors::load(path, device)
         .map_err(|e| Error::weights(path, format!("cannot read safetensors: {e}")))?;
     let mut out = HashMap::with_capacity(raw.len());
@@ -39,6 +43,27 @@ pub fn read_image_weights(path: &Path, device: &Device) -> Result<HashMap<String
             ));
         }
         out.insert(name, t.to_dtype(DType::F32)?);
+    }
+    Ok(out)
+}
+
+fn read_qnz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let reader = qn_format::Reader::open(path).map_err(|e| {
+        let text = e.to_string();
+        let prefix = format!("{}: ", path.display());
+        Error::file(path, text.strip_prefix(&prefix).unwrap_or(&text))
+    })?;
+    let mut out = HashMap::new();
+    for view in reader.views() {
+        let name = &view.entry.name;
+        if reader.is_exact_row_companion(name) {
+            continue;
+        }
+        let values = view.decode_f32().map_err(|e| Error::file(path, e))?;
+        out.insert(
+            name.clone(),
+            Tensor::from_vec(values, view.entry.shape.clone(), device)?,
+        );
     }
     Ok(out)
 }
