@@ -268,12 +268,12 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
         int8_size * 3 < dense && int8_size > ipq_size,
         "int8 {int8_size} vs f32 {dense}"
     );
-    for file in [&ipq, &int8] {
+    let eval = |file: &std::path::Path| -> f64 {
         let j: Value = serde_json::from_str(
             ok(&qn(&[
                 &"eval",
                 &"--model",
-                file,
+                &file,
                 &"--task",
                 &"idx",
                 &"--data",
@@ -288,7 +288,13 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
         )
         .unwrap();
         assert_eq!(j["examples"], 50);
-        let acc = j["accuracy"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&acc));
-    }
+        j["accuracy"].as_f64().unwrap()
+    };
+    let (ipq_acc, int8_acc) = (eval(&ipq), eval(&int8));
+    assert!((0.0..=1.0).contains(&ipq_acc) && (0.0..=1.0).contains(&int8_acc));
+    // Decompressed, the file keeps EfficientNet-PyTorch names (running statistics included) and
+    // evaluates exactly as the .qnz does.
+    let restored = dir.path().join("restored.safetensors");
+    ok(&qn(&[&"decompress", &ipq, &"-o", &restored]));
+    assert_eq!(eval(&restored), ipq_acc);
 }
