@@ -159,3 +159,50 @@ fn training_reaches_every_variable_and_updates_running_statistics_with_noise_on_
     let b = model.forward_t(&x, false).unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
 }
+
+#[test]
+fn any_png_or_jpeg_colour_type_and_tiny_images_become_three_channel_crops() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    // 16-bit grayscale, smaller than the crop and not square.
+    let g16 =
+        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(10, 7, image::Luma([40_000u16]));
+    let p16 = dir.path().join("gray16.png");
+    g16.save(&p16).unwrap();
+    // RGBA.
+    let rgba = image::RgbaImage::from_pixel(50, 40, image::Rgba([255, 0, 0, 128]));
+    let prgba = dir.path().join("rgba.png");
+    rgba.save(&prgba).unwrap();
+    // 8-bit grayscale JPEG.
+    let g8 = image::GrayImage::from_pixel(33, 33, image::Luma([128u8]));
+    let pjpg = dir.path().join("gray.jpg");
+    g8.save(&pjpg).unwrap();
+    for p in [&p16, &prgba, &pjpg] {
+        let t = load_image(p, 32, Normalization::SIGNED_UNIT, &dev).unwrap();
+        assert_eq!(t.dims(), &[3, 32, 32], "{}", p.display());
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite() && (-1.0..=1.0).contains(x)));
+    }
+    // A uniform gray image is the same value in every channel: 40000/65535 -> 156/255 in 8 bits.
+    let t = load_image(&p16, 32, Normalization::SIGNED_UNIT, &dev).unwrap();
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expect = 156.0 / 255.0 * 2.0 - 1.0;
+    assert!(v.iter().all(|x| (x - expect).abs() < 1e-2), "{:?}", &v[..3]);
+    // Red stays red (alpha dropped).
+    let t = load_image(&prgba, 32, Normalization::SIGNED_UNIT, &dev).unwrap();
+    let r = t
+        .get(0)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let g = t
+        .get(1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((r - 1.0).abs() < 1e-3 && (g + 1.0).abs() < 1e-3, "{r} {g}");
+}
