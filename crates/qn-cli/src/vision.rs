@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, D};
-use qn_models::vision::{imagenet_classes, load_efficientnet, load_image, Normalization};
+use qn_models::vision::{
+    build_efficientnet, idx_images, imagenet_classes, infer_variant, load_efficientnet, load_image,
+    read_image_weights, EfficientNetConfig, Normalization,
+};
 use qn_train::QuantModel;
 
 /// Runs an image model over `images`, printing the top 5 of each.
@@ -98,7 +101,7 @@ fn weights_path(model: &str) -> Result<PathBuf> {
     Ok(w)
 }
 
-fn normalization(cfg: &qn_models::vision::EfficientNetConfig) -> Normalization {
+fn normalization(cfg: &EfficientNetConfig) -> Normalization {
     if cfg.lite {
         Normalization::SIGNED_UNIT
     } else {
@@ -110,25 +113,16 @@ fn normalization(cfg: &qn_models::vision::EfficientNetConfig) -> Normalization {
 /// `model.safetensors` (EfficientNet-PyTorch names, running statistics included) with
 /// `metrics.jsonl` and resumable checkpoints in the output directory.
 pub fn finetune_idx(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()> {
-    use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
-    let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
-    if args.output.exists() && !args.output.is_dir() {
-        bail!(
-            "--output `{}` exists and is not a directory",
-            args.output.display()
-        );
-    }
-    let plan = match (args.max_steps, args.epochs) {
-        (Some(n), _) => StagePlan::float(n as usize),
-        (None, e) => StagePlan::float_epochs(e.unwrap_or(1.0))?,
-    };
+    use crate::encoder::finetune::{check, noise_and_config, train_or_pause};
+    let (pattern, plan) = check(args)?;
     let weights = weights_path(&args.model.model)?;
-    // The variant first (cheap), so that the data is read with the right normalisation.
-    let probe = load_efficientnet(&weights, None, None, args.seed, &Device::Cpu)?;
-    let norm = normalization(probe.model.config());
-    drop(probe);
+    // Read once: the variant (inferred from the tensors) fixes the normalisation of the data, and
+    // the data fixes the number of classes of the head the network is then built with.
+    let tensors = read_image_weights(&weights, &Device::Cpu)?;
+    let variant = infer_variant(&tensors, &weights)?;
+    let norm = normalization(&variant);
     let size = args.image_size as usize;
-    let train = qn_models::vision::idx_images(
+    let train = idx_images(
         &args.train,
         "train",
         args.max_examples.map(|n| n as usize),
@@ -136,58 +130,21 @@ pub fn finetune_idx(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()>
         norm,
         &Device::Cpu,
     )?;
-    let eval = qn_models::vision::idx_images(&args.eval, "t10k", None, size, norm, &Device::Cpu)?;
+    let eval = idx_images(&args.eval, "t10k", None, size, norm, &Device::Cpu)?;
     let classes = train.y.max(0)?.to_scalar::<u32>()? as usize + 1;
-    let loaded = load_efficientnet(&weights, None, Some(classes), args.seed, &Device::Cpu)?;
+    let config = EfficientNetConfig {
+        num_classes: classes,
+        ..variant
+    };
+    let loaded = build_efficientnet(&config, tensors, &weights, args.seed, &Device::Cpu)?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
     let mut model = loaded.model;
-    let layers = qn_train::QuantModel::layers(&model);
-    let touched = qn_train::apply_noise_spec(
-        &layers,
-        &pattern,
-        |n, l| args.noise.resolve(n, l),
-        args.seed,
-    )
-    .context("--noise")?;
-    if !matches!(args.noise, qn_train::NoiseSpec::None) && touched.is_empty() {
-        bail!("--noise-layers `{}` matches no layer", args.noise_layers);
-    }
-    let per_step = (args.batch_size * args.grad_accum) as usize;
-    let total = plan.stages[0].total_steps(train.len(), per_step)?;
-    let warmup = if args.warmup < 1.0 {
-        (args.warmup * total as f64).round() as usize
-    } else {
-        args.warmup as usize
-    };
-    let mut cfg = TrainConfig {
-        lr: args.lr,
-        warmup,
-        batch_size: args.batch_size as usize,
-        grad_accum: args.grad_accum as usize,
-        eval_every: args.eval_every,
-        checkpoint_every: args.checkpoint_every,
-        seed: args.seed,
-        progress: true,
-        ..TrainConfig::default()
-    };
-    cfg.adamw.weight_decay = args.weight_decay;
-    cfg.validate()?;
-    let out = RunOutput {
-        dir: Some(args.output.clone()),
-        stop_at: args.stop_at.map(|s| s as usize),
-    };
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("--output `{}`", args.output.display()))?;
-    let report = run_stages(&mut model, &train, &eval, &plan, &cfg, &out)?;
-    if report.stopped {
-        println!(
-            "paused at step {}; rerun without --stop-at (or with a larger one) to continue",
-            report.steps
-        );
+    let cfg = noise_and_config(args, &pattern, &model, &plan, train.len(), None)?;
+    let Some(report) = train_or_pause(args, &mut model, &train, &eval, &plan, &cfg)? else {
         return Ok(());
-    }
+    };
     let mut tensors: Vec<(String, candle_core::Tensor)> = qn_train::named_vars(&model)
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().detach()))
@@ -216,7 +173,7 @@ pub fn eval_idx(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let norm = normalization(loaded.model.config());
-    let data = qn_models::vision::idx_images(
+    let data = idx_images(
         &args.data,
         "t10k",
         args.max_examples.map(|n| n as usize),
@@ -252,9 +209,11 @@ const DEFAULT_IMAGE_PLAN: &str = include_str!("../plans/efficientnet-ipq.toml");
 /// int8/int4. The file holds every tensor under EfficientNet-PyTorch names (running statistics
 /// included), so `qn eval`/`predict` take it alone.
 pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()> {
-    use crate::encoder::compress::{quantize_scalar_layers, scalar_config, Method};
+    use crate::encoder::compress::{
+        ipq_stages_and_export, quantize_scalar_layers, scalar_config, stage_plan, Method,
+    };
     use qn_format::header::CodebookKind;
-    use qn_train::trainer::{export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
+    use qn_train::trainer::{export_qnz_with, StagePlan};
     let weights = weights_path(&args.model.model)?;
     let loaded = load_efficientnet(&weights, None, None, args.seed, &Device::Cpu)?;
     for w in &loaded.warnings {
@@ -283,26 +242,12 @@ pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()>
     let Some(train_path) = &args.train else {
         bail!("--method ipq fine-tunes centroids on task data: give --train");
     };
-    let mut plan = match &args.plan {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read the plan", p.display()))?;
-            StagePlan::from_toml(&text).with_context(|| p.display().to_string())?
-        }
-        None => {
-            StagePlan::from_toml(DEFAULT_IMAGE_PLAN).context("the default EfficientNet plan")?
-        }
-    };
-    if let Some(s) = args.steps {
-        for st in &mut plan.stages {
-            st.steps = Some(s as usize);
-            st.epochs = None;
-        }
-    }
-    plan.validate()?;
+    let plan = stage_plan(args, || {
+        StagePlan::from_toml(DEFAULT_IMAGE_PLAN).context("the default EfficientNet plan")
+    })?;
     let norm = normalization(model.config());
     let size = args.image_size as usize;
-    let train = qn_models::vision::idx_images(
+    let train = idx_images(
         train_path,
         "train",
         args.max_examples.map(|n| n as usize),
@@ -311,7 +256,7 @@ pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()>
         &Device::Cpu,
     )?;
     let eval = match &args.eval {
-        Some(e) => qn_models::vision::idx_images(e, "t10k", Some(1000), size, norm, &Device::Cpu)?,
+        Some(e) => idx_images(e, "t10k", Some(1000), size, norm, &Device::Cpu)?,
         None => {
             let n = train.len().min(256);
             qn_train::data::Dataset {
@@ -320,45 +265,5 @@ pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()>
             }
         }
     };
-    let cfg = TrainConfig {
-        lr: args.lr,
-        batch_size: args.batch_size as usize,
-        seed: args.seed,
-        progress: true,
-        checkpoint_every: 50,
-        ..TrainConfig::default()
-    };
-    cfg.validate()?;
-    let work = args.work_dir.clone().unwrap_or_else(|| {
-        let mut p = args.output.clone().into_os_string();
-        p.push(".work");
-        PathBuf::from(p)
-    });
-    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir `{}`", work.display()))?;
-    let out = RunOutput {
-        dir: Some(work),
-        stop_at: None,
-    };
-    let report = run_stages(&mut model, &train, &eval, &plan, &cfg, &out)?;
-    for w in &report.warnings {
-        eprintln!("qn: warning: {w}");
-    }
-    let codebook = if plan.int8_centroids {
-        CodebookKind::Int8
-    } else {
-        CodebookKind::F16
-    };
-    let bytes = export_qnz_with(&model, &args.output, codebook, &meta)?;
-    println!(
-        "compressed with {} stages ({} steps); accuracy after each stage {:?}; wrote {} ({bytes} bytes)",
-        plan.stages.len(),
-        report.steps,
-        report
-            .stage_accuracy
-            .iter()
-            .map(|a| format!("{:.2} %", a * 100.0))
-            .collect::<Vec<_>>(),
-        args.output.display()
-    );
-    Ok(())
+    ipq_stages_and_export(args, &mut model, &train, &eval, &plan, &meta)
 }

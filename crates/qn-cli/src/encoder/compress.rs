@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use qn_format::header::CodebookKind;
 use qn_kernels::scalar::{Granularity, ObserverKind, ScalarConfig, Scheme};
 use qn_models::bundle::qnz_metadata;
+use qn_train::data::Dataset;
 use qn_train::trainer::{export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
 use qn_train::QuantModel;
 
@@ -187,21 +188,9 @@ fn ipq(args: &CompressArgs) -> Result<()> {
     let (Some(train_path), Some(task)) = (&args.train, task) else {
         bail!("--method ipq fine-tunes centroids on task data: give --train and --task");
     };
-    let mut plan = match &args.plan {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read the plan", p.display()))?;
-            StagePlan::from_toml(&text).with_context(|| p.display().to_string())?
-        }
-        None => default_plan(args.steps.unwrap_or(200) as usize),
-    };
-    if let Some(s) = args.steps {
-        for st in &mut plan.stages {
-            st.steps = Some(s as usize);
-            st.epochs = None;
-        }
-    }
-    plan.validate()?;
+    let plan = stage_plan(args, || {
+        Ok(default_plan(args.steps.unwrap_or(200) as usize))
+    })?;
     let train_rows = read_data(
         train_path,
         task,
@@ -225,6 +214,43 @@ fn ipq(args: &CompressArgs) -> Result<()> {
     let train = to_dataset(&train_rows, &labels, &tok, train_path)?;
     let eval_file = args.eval.clone().unwrap_or_else(|| train_path.clone());
     let eval = to_dataset(&eval_rows, &labels, &tok, &eval_file)?;
+    let meta = qnz_metadata(&bundle);
+    ipq_stages_and_export(args, &mut bundle.model, &train, &eval, &plan, &meta)
+}
+
+/// `--plan` (a TOML file) or `default`, every stage's length set by `--steps` when given, checked.
+pub(crate) fn stage_plan(
+    args: &CompressArgs,
+    default: impl FnOnce() -> Result<StagePlan>,
+) -> Result<StagePlan> {
+    let mut plan = match &args.plan {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read the plan", p.display()))?;
+            StagePlan::from_toml(&text).with_context(|| p.display().to_string())?
+        }
+        None => default()?,
+    };
+    if let Some(s) = args.steps {
+        for st in &mut plan.stages {
+            st.steps = Some(s as usize);
+            st.epochs = None;
+        }
+    }
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Runs (or resumes, from the work directory) the iPQ stages of `plan` on `model` and writes the
+/// `.qnz` with `metadata`: the part of `qn compress` that does not depend on the model kind.
+pub(crate) fn ipq_stages_and_export(
+    args: &CompressArgs,
+    model: &mut dyn QuantModel,
+    train: &Dataset,
+    eval: &Dataset,
+    plan: &StagePlan,
+    metadata: &[(String, String)],
+) -> Result<()> {
     let cfg = TrainConfig {
         lr: args.lr,
         batch_size: args.batch_size as usize,
@@ -244,7 +270,7 @@ fn ipq(args: &CompressArgs) -> Result<()> {
         dir: Some(work.clone()),
         stop_at: None,
     };
-    let report = run_stages(&mut bundle.model, &train, &eval, &plan, &cfg, &out)?;
+    let report = run_stages(model, train, eval, plan, &cfg, &out)?;
     for w in &report.warnings {
         eprintln!("qn: warning: {w}");
     }
@@ -253,12 +279,7 @@ fn ipq(args: &CompressArgs) -> Result<()> {
     } else {
         CodebookKind::F16
     };
-    let bytes = export_qnz_with(
-        &bundle.model,
-        &args.output,
-        codebook,
-        &qnz_metadata(&bundle),
-    )?;
+    let bytes = export_qnz_with(&*model, &args.output, codebook, metadata)?;
     println!(
         "compressed with {} stages ({} steps); accuracy after each stage {:?}; wrote {} ({bytes} bytes)",
         plan.stages.len(),

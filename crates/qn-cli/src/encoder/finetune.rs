@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use qn_models::hf_dir::write_dir;
-use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
+use qn_train::data::Dataset;
+use qn_train::trainer::{run_stages, RunOutput, RunReport, StagePlan, TrainConfig};
 use qn_train::{NoiseSpec, QuantModel};
 
 use super::{
@@ -110,6 +111,42 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         AnyTask::Text(t) => t,
         AnyTask::Idx => return crate::vision::finetune_idx(args),
     };
+    let (pattern, plan) = check(args)?;
+    let train_rows = read_data(
+        &args.train,
+        task,
+        args.max_examples.map(|n| n as usize),
+        args.seed,
+    )?;
+    let eval_rows = read_data(&args.eval, task, None, args.seed)?;
+    let labels = task_labels(task, &train_rows);
+    let mut bundle = args.model.load(Some(labels.clone()), args.seed, false)?;
+    let tok = bundle.tokenizer(Some(args.max_len))?;
+    let train = to_dataset(&train_rows, &labels, &tok, &args.train)?;
+    let eval = to_dataset(&eval_rows, &labels, &tok, &args.eval)?;
+    let frozen = args
+        .freeze_embeddings
+        .then(|| r"\.embeddings\.".to_string());
+    let cfg = noise_and_config(args, &pattern, &bundle.model, &plan, train.len(), frozen)?;
+    let Some(report) = train_or_pause(args, &mut bundle.model, &train, &eval, &plan, &cfg)? else {
+        return Ok(());
+    };
+    let files = bundle.hf_files()?;
+    write_dir(&args.output, &files, true)?;
+    println!(
+        "fine-tuned {} steps on {} examples; eval accuracy {:.2} % on {} examples; wrote {}",
+        report.steps,
+        train.len(),
+        report.stage_accuracy.last().copied().unwrap_or(f64::NAN) * 100.0,
+        eval.len(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// The checks every fine-tune makes before reading data: the `--noise-layers` regex, the output
+/// path, and the run's length as a one-stage float plan.
+pub(crate) fn check(args: &FinetuneArgs) -> Result<(regex::Regex, StagePlan)> {
     let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
     if args.output.exists() && !args.output.is_dir() {
         bail!(
@@ -121,32 +158,28 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         (Some(n), _) => StagePlan::float(n as usize),
         (None, e) => StagePlan::float_epochs(e.unwrap_or(1.0))?,
     };
-    let train_rows = read_data(
-        &args.train,
-        task,
-        args.max_examples.map(|n| n as usize),
-        args.seed,
-    )?;
-    let eval_rows = read_data(&args.eval, task, None, args.seed)?;
-    let labels = task_labels(task, &train_rows);
-    let bundle = args.model.load(Some(labels.clone()), args.seed, false)?;
-    let tok = bundle.tokenizer(Some(args.max_len))?;
-    let train = to_dataset(&train_rows, &labels, &tok, &args.train)?;
-    let eval = to_dataset(&eval_rows, &labels, &tok, &args.eval)?;
-    let mut bundle = bundle;
-    let layers = bundle.model.layers();
-    let touched = qn_train::apply_noise_spec(
-        &layers,
-        &pattern,
-        |n, l| args.noise.resolve(n, l),
-        args.seed,
-    )
-    .context("--noise")?;
+    Ok((pattern, plan))
+}
+
+/// Puts `--noise` on the layers `pattern` matches and returns the run's settings (warm-up from
+/// the plan's length over `train_len` examples; `frozen`: a regex of variables left untrained).
+pub(crate) fn noise_and_config(
+    args: &FinetuneArgs,
+    pattern: &regex::Regex,
+    model: &dyn QuantModel,
+    plan: &StagePlan,
+    train_len: usize,
+    frozen: Option<String>,
+) -> Result<TrainConfig> {
+    let layers = model.layers();
+    let touched =
+        qn_train::apply_noise_spec(&layers, pattern, |n, l| args.noise.resolve(n, l), args.seed)
+            .context("--noise")?;
     if !matches!(args.noise, NoiseSpec::None) && touched.is_empty() {
         bail!("--noise-layers `{}` matches no layer", args.noise_layers);
     }
     let per_step = (args.batch_size * args.grad_accum) as usize;
-    let total = plan.stages[0].total_steps(train.len(), per_step)?;
+    let total = plan.stages[0].total_steps(train_len, per_step)?;
     let warmup = if args.warmup < 1.0 {
         (args.warmup * total as f64).round() as usize
     } else {
@@ -161,36 +194,36 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         progress: true,
-        frozen: args
-            .freeze_embeddings
-            .then(|| r"\.embeddings\.".to_string()),
+        frozen,
         ..TrainConfig::default()
     };
     cfg.adamw.weight_decay = args.weight_decay;
     cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs (or resumes) the fine-tune in `--output`; `None` when it paused at `--stop-at` (said so).
+pub(crate) fn train_or_pause(
+    args: &FinetuneArgs,
+    model: &mut dyn QuantModel,
+    train: &Dataset,
+    eval: &Dataset,
+    plan: &StagePlan,
+    cfg: &TrainConfig,
+) -> Result<Option<RunReport>> {
     let out = RunOutput {
         dir: Some(args.output.clone()),
         stop_at: args.stop_at.map(|s| s as usize),
     };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("--output `{}`", args.output.display()))?;
-    let report = run_stages(&mut bundle.model, &train, &eval, &plan, &cfg, &out)?;
+    let report = run_stages(model, train, eval, plan, cfg, &out)?;
     if report.stopped {
         println!(
             "paused at step {}; rerun without --stop-at (or with a larger one) to continue",
             report.steps
         );
-        return Ok(());
+        return Ok(None);
     }
-    let files = bundle.hf_files()?;
-    write_dir(&args.output, &files, true)?;
-    println!(
-        "fine-tuned {} steps on {} examples; eval accuracy {:.2} % on {} examples; wrote {}",
-        report.steps,
-        train.len(),
-        report.stage_accuracy.last().copied().unwrap_or(f64::NAN) * 100.0,
-        eval.len(),
-        args.output.display()
-    );
-    Ok(())
+    Ok(Some(report))
 }
