@@ -66,6 +66,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    qn_train::allocator::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quantize(args) => quantize::run(&args),

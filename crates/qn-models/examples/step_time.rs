@@ -12,12 +12,15 @@ use qn_models::text::{read_examples, to_dataset, Task};
 use qn_train::optim::{AdamW, AdamWParams};
 use qn_train::{named_vars, QuantModel};
 
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As `qn` does, so the step is timed as a user's `qn finetune` runs it.
+    qn_train::allocator::retain_freed_memory();
     let root = std::path::PathBuf::from(std::env::args().nth(1).expect("QN_DATA_DIR"));
     let steps: usize = std::env::args().nth(2).map_or(5, |s| s.parse().unwrap());
     let noise: Option<String> = std::env::args().nth(3);

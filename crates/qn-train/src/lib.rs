@@ -34,6 +34,7 @@
 //! ```
 
 mod act_quant;
+pub mod allocator;
 mod apply;
 pub mod checkpoint;
 pub mod data;
