@@ -9,6 +9,7 @@
 //!   empty-cluster splitting, deterministic across thread counts; `encode` / `decode`.
 //! - [`layout`]: how Linear, Embedding and Conv2d weights are cut into blocks (the paper's order).
 //! - [`noise`]: block drop, scalar noise and PQ noise masks used while training.
+//! - [`bias`]: a bias add over rows with a fast backward.
 //! - [`conv`]: a fused depthwise convolution (candle runs it one channel at a time).
 //!
 //! ```
@@ -28,6 +29,7 @@
 //! # Ok::<(), qn_kernels::Error>(())
 //! ```
 
+pub mod bias;
 pub mod conv;
 pub mod error;
 pub mod export;

@@ -12,7 +12,6 @@ use qn_models::text::{read_examples, to_dataset, Task};
 use qn_train::optim::{AdamW, AdamWParams};
 use qn_train::{named_vars, QuantModel};
 
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

@@ -115,3 +115,96 @@ fn softmax_matches_the_plain_ops_with_masked_columns() {
     assert!(max_diff(&y0, &y1) < 1e-6);
     assert!(max_diff(&g0[0], &g1[0]) < 1e-6);
 }
+
+/// The fused attention core against its plain-op twin, with a padding mask and with dropout: the
+/// context and the gradients of q, k and v.
+#[test]
+fn attention_matches_the_plain_ops() {
+    use qn_models::encoder::attention::{self_attention, self_attention_reference, ProbsDropout};
+    for (b, l, heads, d, p) in [
+        (2, 7, 3, 5, 0.0),
+        (3, 16, 2, 8, 0.1),
+        (1, 1, 1, 4, 0.0),
+        (2, 33, 4, 6, 0.5),
+    ] {
+        let h = heads * d;
+        let (q, k, v) = (
+            rand(&[b, l, h], 1),
+            rand(&[b, l, h], 2),
+            rand(&[b, l, h], 3),
+        );
+        // The last sequence ends with padding: its keys must not be attended to.
+        let mut mask = vec![0f32; b * l];
+        for j in l.saturating_sub(2).max(1)..l {
+            mask[(b - 1) * l + j] = -1e30;
+        }
+        let bias = Tensor::from_vec(mask, (b, 1, 1, l), &Device::Cpu).unwrap();
+        let drop = (p > 0.0).then_some(ProbsDropout { p, seed: 17 });
+        let (y, g) = run(&[q.clone(), k.clone(), v.clone()], |t| {
+            self_attention(&t[0], &t[1], &t[2], &bias, heads, drop).unwrap()
+        });
+        let (yr, gr) = run(&[q, k, v], |t| {
+            self_attention_reference(&t[0], &t[1], &t[2], &bias, heads, drop).unwrap()
+        });
+        let scale = 1.0 + max_abs(&yr);
+        assert!(
+            max_diff(&y, &yr) < 1e-5 * scale,
+            "context {b}x{l}x{h} p={p}"
+        );
+        for (name, (a, r)) in ["q", "k", "v"].iter().zip(g.iter().zip(&gr)) {
+            let tol = 1e-4 * (1.0 + max_abs(r));
+            assert!(
+                max_diff(a, r) < tol,
+                "d{name} {b}x{l}x{h} p={p}: {}",
+                max_diff(a, r)
+            );
+        }
+        // A dropout mask actually dropped something, and the seed decides which.
+        if let Some(drop) = drop {
+            let again = self_attention(
+                &rand(&[b, l, h], 1),
+                &rand(&[b, l, h], 2),
+                &rand(&[b, l, h], 3),
+                &bias,
+                heads,
+                Some(drop),
+            )
+            .unwrap();
+            assert_eq!(max_diff(&again, &y), 0.0, "same seed, same mask");
+            let other = ProbsDropout { seed: 18, ..drop };
+            let y2 = self_attention(
+                &rand(&[b, l, h], 1),
+                &rand(&[b, l, h], 2),
+                &rand(&[b, l, h], 3),
+                &bias,
+                heads,
+                Some(other),
+            )
+            .unwrap();
+            assert!(max_diff(&y2, &y) > 0.0, "another seed, another mask");
+        }
+    }
+}
+
+#[test]
+fn attention_rejects_heads_that_do_not_divide() {
+    use qn_models::encoder::attention::self_attention;
+    let x = rand(&[1, 3, 10], 1);
+    let bias = Tensor::zeros((1, 1, 1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = self_attention(&x, &x, &x, &bias, 3, None).unwrap_err();
+    assert!(
+        err.to_string().contains("not a multiple of 3 heads"),
+        "{err}"
+    );
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}

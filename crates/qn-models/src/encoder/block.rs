@@ -5,8 +5,9 @@ use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
 use qn_train::{layers::QLinear, NoiseStep};
 
+use super::attention::{self_attention, ProbsDropout};
 use super::config::{Activation, EncoderConfig};
-use super::ops::{activate, dropout, layer_norm, softmax};
+use super::ops::{activate, dropout, layer_norm, mask_seed};
 use crate::Result;
 
 /// A LayerNorm's parameters.
@@ -54,6 +55,14 @@ pub(crate) struct DropCtx {
 }
 
 impl DropCtx {
+    /// Dropout of the attention probabilities at `site`, when training with `p > 0`.
+    pub(crate) fn probs(&self, p: f64, site: u64) -> Option<ProbsDropout> {
+        (self.train && p > 0.0).then(|| ProbsDropout {
+            p,
+            seed: mask_seed(self.seed, self.at, site),
+        })
+    }
+
     pub(crate) fn apply(&self, x: &Tensor, p: f64, site: u64) -> candle_core::Result<Tensor> {
         if self.train {
             dropout(x, p, self.seed, self.at, site)
@@ -109,23 +118,11 @@ impl EncoderLayer {
         bias: &Tensor,
         drop: DropCtx,
     ) -> candle_core::Result<Tensor> {
-        let (b, l, h) = x.dims3()?;
-        let dh = h / self.heads;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, self.heads, dh))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.query.forward_t(x, drop.train)?)?;
-        let k = split(self.key.forward_t(x, drop.train)?)?;
-        let v = split(self.value.forward_t(x, drop.train)?)?;
-        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = drop.apply(&softmax(&scores)?, self.attn_p, self.site(0))?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, l, h))?;
+        let q = self.query.forward_t(x, drop.train)?;
+        let k = self.key.forward_t(x, drop.train)?;
+        let v = self.value.forward_t(x, drop.train)?;
+        let probs_drop = drop.probs(self.attn_p, self.site(0));
+        let ctx = self_attention(&q, &k, &v, bias, self.heads, probs_drop)?;
         let a = drop.apply(
             &self.attn_out.forward_t(&ctx, drop.train)?,
             self.hidden_p,

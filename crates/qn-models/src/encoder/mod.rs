@@ -6,6 +6,7 @@
 //! - [`load`]: weights from safetensors in any of the prefixes checkpoints use;
 //! - `block` / `ops`: one layer, and the elementwise pieces with a backward.
 
+pub mod attention;
 mod block;
 pub mod config;
 pub mod fused;

@@ -61,6 +61,14 @@ pub fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The seed of a dropout mask: a function of the run's seed, the step and micro-batch, and the
+/// dropout site, so that a resumed run draws the same masks.
+pub fn mask_seed(seed: u64, at: NoiseStep, site: u64) -> u64 {
+    seed ^ at.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (at.micro as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ site.wrapping_mul(0x1656_67B1_9E37_79F9)
+}
+
 /// Inverted dropout at rate `p` with a mask drawn from `(seed, step, site)`.
 pub fn dropout(
     x: &Tensor,
@@ -73,11 +81,7 @@ pub fn dropout(
         return Ok(x.clone());
     }
     let n = x.elem_count();
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ at.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ (at.micro as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-            ^ site.wrapping_mul(0x1656_67B1_9E37_79F9),
-    );
+    let mut rng = ChaCha8Rng::seed_from_u64(mask_seed(seed, at, site));
     let keep = 1.0 / (1.0 - p) as f32;
     // A 32-bit threshold: one draw per element, no float conversion.
     let threshold = (p * 4_294_967_296.0) as u64;

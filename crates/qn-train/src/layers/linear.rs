@@ -78,7 +78,7 @@ impl ModuleT for QLinear {
             LinearPlan::Generic(w) => (x2.matmul(&w.t()?)?, w.dim(0)?),
         };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.as_tensor())?;
+            y = qn_kernels::bias::add_bias(&y, b.as_tensor()).map_err(crate::Error::from)?;
         }
         let mut shape = lead.to_vec();
         shape.push(out);
