@@ -227,7 +227,7 @@ impl AttentionOp {
             }
             let mut sum = 0.0;
             for s in row.iter_mut() {
-                *s = (*s - max).exp();
+                *s = super::fused::exp(*s - max);
                 sum += *s;
             }
             let inv = 1.0 / sum;

@@ -172,6 +172,35 @@ impl CustomOp3 for LayerNormGradOp {
     }
 }
 
+// ---------------------------------------------------------------- exp
+
+/// `eˣ` without a libm call and without branches, so the loops over it vectorise (the libm call
+/// was 6 % of an encoder training step, in GELU and the attention softmax). Relative error below
+/// 3e-7 on [-87, 88]; below -87.3 it is exactly 0 (never a subnormal: those would slow every
+/// later multiply by orders of magnitude), above 88.3 it is clamped.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5 · 2²³ rounds to the nearest integer in plain float arithmetic.
+    const ROUND: f32 = 12_582_912.0;
+    let underflow = x < -87.3;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if underflow {
+        0.0
+    } else {
+        y
+    }
+}
+
 // ---------------------------------------------------------------- GELU
 
 /// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), well inside f32 GELU's needs.
@@ -183,7 +212,7 @@ fn erf(x: f32) -> f32 {
     let p = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    s * (1.0 - p * (-a * a).exp())
+    s * (1.0 - p * exp(-a * a))
 }
 
 /// The exact (erf) GELU.
@@ -236,7 +265,7 @@ impl CustomOp2 for GeluGradOp {
                 for i in 0..dx.len() {
                     let v = x[i];
                     let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    dx[i] = dy[i] * (cdf + v * INV_SQRT_2PI * (-0.5 * v * v).exp());
+                    dx[i] = dy[i] * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -268,7 +297,7 @@ impl CustomOp1 for SoftmaxOp {
                     let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0f32;
                     for (y, &x) in yr.iter_mut().zip(xr) {
-                        *y = (x - m).exp();
+                        *y = exp(x - m);
                         sum += *y;
                     }
                     let inv = 1.0 / sum;
@@ -310,5 +339,26 @@ impl CustomOp2 for SoftmaxGradOp {
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_is_within_3e_7_of_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((super::exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.001_37;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        assert_eq!(super::exp(0.0), 1.0);
+        assert_eq!(super::exp(-1e30), 0.0);
+        assert_eq!(super::exp(-87.4), 0.0);
+        assert!(super::exp(-87.2).is_normal());
+        assert!(super::exp(1e30).is_finite());
     }
 }
