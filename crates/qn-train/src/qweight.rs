@@ -224,12 +224,19 @@ impl QWeight {
     /// whose only noise is block drop, in training), through the noise-free fused matmul (a float
     /// weight with no noise), or with the weight [`Self::weight_t`] builds.
     pub(crate) fn linear_plan(&self, train: bool) -> Result<LinearPlan> {
-        let WeightState::Float(v) = &self.state else {
-            return Ok(LinearPlan::Generic(self.weight_t(train)?));
-        };
         if self.frozen_row.is_some() {
             return Ok(LinearPlan::Generic(self.weight_t(train)?));
         }
+        self.gather_plan(train)
+    }
+
+    /// [`Self::linear_plan`] for a layer that reads rows of the weight (an embedding) and applies
+    /// the block-drop mask and the frozen row to the rows it reads: the frozen row is the
+    /// caller's to keep (the plan ignores it).
+    pub(crate) fn gather_plan(&self, train: bool) -> Result<LinearPlan> {
+        let WeightState::Float(v) = &self.state else {
+            return Ok(LinearPlan::Generic(self.weight_t(train)?));
+        };
         let mut noise = self.noise.lock().expect("noise lock");
         if !train || noise.configs().is_empty() {
             return Ok(LinearPlan::Exact(v.as_tensor().clone()));

@@ -933,3 +933,58 @@ fn fused_noisy_linear_draws_the_masks_of_the_plain_path() {
         }
     }
 }
+
+/// The embedding applies block drop and the padding row to the rows it reads; the result and the
+/// table's gradient must equal those of the whole-table path (`weight_t`, then a lookup), for every
+/// combination of noise and padding, with repeated ids and the padding id among them.
+#[test]
+fn embedding_row_path_matches_the_whole_table_path() {
+    let ids = Tensor::new(&[[1u32, 2, 1, 7], [3, 1, 0, 7]], &Device::Cpu).unwrap();
+    let r = gaussian(&[2, 4, 12], 31);
+    for (padding, noise) in [
+        (None, None),
+        (Some(1), None),
+        (None, Some(0.3)),
+        (Some(1), Some(0.5)),
+        (Some(7), Some(0.999)),
+    ] {
+        let w = var(&[9, 12], 30);
+        let emb = QEmbedding::new("embeddings.word_embeddings", w.clone(), padding).unwrap();
+        if let Some(p) = noise {
+            emb.set_noise(NoiseConfig::BlockDrop { p, block_size: 4 }, 5)
+                .unwrap();
+        }
+        emb.qweight().set_noise_step(at(3));
+        let grad_of = |out: &Tensor| {
+            let g = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(w.as_tensor()).unwrap().clone()
+        };
+        let fast = emb.forward_t(&ids, true).unwrap();
+        let g_fast = grad_of(&fast);
+        let table = emb.qweight().weight_t(true).unwrap();
+        let slow = table
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap()
+            .reshape((2, 4, 12))
+            .unwrap();
+        let g_slow = grad_of(&slow);
+        let case = format!("padding {padding:?}, noise {noise:?}");
+        assert_eq!(values(&fast), values(&slow), "{case}: values");
+        // Repeated ids: (g1 + g2)·s against g1·s + g2·s, equal up to rounding.
+        let (a, b) = (values(&g_fast), values(&g_slow));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f64, f64::max);
+        assert!(worst <= 1e-6 * 8.0, "{case}: gradient differs by {worst}");
+        let zero = |v: &[f64]| v.iter().map(|x| *x == 0.0).collect::<Vec<_>>();
+        assert_eq!(zero(&a), zero(&b), "{case}: gradient support");
+        if noise.is_some() {
+            assert!(
+                values(&fast).iter().any(|&v| v == 0.0),
+                "{case}: nothing dropped"
+            );
+        }
+    }
+}
