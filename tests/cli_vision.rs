@@ -298,3 +298,214 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
     ok(&qn(&[&"decompress", &ipq, &"-o", &restored]));
     assert_eq!(eval(&restored), ipq_acc);
 }
+
+/// Writes `n` images per class of simple patterns (stripes one way or the other) under
+/// `dir/<class>/`, as PNG and JPEG.
+fn write_image_folder(dir: &std::path::Path, classes: &[&str], n: usize) {
+    for (c, class) in classes.iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..n {
+            let img = image::RgbImage::from_fn(20 + i as u32, 24, |x, y| {
+                let on = if c == 0 {
+                    (x / 3) % 2 == 0
+                } else {
+                    (y / 3) % 2 == 0
+                };
+                let v = if on { 230 } else { 20 + (i * 7) as u8 };
+                image::Rgb([v, v / 2, 255 - v])
+            });
+            let ext = if i % 2 == 0 { "png" } else { "jpg" };
+            img.save(dir.join(class).join(format!("{i:03}.{ext}")))
+                .unwrap();
+        }
+    }
+    // Files that are not images are ignored, as torchvision's ImageFolder does.
+    std::fs::write(dir.join(classes[0]).join("README.txt"), b"not an image").unwrap();
+}
+
+/// An image folder trains a network from scratch (a variant name instead of weights), writes its
+/// class names, and eval / compress / predict label by them, also for an evaluation folder that
+/// holds only some of the classes; unknown classes, empty folders and bad variant names are
+/// one-line errors.
+#[test]
+fn image_folders_train_from_scratch_and_keep_their_class_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval, out) = (
+        dir.path().join("train"),
+        dir.path().join("eval"),
+        dir.path().join("run"),
+    );
+    write_image_folder(&train, &["horizontal", "vertical"], 6);
+    write_image_folder(&eval, &["vertical"], 3);
+    let common = |cmd: &str| -> Vec<String> {
+        [cmd, "--task", "imagefolder", "--image-size", "32"]
+            .map(String::from)
+            .to_vec()
+    };
+    let run = |args: Vec<String>| {
+        qn(&args
+            .iter()
+            .map(|s| s as &dyn AsRef<std::ffi::OsStr>)
+            .collect::<Vec<_>>())
+    };
+    let mut args = common("finetune");
+    args.extend(
+        [
+            "--model",
+            "efficientnet-lite0",
+            "--train",
+            train.to_str().unwrap(),
+            "--eval",
+            eval.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let text = ok(&run(args));
+    assert!(
+        text.contains("trained EfficientNet-lite0 3 steps on 12 images"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("classes.txt")).unwrap(),
+        "horizontal\nvertical\n"
+    );
+
+    // The evaluation folder has only `vertical`: it keeps label 1, the model's.
+    let mut args = common("eval");
+    args.extend(
+        [
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            eval.to_str().unwrap(),
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let j: Value = serde_json::from_str(ok(&run(args)).trim()).unwrap();
+    assert_eq!(j["examples"], 3);
+
+    // Compressed, the class names ride in the .qnz.
+    let qnz = dir.path().join("m.qnz");
+    let mut args = common("compress");
+    args.extend(
+        [
+            "--model",
+            out.to_str().unwrap(),
+            "--method",
+            "int8",
+            "-o",
+            qnz.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    ok(&run(args));
+    let mut args = common("eval");
+    args.extend(
+        [
+            "--model",
+            qnz.to_str().unwrap(),
+            "--data",
+            eval.to_str().unwrap(),
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let j2: Value = serde_json::from_str(ok(&run(args)).trim()).unwrap();
+    assert_eq!(j2["examples"], 3);
+    let out_p = qn(&[
+        &"predict",
+        &"--model",
+        &qnz,
+        &"--image",
+        &eval.join("vertical/000.png"),
+        &"--image-size",
+        &"32",
+        &"--json",
+    ]);
+    let p: Value = serde_json::from_str(ok(&out_p).trim()).unwrap();
+    let names: Vec<&str> = p["top5"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "a two-class model has two entries: {names:?}"
+    );
+    assert!(
+        names.contains(&"vertical") && names.contains(&"horizontal"),
+        "{names:?}"
+    );
+
+    // An evaluation folder with a class the model does not know.
+    let odd = dir.path().join("odd");
+    write_image_folder(&odd, &["diagonal"], 1);
+    let mut args = common("eval");
+    args.extend(
+        [
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            odd.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    one_line_error(
+        &run(args),
+        &["diagonal", "not one of the model's 2 classes"],
+    );
+    // A class folder without images, and a folder without class folders.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("vertical")).unwrap();
+    let mut args = common("eval");
+    args.extend(
+        [
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            empty.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    one_line_error(&run(args), &["vertical", "no .png/.jpg images"]);
+    let mut args = common("eval");
+    args.extend(
+        [
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            empty.join("vertical").to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    one_line_error(&run(args), &["no class folders"]);
+    // A variant name that does not exist.
+    let mut args = common("finetune");
+    args.extend(
+        [
+            "--model",
+            "efficientnet-b9",
+            "--train",
+            train.to_str().unwrap(),
+            "--eval",
+            eval.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "-o",
+            dir.path().join("x").to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    one_line_error(&run(args), &["efficientnet-b9", "not a variant"]);
+}

@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, D};
 use qn_models::vision::{
-    build_efficientnet, idx_images, imagenet_classes, infer_variant, load_efficientnet, load_image,
-    read_image_weights, EfficientNetConfig, Normalization,
+    build_efficientnet, idx_images, image_folder, imagenet_classes, infer_variant,
+    load_efficientnet, load_image, read_image_weights, scratch_efficientnet, EfficientNetConfig,
+    Normalization,
 };
+use qn_train::data::Dataset;
+
+use crate::encoder::AnyTask;
 use qn_train::QuantModel;
 
 /// Runs an image model over `images`, printing the top 5 of each.
@@ -30,10 +34,12 @@ pub fn predict_images(
         bail!("--image-size {size}: at least 32 pixels are needed");
     }
     let norm = normalization(&cfg);
-    let names = if cfg.num_classes == 1000 {
-        imagenet_classes()
-    } else {
-        Vec::new()
+    let names: Vec<String> = match saved_classes(&weights)? {
+        Some(names) => names,
+        None if cfg.num_classes == 1000 => {
+            imagenet_classes().into_iter().map(str::to_string).collect()
+        }
+        None => Vec::new(),
     };
     let mut out = Vec::new();
     for path in images {
@@ -53,10 +59,7 @@ pub fn predict_images(
             .into_iter()
             .take(5)
             .map(|i| {
-                let name = names
-                    .get(i)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| i.to_string());
+                let name = names.get(i).cloned().unwrap_or_else(|| i.to_string());
                 (i, name, probs[i])
             })
             .collect();
@@ -109,38 +112,144 @@ fn normalization(cfg: &EfficientNetConfig) -> Normalization {
     }
 }
 
-/// `qn finetune --task idx`: fine-tunes an EfficientNet on (Fashion-)MNIST and writes
-/// `model.safetensors` (EfficientNet-PyTorch names, running statistics included) with
-/// `metrics.jsonl` and resumable checkpoints in the output directory.
-pub fn finetune_idx(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()> {
+/// Where an image model's weights come from: a checkpoint, or a variant name to train from scratch.
+enum ImageSource {
+    Weights(PathBuf),
+    Scratch(EfficientNetConfig),
+}
+
+fn image_source(model: &str) -> Result<ImageSource> {
+    let lower = model.to_ascii_lowercase();
+    if !Path::new(model).exists() && lower.starts_with("efficientnet") {
+        return match EfficientNetConfig::variant(model, 1000) {
+            Ok(cfg) => Ok(ImageSource::Scratch(cfg)),
+            Err(_) => bail!(
+                "model `{model}`: no such file or directory, and not a variant to train from scratch (efficientnet-b0 … b7, efficientnet-lite0 … lite4)"
+            ),
+        };
+    }
+    Ok(ImageSource::Weights(weights_path(model)?))
+}
+
+/// The class names saved with an image model (`classes.txt` beside its weights, or a `.qnz`'s
+/// `image:classes` metadata), if any: an image-folder model's labels.
+fn saved_classes(weights: &Path) -> Result<Option<Vec<String>>> {
+    if weights.extension().is_some_and(|e| e == "qnz") {
+        let reader = qn_format::Reader::open(weights)?;
+        return match reader.header().metadata.get(CLASSES_KEY) {
+            None => Ok(None),
+            Some(text) => Ok(Some(serde_json::from_str(text).with_context(|| {
+                format!(
+                    "{}: metadata `{CLASSES_KEY}` is not a list of names",
+                    weights.display()
+                )
+            })?)),
+        };
+    }
+    let path = weights.with_file_name("classes.txt");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    Ok(Some(text.lines().map(str::to_string).collect()))
+}
+
+/// The `.qnz` metadata key of an image model's class names (a JSON list).
+const CLASSES_KEY: &str = "image:classes";
+
+/// One split of the image data of `task`: IDX (`split` is `train` or `t10k`; the first `limit`
+/// images) or an image folder (labels by `classes` when the model has them; a seeded subset).
+#[allow(clippy::too_many_arguments)]
+fn read_images(
+    task: AnyTask,
+    path: &Path,
+    split: &str,
+    limit: Option<usize>,
+    seed: u64,
+    size: usize,
+    norm: Normalization,
+    classes: Option<&[String]>,
+) -> Result<(Dataset, Option<Vec<String>>)> {
+    match task {
+        AnyTask::ImageFolder => {
+            let (data, names) = image_folder(path, size, norm, classes, limit, seed, &Device::Cpu)?;
+            Ok((data, Some(names)))
+        }
+        _ => Ok((
+            idx_images(path, split, limit, size, norm, &Device::Cpu)?,
+            None,
+        )),
+    }
+}
+
+/// `qn finetune --task idx|imagefolder`: fine-tunes an EfficientNet (or trains one from scratch
+/// when `--model` names a variant, e.g. `efficientnet-b0`) and writes `model.safetensors`
+/// (EfficientNet-PyTorch names, running statistics included), `classes.txt` for an image folder,
+/// with `metrics.jsonl` and resumable checkpoints in the output directory.
+pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()> {
     use crate::encoder::finetune::{check, noise_and_config, train_or_pause};
     let (pattern, plan) = check(args)?;
-    let weights = weights_path(&args.model.model)?;
     // Read once: the variant (inferred from the tensors) fixes the normalisation of the data, and
     // the data fixes the number of classes of the head the network is then built with.
-    let tensors = read_image_weights(&weights, &Device::Cpu)?;
-    let variant = infer_variant(&tensors, &weights)?;
+    let source = image_source(&args.model.model)?;
+    let (variant, tensors, weights) = match source {
+        ImageSource::Weights(weights) => {
+            let tensors = read_image_weights(&weights, &Device::Cpu)?;
+            (
+                infer_variant(&tensors, &weights)?,
+                Some(tensors),
+                Some(weights),
+            )
+        }
+        ImageSource::Scratch(cfg) => {
+            eprintln!(
+                "note: no weights for `{}`: training EfficientNet-{} from scratch (seed {})",
+                args.model.model, cfg.variant, args.seed
+            );
+            (cfg, None, None)
+        }
+    };
     let norm = normalization(&variant);
     let size = args.image_size as usize;
-    let train = idx_images(
+    let limit = args.max_examples.map(|n| n as usize);
+    let (train, names) = read_images(
+        args.task,
         &args.train,
         "train",
-        args.max_examples.map(|n| n as usize),
+        limit,
+        args.seed,
         size,
         norm,
-        &Device::Cpu,
+        None,
     )?;
-    let eval = idx_images(&args.eval, "t10k", None, size, norm, &Device::Cpu)?;
-    let classes = train.y.max(0)?.to_scalar::<u32>()? as usize + 1;
+    let (eval, _) = read_images(
+        args.task,
+        &args.eval,
+        "t10k",
+        None,
+        args.seed,
+        size,
+        norm,
+        names.as_deref(),
+    )?;
+    let classes = match &names {
+        Some(n) => n.len(),
+        None => train.y.max(0)?.to_scalar::<u32>()? as usize + 1,
+    };
     let config = EfficientNetConfig {
         num_classes: classes,
         ..variant
     };
-    let loaded = build_efficientnet(&config, tensors, &weights, args.seed, &Device::Cpu)?;
-    for w in &loaded.warnings {
-        eprintln!("warning: {w}");
-    }
-    let mut model = loaded.model;
+    let mut model = match (tensors, weights) {
+        (Some(tensors), Some(weights)) => {
+            let loaded = build_efficientnet(&config, tensors, &weights, args.seed, &Device::Cpu)?;
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            loaded.model
+        }
+        _ => scratch_efficientnet(&config, args.seed, &Device::Cpu)?,
+    };
     let cfg = noise_and_config(args, &pattern, &model, &plan, train.len(), None)?;
     let Some(report) = train_or_pause(args, &mut model, &train, &eval, &plan, &cfg)? else {
         return Ok(());
@@ -150,10 +259,15 @@ pub fn finetune_idx(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()>
         .map(|(n, v)| (n, v.as_tensor().detach()))
         .collect();
     tensors.extend(model.buffers());
+    if let Some(names) = &names {
+        let text = names.join("\n") + "\n";
+        qn_models::hf_dir::write_file_atomic(&args.output.join("classes.txt"), text.as_bytes())?;
+    }
     let bytes = qn_models::hf_dir::safetensors_bytes(&tensors)?;
     qn_models::hf_dir::write_file_atomic(&args.output.join("model.safetensors"), &bytes)?;
     println!(
-        "fine-tuned EfficientNet-{} {} steps on {} images at {size} px; eval accuracy {:.2} % on {} images; wrote {}",
+        "{} EfficientNet-{} {} steps on {} images at {size} px; eval accuracy {:.2} % on {} images; wrote {}",
+        if matches!(image_source(&args.model.model)?, ImageSource::Scratch(_)) { "trained" } else { "fine-tuned" },
         model.config().variant,
         report.steps,
         train.len(),
@@ -164,8 +278,9 @@ pub fn finetune_idx(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()>
     Ok(())
 }
 
-/// `qn eval --task idx`: accuracy of an image model on the `t10k` split of `--data`.
-pub fn eval_idx(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
+/// `qn eval --task idx|imagefolder`: accuracy of an image model on the `t10k` split of an IDX
+/// `--data`, or on an image folder (labels by the model's saved class names when it has them).
+pub fn eval_images(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let weights = weights_path(&args.model.model)?;
     let loaded = load_efficientnet(&weights, None, None, 0, &Device::Cpu)?;
@@ -173,13 +288,16 @@ pub fn eval_idx(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let norm = normalization(loaded.model.config());
-    let data = idx_images(
+    let classes = saved_classes(&weights)?;
+    let (data, _) = read_images(
+        args.task,
         &args.data,
         "t10k",
         args.max_examples.map(|n| n as usize),
+        args.seed,
         args.image_size as usize,
         norm,
-        &Device::Cpu,
+        classes.as_deref(),
     )?;
     let pred = crate::encoder::eval::predict_all(&loaded.model, &data.x, args.batch_size as usize)?;
     let gold = data.y.to_vec1::<u32>()?;
@@ -204,11 +322,11 @@ pub fn eval_idx(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
 /// The default iPQ schedule for EfficientNet (committed as `crates/qn-cli/plans/efficientnet-ipq.toml`).
 const DEFAULT_IMAGE_PLAN: &str = include_str!("../plans/efficientnet-ipq.toml");
 
-/// `qn compress --task idx`: an EfficientNet to a `.qnz` by iPQ with centroid fine-tuning on
+/// `qn compress --task idx|imagefolder`: an EfficientNet to a `.qnz` by iPQ with centroid fine-tuning on
 /// (Fashion-)MNIST (stages of `--plan`, default [`DEFAULT_IMAGE_PLAN`]), or post-training
 /// int8/int4. The file holds every tensor under EfficientNet-PyTorch names (running statistics
 /// included), so `qn eval`/`predict` take it alone.
-pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()> {
+pub fn compress_images(args: &crate::encoder::compress::CompressArgs) -> Result<()> {
     use crate::encoder::compress::{
         ipq_stages_and_export, quantize_scalar_layers, scalar_config, stage_plan, Method,
     };
@@ -220,10 +338,14 @@ pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()>
         eprintln!("warning: {w}");
     }
     let mut model = loaded.model;
-    let meta = vec![(
+    let classes = saved_classes(&weights)?;
+    let mut meta = vec![(
         "efficientnet:variant".to_string(),
         model.config().variant.clone(),
     )];
+    if let Some(names) = &classes {
+        meta.push((CLASSES_KEY.to_string(), serde_json::to_string(names)?));
+    }
     let bits = match args.method {
         Method::Int8 => Some(8),
         Method::Int4 => Some(4),
@@ -247,16 +369,14 @@ pub fn compress_idx(args: &crate::encoder::compress::CompressArgs) -> Result<()>
     })?;
     let norm = normalization(model.config());
     let size = args.image_size as usize;
-    let train = idx_images(
-        train_path,
-        "train",
-        args.max_examples.map(|n| n as usize),
-        size,
-        norm,
-        &Device::Cpu,
+    let task = args.task.unwrap_or(AnyTask::Idx);
+    let limit = args.max_examples.map(|n| n as usize);
+    let names = classes.as_deref();
+    let (train, _) = read_images(
+        task, train_path, "train", limit, args.seed, size, norm, names,
     )?;
     let eval = match &args.eval {
-        Some(e) => idx_images(e, "t10k", Some(1000), size, norm, &Device::Cpu)?,
+        Some(e) => read_images(task, e, "t10k", Some(1000), args.seed, size, norm, names)?.0,
         None => {
             let n = train.len().min(256);
             qn_train::data::Dataset {

@@ -43,7 +43,8 @@ pub struct CompressArgs {
     #[arg(long)]
     pub(crate) eval: Option<PathBuf>,
     /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
-    /// directories holding `train-*` / `t10k-*` IDX files).
+    /// directories holding `train-*` / `t10k-*` IDX files); imagefolder for `<dir>/<class>/<image>`
+    /// trees (png/jpg).
     #[arg(long, value_parser = parse_any_task)]
     pub(crate) task: Option<AnyTask>,
     /// Image models: input resolution.
@@ -125,8 +126,8 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     if args.output.is_dir() {
         bail!("--output `{}` is a directory", args.output.display());
     }
-    if matches!(args.task, Some(AnyTask::Idx)) {
-        return crate::vision::compress_idx(args);
+    if args.task.is_some_and(AnyTask::is_image) {
+        return crate::vision::compress_images(args);
     }
     match args.method {
         Method::Ipq => ipq(args),

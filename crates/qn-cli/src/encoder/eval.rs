@@ -18,7 +18,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub(crate) data: PathBuf,
     /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
-    /// directories holding `train-*` / `t10k-*` IDX files).
+    /// directories holding `train-*` / `t10k-*` IDX files); imagefolder for `<dir>/<class>/<image>`
+    /// trees (png/jpg).
     #[arg(long, value_parser = parse_any_task)]
     pub(crate) task: AnyTask,
     /// Image models: input resolution (default 64 for idx).
@@ -58,7 +59,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     args.model.apply_threads();
     let task = match args.task {
         AnyTask::Text(t) => t,
-        AnyTask::Idx => return crate::vision::eval_idx(args),
+        AnyTask::Idx | AnyTask::ImageFolder => return crate::vision::eval_images(args),
     };
     let rows = read_data(
         &args.data,

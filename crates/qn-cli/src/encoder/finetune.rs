@@ -27,7 +27,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub(crate) eval: PathBuf,
     /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
-    /// directories holding `train-*` / `t10k-*` IDX files).
+    /// directories holding `train-*` / `t10k-*` IDX files); imagefolder for `<dir>/<class>/<image>`
+    /// trees (png/jpg).
     #[arg(long, value_parser = parse_any_task)]
     pub(crate) task: AnyTask,
     /// Image models: input resolution (default 64 for idx).
@@ -109,7 +110,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     args.model.apply_threads();
     let task = match args.task {
         AnyTask::Text(t) => t,
-        AnyTask::Idx => return crate::vision::finetune_idx(args),
+        AnyTask::Idx | AnyTask::ImageFolder => return crate::vision::finetune_images(args),
     };
     let (pattern, plan) = check(args)?;
     let train_rows = read_data(

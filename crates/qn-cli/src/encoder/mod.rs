@@ -60,24 +60,34 @@ impl ModelArgs {
     }
 }
 
-/// `--task`.
-/// `--task` of the commands that take text or images: a text layout, or `idx` (images).
-#[derive(Debug, Clone, Copy)]
+/// `--task` of the commands that take text or images: a text layout, `idx` or `imagefolder`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AnyTask {
     /// sst2, rte, tsv.
     Text(Task),
-    /// (Fashion-)MNIST IDX files.
+    /// (Fashion-)MNIST IDX files: a directory with `train-*` and `t10k-*`.
     Idx,
+    /// `<dir>/<class>/<image>.png|jpg`, as torchvision's `ImageFolder`.
+    ImageFolder,
 }
 
-/// `--task`: sst2, rte, tsv or idx.
-pub fn parse_any_task(s: &str) -> Result<AnyTask, String> {
-    if s == "idx" {
-        return Ok(AnyTask::Idx);
+impl AnyTask {
+    /// Whether the task is image classification.
+    pub fn is_image(self) -> bool {
+        matches!(self, AnyTask::Idx | AnyTask::ImageFolder)
     }
-    s.parse()
-        .map(AnyTask::Text)
-        .map_err(|e: String| format!("{e}, or idx for images"))
+}
+
+/// `--task`: sst2, rte, tsv, idx or imagefolder.
+pub fn parse_any_task(s: &str) -> Result<AnyTask, String> {
+    match s {
+        "idx" => Ok(AnyTask::Idx),
+        "imagefolder" => Ok(AnyTask::ImageFolder),
+        _ => s
+            .parse()
+            .map(AnyTask::Text)
+            .map_err(|e: String| format!("{e}, or idx / imagefolder for images")),
+    }
 }
 
 /// `--max-len`: 1..=8192.

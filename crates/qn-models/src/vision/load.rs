@@ -119,21 +119,11 @@ pub fn infer_variant(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<E
     ))
 }
 
-/// Builds `config`'s network from `tensors` (EfficientNet-PyTorch names, read from `path`, which
-/// errors name). Missing, mis-shaped and unexpected tensors are errors that list them, except a
-/// classifier of another size, which is initialised from `seed` with a warning.
-pub fn build_efficientnet(
-    config: &EfficientNetConfig,
-    tensors: HashMap<String, Tensor>,
-    path: &Path,
-    seed: u64,
-    device: &Device,
-) -> Result<LoadedImageModel> {
-    let names: Vec<String> = tensors.keys().cloned().collect();
-    // What the file lacks starts as PyTorch would: batch norms at identity (scale 1, shift 0,
-    // running mean 0, variance 1), convolutions and the classifier U(±1/sqrt(fan_in)), seeded by
-    // the run seed and the name.
-    let init: InitFn = Box::new(move |name, dims| {
+/// What a file lacks starts as PyTorch would: batch norms at identity (scale 1, shift 0, running
+/// mean 0, variance 1), convolutions and the classifier U(±1/sqrt(fan_in)), seeded by the run seed
+/// and the tensor's name.
+fn pytorch_init(seed: u64) -> InitFn {
+    Box::new(move |name, dims| {
         let n: usize = dims.iter().product();
         let is_bn = name.starts_with("_bn") || name.contains("._bn");
         if is_bn || name.ends_with("running_mean") || name.ends_with("running_var") {
@@ -146,7 +136,32 @@ pub fn build_efficientnet(
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ name_hash(name));
         let u = Uniform::new_inclusive(-bound, bound).map_err(candle_core::Error::wrap)?;
         Ok((0..n).map(|_| u.sample(&mut rng)).collect())
-    });
+    })
+}
+
+/// A randomly initialised EfficientNet (PyTorch's default initialisation, seeded): training from
+/// scratch, e.g. `qn finetune --model efficientnet-b0`.
+pub fn scratch_efficientnet(
+    config: &EfficientNetConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<EfficientNet> {
+    let (vb, _) = recording_vb(HashMap::new(), pytorch_init(seed), device);
+    EfficientNet::new(config, seed, vb)
+}
+
+/// Builds `config`'s network from `tensors` (EfficientNet-PyTorch names, read from `path`, which
+/// errors name). Missing, mis-shaped and unexpected tensors are errors that list them, except a
+/// classifier of another size, which is initialised from `seed` with a warning.
+pub fn build_efficientnet(
+    config: &EfficientNetConfig,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<LoadedImageModel> {
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    let init = pytorch_init(seed);
     let (vb, record) = recording_vb(tensors, init, device);
     let model = EfficientNet::new(config, seed, vb)?;
     let rec = take(&record);

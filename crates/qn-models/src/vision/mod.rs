@@ -25,11 +25,12 @@ mod load;
 
 pub use batch_norm::BatchNorm2d;
 pub use config::{Act, BlockArgs, EfficientNetConfig, StageArgs, B0_STAGES};
-pub use data::idx_images;
+pub use data::{idx_images, image_folder};
 pub use efficientnet::EfficientNet;
 pub use image::{image_to_tensor, load_image, Normalization};
 pub use load::{
-    build_efficientnet, infer_variant, load_efficientnet, read_image_weights, LoadedImageModel,
+    build_efficientnet, infer_variant, load_efficientnet, read_image_weights, scratch_efficientnet,
+    LoadedImageModel,
 };
 
 /// The 1,000 ImageNet-1k class names, line `i` = class `i` (torchvision's list; a copy of
