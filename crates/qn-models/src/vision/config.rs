@@ -112,6 +112,18 @@ pub struct EfficientNetConfig {
     pub bn_eps: f64,
     /// Batch-norm momentum in PyTorch's sense (weight of the new batch: TensorFlow's 0.99 decay).
     pub bn_momentum: f64,
+    /// How convolutions pad: TensorFlow's "SAME" (the default, as the TensorFlow-trained weights
+    /// expect) or PyTorch's symmetric `k / 2` (torchvision, timm's non-`tf_` variants).
+    pub padding: ConvPadding,
+}
+
+/// Convolution padding convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvPadding {
+    /// TensorFlow's "SAME": asymmetric for even strides, the extra row and column at the end.
+    TfSame,
+    /// `k / 2` on every side.
+    Symmetric,
 }
 
 /// One block after scaling.
@@ -136,6 +148,7 @@ impl EfficientNetConfig {
     pub fn variant(name: &str, num_classes: usize) -> Result<Self> {
         let lower = name.to_ascii_lowercase();
         let key = lower
+            .trim_start_matches("tf_")
             .trim_start_matches("efficientnet-")
             .trim_start_matches("efficientnet_");
         let (w, d, r, p, lite) = match key {
@@ -174,6 +187,7 @@ impl EfficientNetConfig {
             num_classes,
             bn_eps: 1e-3,
             bn_momentum: 0.01,
+            padding: ConvPadding::TfSame,
         })
     }
 
@@ -226,8 +240,24 @@ impl EfficientNetConfig {
         }
     }
 
-    /// The blocks in order, after width and depth scaling (Lite keeps the first and last stage's
-    /// repeats, as TensorFlow's `fix_head_stem`).
+    /// Blocks in each of the seven stages after depth scaling (Lite keeps the first and last
+    /// stage's repeats, as TensorFlow's `fix_head_stem`).
+    pub fn blocks_per_stage(&self) -> Vec<usize> {
+        let last = B0_STAGES.len() - 1;
+        B0_STAGES
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                if self.lite && (i == 0 || i == last) {
+                    st.repeats
+                } else {
+                    (self.depth * st.repeats as f64).ceil() as usize
+                }
+            })
+            .collect()
+    }
+
+    /// The blocks in order, after width and depth scaling.
     pub fn blocks(&self) -> Vec<BlockArgs> {
         let mut out = Vec::new();
         let last = B0_STAGES.len() - 1;

@@ -12,7 +12,7 @@ use qn_train::layers::{qconv2d, QConv2d, QLinear, QuantNoiseLayer};
 use qn_train::{NoiseStep, QuantModel};
 
 use super::batch_norm::BatchNorm2d;
-use super::config::{Act, BlockArgs, EfficientNetConfig};
+use super::config::{Act, BlockArgs, ConvPadding, EfficientNetConfig};
 use crate::encoder::ops::dropout;
 use crate::Result;
 
@@ -24,15 +24,18 @@ fn conv(
     stride: usize,
     groups: usize,
     bias: bool,
+    padding: ConvPadding,
 ) -> Result<QConv2d> {
+    let symmetric = padding == ConvPadding::Symmetric;
     let cfg = Conv2dConfig {
-        padding: 0,
+        padding: if symmetric { k / 2 } else { 0 },
         stride,
         dilation: 1,
         groups,
         cudnn_fwd_algo: None,
     };
-    Ok(qconv2d(in_c, out_c, k, bias, cfg, vb.pp(name))?.with_same_padding())
+    let c = qconv2d(in_c, out_c, k, bias, cfg, vb.pp(name))?;
+    Ok(if symmetric { c } else { c.with_same_padding() })
 }
 
 fn activate(x: &Tensor, act: Act) -> candle_core::Result<Tensor> {
@@ -70,6 +73,7 @@ impl MbConv {
         vb: VarBuilder,
     ) -> Result<Self> {
         let (eps, m) = (cfg.bn_eps, cfg.bn_momentum);
+        let pad = cfg.padding;
         let mid = args.input * args.expand;
         let expand = if args.expand != 1 {
             Some((
@@ -81,6 +85,7 @@ impl MbConv {
                     1,
                     1,
                     false,
+                    pad,
                 )?,
                 BatchNorm2d::new(mid, eps, m, vb.pp("_bn0"))?,
             ))
@@ -95,13 +100,32 @@ impl MbConv {
             args.stride,
             mid,
             false,
+            pad,
         )?;
         let bn1 = BatchNorm2d::new(mid, eps, m, vb.pp("_bn1"))?;
         let se = if args.se_ratio > 0.0 {
             let squeezed = ((args.input as f64 * args.se_ratio) as usize).max(1);
             Some(SqueezeExcite {
-                reduce: conv(vb.clone(), "_se_reduce", (mid, squeezed), 1, 1, 1, true)?,
-                expand: conv(vb.clone(), "_se_expand", (squeezed, mid), 1, 1, 1, true)?,
+                reduce: conv(
+                    vb.clone(),
+                    "_se_reduce",
+                    (mid, squeezed),
+                    1,
+                    1,
+                    1,
+                    true,
+                    pad,
+                )?,
+                expand: conv(
+                    vb.clone(),
+                    "_se_expand",
+                    (squeezed, mid),
+                    1,
+                    1,
+                    1,
+                    true,
+                    pad,
+                )?,
             })
         } else {
             None
@@ -114,6 +138,7 @@ impl MbConv {
             1,
             1,
             false,
+            pad,
         )?;
         let bn2 = BatchNorm2d::new(args.output, eps, m, vb.pp("_bn2"))?;
         Ok(Self {
@@ -226,8 +251,9 @@ impl EfficientNet {
     /// and stochastic depth.
     pub fn new(config: &EfficientNetConfig, seed: u64, vb: VarBuilder) -> Result<Self> {
         let (eps, m) = (config.bn_eps, config.bn_momentum);
+        let pad = config.padding;
         let stem_c = config.stem_channels();
-        let stem = conv(vb.clone(), "_conv_stem", (3, stem_c), 3, 2, 1, false)?;
+        let stem = conv(vb.clone(), "_conv_stem", (3, stem_c), 3, 2, 1, false, pad)?;
         let bn0 = BatchNorm2d::new(stem_c, eps, m, vb.pp("_bn0"))?;
         let args = config.blocks();
         let n = args.len();
@@ -243,7 +269,16 @@ impl EfficientNet {
         }
         let last = args.last().map(|a| a.output).unwrap_or(stem_c);
         let head_c = config.head_channels();
-        let head = conv(vb.clone(), "_conv_head", (last, head_c), 1, 1, 1, false)?;
+        let head = conv(
+            vb.clone(),
+            "_conv_head",
+            (last, head_c),
+            1,
+            1,
+            1,
+            false,
+            pad,
+        )?;
         let bn1 = BatchNorm2d::new(head_c, eps, m, vb.pp("_bn1"))?;
         let fcb = vb.pp("_fc");
         let bound = 1.0 / (head_c as f64).sqrt();

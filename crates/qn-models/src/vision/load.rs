@@ -11,6 +11,7 @@ use rand_distr::{Distribution, Uniform};
 
 use super::config::EfficientNetConfig;
 use super::efficientnet::EfficientNet;
+use super::layout::{self, WeightLayout};
 use crate::recording::{listed, name_hash, recording_vb, take, InitFn};
 use crate::{Error, Result};
 
@@ -21,14 +22,46 @@ pub struct LoadedImageModel {
     pub model: EfficientNet,
     /// One line each: what was initialised or ignored.
     pub warnings: Vec<String>,
+    /// The layout the weights came in (files written from the model use it again).
+    pub layout: WeightLayout,
 }
 
-/// Reads `path` (safetensors, or a `.qnz` written by `qn compress`, decoded) as f32 tensors;
-/// integer buffers (`num_batches_tracked`) are dropped.
+/// The `.qnz` metadata key naming the layout an image model's weights came in.
+pub const LAYOUT_KEY: &str = "efficientnet:layout";
+
+/// Reads `path` (safetensors, or a `.qnz` written by `qn compress`, decoded) as f32 tensors under
+/// their canonical (EfficientNet-PyTorch) names; integer buffers (`num_batches_tracked`) are
+/// dropped.
 pub fn read_image_weights(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if path.extension().is_some_and(|e| e == "qnz") {
-        return read_qnz(path, device);
+    Ok(read_image_weights_with_layout(path, device)?.0)
+}
+
+/// [`read_image_weights`], and the layout the names came in (torchvision and timm names are
+/// renamed; a `.qnz` says its layout in its metadata).
+pub fn read_image_weights_with_layout(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, WeightLayout)> {
+    let (tensors, layout) = if path.extension().is_some_and(|e| e == "qnz") {
+        read_qnz(path, device)?
+    } else {
+        let tensors = read_safetensors(path, device)?;
+        let layout = layout::detect(tensors.keys().map(String::as_str));
+        (tensors, layout)
+    };
+    if layout == WeightLayout::EfficientNetPytorch || path.extension().is_some_and(|e| e == "qnz") {
+        return Ok((tensors, layout));
     }
+    let names = layout::to_canonical(tensors.keys().map(String::as_str), layout)
+        .map_err(|e| Error::weights(path, e))?;
+    let renamed = tensors
+        .into_iter()
+        .map(|(n, t)| (names[&n].clone(), t))
+        .collect();
+    Ok((renamed, layout))
+}
+
+fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let raw = candle_core::safetensors::load(path, device)
         .map_err(|e| Error::weights(path, format!("cannot read safetensors: {e}")))?;
     let mut out = HashMap::with_capacity(raw.len());
@@ -47,12 +80,21 @@ pub fn read_image_weights(path: &Path, device: &Device) -> Result<HashMap<String
     Ok(out)
 }
 
-fn read_qnz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+fn read_qnz(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, WeightLayout)> {
     let reader = qn_format::Reader::open(path).map_err(|e| {
         let text = e.to_string();
         let prefix = format!("{}: ", path.display());
         Error::file(path, text.strip_prefix(&prefix).unwrap_or(&text))
     })?;
+    let layout = match reader.header().metadata.get(LAYOUT_KEY) {
+        None => WeightLayout::EfficientNetPytorch,
+        Some(name) => WeightLayout::parse(name).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("metadata `{LAYOUT_KEY}` = `{name}` is not a known layout"),
+            )
+        })?,
+    };
     let mut out = HashMap::new();
     for view in reader.views() {
         let name = &view.entry.name;
@@ -65,7 +107,7 @@ fn read_qnz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
             Tensor::from_vec(values, view.entry.shape.clone(), device)?,
         );
     }
-    Ok(out)
+    Ok((out, layout))
 }
 
 /// The variant whose architecture the tensors describe: Lite when there is no squeeze-and-excitation,
@@ -217,7 +259,11 @@ pub fn build_efficientnet(
             ),
         ));
     }
-    Ok(LoadedImageModel { model, warnings })
+    Ok(LoadedImageModel {
+        model,
+        warnings,
+        layout: WeightLayout::EfficientNetPytorch,
+    })
 }
 
 /// Reads `path` and builds its network: the variant inferred unless `variant` names one, the
@@ -229,7 +275,13 @@ pub fn load_efficientnet(
     seed: u64,
     device: &Device,
 ) -> Result<LoadedImageModel> {
-    let tensors = read_image_weights(path, device)?;
+    let (tensors, mut layout) = read_image_weights_with_layout(path, device)?;
+    if let (WeightLayout::Timm { .. }, Some(v)) = (layout, variant) {
+        // timm's names are the same for its `tf_` variants, which keep TensorFlow's conventions.
+        layout = WeightLayout::Timm {
+            tf_conventions: v.to_ascii_lowercase().starts_with("tf_"),
+        };
+    }
     let mut cfg = match variant {
         Some(v) => {
             let classes = tensors
@@ -247,5 +299,8 @@ pub fn load_efficientnet(
             ..cfg
         };
     }
-    build_efficientnet(&cfg, tensors, path, seed, device)
+    let cfg = layout.conventions(cfg);
+    let mut loaded = build_efficientnet(&cfg, tensors, path, seed, device)?;
+    loaded.layout = layout;
+    Ok(loaded)
 }

@@ -21,16 +21,17 @@ mod config;
 mod data;
 mod efficientnet;
 mod image;
+pub mod layout;
 mod load;
 
 pub use batch_norm::BatchNorm2d;
-pub use config::{Act, BlockArgs, EfficientNetConfig, StageArgs, B0_STAGES};
+pub use config::{Act, BlockArgs, ConvPadding, EfficientNetConfig, StageArgs, B0_STAGES};
 pub use data::{idx_images, image_folder};
 pub use efficientnet::EfficientNet;
 pub use image::{image_to_tensor, load_image, Normalization};
 pub use load::{
-    build_efficientnet, infer_variant, load_efficientnet, read_image_weights, scratch_efficientnet,
-    LoadedImageModel,
+    build_efficientnet, infer_variant, load_efficientnet, read_image_weights,
+    read_image_weights_with_layout, scratch_efficientnet, LoadedImageModel, LAYOUT_KEY,
 };
 
 /// The 1,000 ImageNet-1k class names, line `i` = class `i` (torchvision's list; a copy of
