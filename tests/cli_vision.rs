@@ -509,3 +509,81 @@ fn image_folders_train_from_scratch_and_keep_their_class_names() {
     );
     one_line_error(&run(args), &["efficientnet-b9", "not a variant"]);
 }
+
+/// A torchvision checkpoint (a small random one, `assets/golden`) fine-tunes, compresses and
+/// decompresses with torchvision's tensor names all the way: every file written loads where the
+/// checkpoint came from.
+#[test]
+fn torchvision_checkpoints_keep_their_names_through_finetune_compress_decompress() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tv");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(
+        qn_tests::asset("golden/efficientnet-torchvision-b0.safetensors"),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    write_image_folder(&data, &["horizontal", "vertical"], 4);
+    let out = dir.path().join("run");
+    let text = ok(&qn(&[
+        &"finetune",
+        &"--model",
+        &model,
+        &"--task",
+        &"imagefolder",
+        &"--train",
+        &data,
+        &"--eval",
+        &data,
+        &"--image-size",
+        &"32",
+        &"--max-steps",
+        &"2",
+        &"--batch-size",
+        &"4",
+        &"-o",
+        &out,
+    ]));
+    assert!(text.contains("fine-tuned EfficientNet-custom"), "{text}");
+    let names = |path: &std::path::Path| -> Vec<String> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        n.sort();
+        n
+    };
+    let original = names(&model.join("model.safetensors"));
+    let tuned = names(&out.join("model.safetensors"));
+    // The 10-way head became 2-way; every name is torchvision's.
+    assert_eq!(tuned, original);
+    let qnz = dir.path().join("m.qnz");
+    ok(&qn(&[
+        &"compress",
+        &"--model",
+        &out,
+        &"--task",
+        &"imagefolder",
+        &"--method",
+        &"int8",
+        &"-o",
+        &qnz,
+    ]));
+    let back = dir.path().join("back.safetensors");
+    ok(&qn(&[&"decompress", &qnz, &"-o", &back]));
+    assert_eq!(names(&back), original);
+    // The decompressed file loads again and predicts.
+    let img = data.join("vertical/000.png");
+    let out_p = qn(&[
+        &"predict",
+        &"--model",
+        &back,
+        &"--image",
+        &img,
+        &"--image-size",
+        &"32",
+        &"--json",
+    ]);
+    let p: Value = serde_json::from_str(ok(&out_p).trim()).unwrap();
+    assert_eq!(p["top5"].as_array().unwrap().len(), 2);
+}

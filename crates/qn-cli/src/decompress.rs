@@ -83,6 +83,32 @@ pub fn run(args: &DecompressArgs) -> Result<()> {
         };
         tensors.push((e.name.clone(), dtype, e.shape.clone(), bytes));
     }
+    // An image model goes back to the names of the layout it came in (torchvision, timm).
+    let meta = &reader.header().metadata;
+    if let Some(name) = meta.get(qn_models::vision::LAYOUT_KEY) {
+        use qn_models::vision::layout::{from_canonical, WeightLayout, STAGES_KEY};
+        let bad = |what: String| anyhow::anyhow!("{}: {what}", args.file.display());
+        let layout = WeightLayout::parse(name).ok_or_else(|| {
+            bad(format!(
+                "metadata `{}` = `{name}` is not a known layout",
+                qn_models::vision::LAYOUT_KEY
+            ))
+        })?;
+        if layout != WeightLayout::EfficientNetPytorch {
+            let stages: Vec<usize> = meta
+                .get(STAGES_KEY)
+                .ok_or_else(|| bad(format!("metadata `{STAGES_KEY}` is missing")))?
+                .split(',')
+                .map(|n| n.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(format!("metadata `{STAGES_KEY}`: {e}")))?;
+            let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
+            let map = from_canonical(&names, layout, &stages).map_err(bad)?;
+            for t in &mut tensors {
+                t.0 = map[&t.0].clone();
+            }
+        }
+    }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, d, s, b)| {

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, D};
+use qn_models::vision::layout::{from_canonical, WeightLayout, STAGES_KEY};
 use qn_models::vision::{
     build_efficientnet, idx_images, image_folder, imagenet_classes, infer_variant,
-    load_efficientnet, load_image, read_image_weights, scratch_efficientnet, EfficientNetConfig,
-    Normalization,
+    load_efficientnet, load_image, read_image_weights_with_layout, scratch_efficientnet,
+    EfficientNetConfig, Normalization, LAYOUT_KEY,
 };
 use qn_train::data::Dataset;
 
@@ -182,6 +183,36 @@ fn read_images(
     }
 }
 
+/// The metadata that records an image model's layout and stage sizes.
+fn layout_metadata(layout: WeightLayout, config: &EfficientNetConfig) -> Vec<(String, String)> {
+    let stages: Vec<String> = config
+        .blocks_per_stage()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    vec![
+        (LAYOUT_KEY.to_string(), layout.as_str().to_string()),
+        (STAGES_KEY.to_string(), stages.join(",")),
+    ]
+}
+
+/// Canonically named tensors renamed to `layout`'s names, with the metadata saying so.
+#[allow(clippy::type_complexity)]
+fn in_layout(
+    tensors: Vec<(String, candle_core::Tensor)>,
+    layout: WeightLayout,
+    config: &EfficientNetConfig,
+) -> Result<(Vec<(String, candle_core::Tensor)>, Vec<(String, String)>)> {
+    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let map = from_canonical(&names, layout, &config.blocks_per_stage())
+        .map_err(|e| anyhow::anyhow!("writing {} names: {e}", layout.as_str()))?;
+    let renamed = tensors
+        .into_iter()
+        .map(|(n, t)| (map[&n].clone(), t))
+        .collect();
+    Ok((renamed, layout_metadata(layout, config)))
+}
+
 /// `qn finetune --task idx|imagefolder`: fine-tunes an EfficientNet (or trains one from scratch
 /// when `--model` names a variant, e.g. `efficientnet-b0`) and writes `model.safetensors`
 /// (EfficientNet-PyTorch names, running statistics included), `classes.txt` for an image folder,
@@ -192,21 +223,18 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
     // Read once: the variant (inferred from the tensors) fixes the normalisation of the data, and
     // the data fixes the number of classes of the head the network is then built with.
     let source = image_source(&args.model.model)?;
-    let (variant, tensors, weights) = match source {
+    let (variant, tensors, weights, layout) = match source {
         ImageSource::Weights(weights) => {
-            let tensors = read_image_weights(&weights, &Device::Cpu)?;
-            (
-                infer_variant(&tensors, &weights)?,
-                Some(tensors),
-                Some(weights),
-            )
+            let (tensors, layout) = read_image_weights_with_layout(&weights, &Device::Cpu)?;
+            let variant = layout.conventions(infer_variant(&tensors, &weights)?);
+            (variant, Some(tensors), Some(weights), layout)
         }
         ImageSource::Scratch(cfg) => {
             eprintln!(
                 "note: no weights for `{}`: training EfficientNet-{} from scratch (seed {})",
                 args.model.model, cfg.variant, args.seed
             );
-            (cfg, None, None)
+            (cfg, None, None, WeightLayout::EfficientNetPytorch)
         }
     };
     let norm = normalization(&variant);
@@ -263,7 +291,9 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
         let text = names.join("\n") + "\n";
         qn_models::hf_dir::write_file_atomic(&args.output.join("classes.txt"), text.as_bytes())?;
     }
-    let bytes = qn_models::hf_dir::safetensors_bytes(&tensors)?;
+    // Written in the layout the weights came in, so the file loads where they came from.
+    let (tensors, meta) = in_layout(tensors, layout, model.config())?;
+    let bytes = qn_models::hf_dir::safetensors_bytes_with(&tensors, &meta)?;
     qn_models::hf_dir::write_file_atomic(&args.output.join("model.safetensors"), &bytes)?;
     println!(
         "{} EfficientNet-{} {} steps on {} images at {size} px; eval accuracy {:.2} % on {} images; wrote {}",
@@ -343,6 +373,7 @@ pub fn compress_images(args: &crate::encoder::compress::CompressArgs) -> Result<
         "efficientnet:variant".to_string(),
         model.config().variant.clone(),
     )];
+    meta.extend(layout_metadata(loaded.layout, model.config()));
     if let Some(names) = &classes {
         meta.push((CLASSES_KEY.to_string(), serde_json::to_string(names)?));
     }

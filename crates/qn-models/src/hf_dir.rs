@@ -36,6 +36,14 @@ pub fn state_dict(model: &Encoder) -> Result<Vec<(String, Tensor)>> {
 
 /// safetensors bytes of `tensors` (f32).
 pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    safetensors_bytes_with(tensors, &[])
+}
+
+/// [`safetensors_bytes`] with extra `__metadata__` entries.
+pub fn safetensors_bytes_with(
+    tensors: &[(String, Tensor)],
+    metadata: &[(String, String)],
+) -> Result<Vec<u8>> {
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| -> Result<_> {
@@ -57,6 +65,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Candle(e.to_string()))?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
+    meta.extend(metadata.iter().cloned());
     safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Candle(e.to_string()))
 }
 

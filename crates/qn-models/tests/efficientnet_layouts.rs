@@ -104,7 +104,7 @@ fn torchvision_and_timm_checkpoints_give_their_libraries_logits() {
             .map(|(n, _)| n)
             .collect();
         canonical.extend(loaded.model.buffers().into_iter().map(|(n, _)| n));
-        let back = from_canonical(&canonical, layout, &cfg).unwrap();
+        let back = from_canonical(&canonical, layout, &cfg.blocks_per_stage()).unwrap();
         let mut mapped: Vec<String> = back.into_values().collect();
         let mut file_sorted = file_names.clone();
         mapped.sort();

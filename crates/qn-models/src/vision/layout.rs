@@ -25,6 +25,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::config::{ConvPadding, EfficientNetConfig};
 
+/// The `.qnz` / safetensors metadata key of the blocks per stage (`1,2,2,3,3,4,1`).
+pub const STAGES_KEY: &str = "efficientnet:stages";
+
 /// Where a checkpoint's tensor names come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightLayout {
@@ -175,18 +178,22 @@ pub fn to_canonical<'a>(
     Ok(out)
 }
 
-/// The other direction: canonical names → `layout`'s, given the canonical names of the whole model
-/// (the block structure comes from `config`).
+/// The other direction: canonical names → `layout`'s, for the canonical names of a whole model
+/// whose stages hold `stage_sizes` blocks ([`EfficientNetConfig::blocks_per_stage`]; written to a
+/// `.qnz` as [`STAGES_KEY`] so that `qn decompress` can rename without the config).
 pub fn from_canonical(
     canonical: &[String],
     layout: WeightLayout,
-    config: &EfficientNetConfig,
+    stage_sizes: &[usize],
 ) -> Result<HashMap<String, String>, String> {
     // Build the layout's names for this architecture, map them in, and invert.
     let mut theirs = Vec::new();
-    let stage_sizes = config.blocks_per_stage();
-    let expands: Vec<bool> = config.blocks().iter().map(|b| b.expand != 1).collect();
-    let se = !config.lite;
+    let total: usize = stage_sizes.iter().sum();
+    let has = |n: &str| canonical.iter().any(|c| c.starts_with(n));
+    let expands: Vec<bool> = (0..total)
+        .map(|g| has(&format!("_blocks.{g}._expand_conv.")))
+        .collect();
+    let se = has("_blocks.0._se_reduce.");
     let bn = |p: &str, out: &mut Vec<String>| {
         for s in ["weight", "bias", "running_mean", "running_var"] {
             out.push(format!("{p}.{s}"));

@@ -46,7 +46,16 @@ pub fn read_image_weights_with_layout(
         read_qnz(path, device)?
     } else {
         let tensors = read_safetensors(path, device)?;
-        let layout = layout::detect(tensors.keys().map(String::as_str));
+        // A file we wrote says its layout (timm's `tf_` conventions are not in the names).
+        let layout = match safetensors_metadata(path)?.get(LAYOUT_KEY) {
+            Some(name) => WeightLayout::parse(name).ok_or_else(|| {
+                Error::weights(
+                    path,
+                    format!("metadata `{LAYOUT_KEY}` = `{name}` is not a known layout"),
+                )
+            })?,
+            None => layout::detect(tensors.keys().map(String::as_str)),
+        };
         (tensors, layout)
     };
     if layout == WeightLayout::EfficientNetPytorch || path.extension().is_some_and(|e| e == "qnz") {
@@ -59,6 +68,34 @@ pub fn read_image_weights_with_layout(
         .map(|(n, t)| (names[&n].clone(), t))
         .collect();
     Ok((renamed, layout))
+}
+
+/// The `__metadata__` of a safetensors file (empty when it has none).
+fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let bad = |reason: String| Error::weights(path, reason);
+    let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("not a safetensors file (shorter than its header length)".into()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("a header of {len} bytes is not plausible")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| bad("the header is cut short".into()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("the header is not JSON: {e}")))?;
+    Ok(json
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
@@ -110,6 +147,45 @@ fn read_qnz(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, We
     Ok((out, layout))
 }
 
+/// A width and depth multiplier (0.05 to 4, in steps of 0.05 and 0.01) whose network has exactly
+/// these tensors' shapes: checkpoints of scaled-down models (torchvision's and timm's
+/// `width_mult` / `channel_multiplier`). Any match is the same architecture.
+fn infer_custom(
+    tensors: &HashMap<String, Tensor>,
+    classes: usize,
+    lite: bool,
+    blocks: usize,
+) -> Option<EfficientNetConfig> {
+    let dims = |n: String| tensors.get(&n).map(|t| t.dims().to_vec());
+    let stem = dims("_conv_stem.weight".into())?;
+    for wi in 1..=80 {
+        let width = wi as f64 * 0.05;
+        let probe = EfficientNetConfig::custom(width, 1.0, lite, classes).ok()?;
+        if vec![probe.stem_channels(), 3, 3, 3] != stem {
+            continue;
+        }
+        for di in 5..=400 {
+            let cfg = EfficientNetConfig::custom(width, di as f64 * 0.01, lite, classes).ok()?;
+            let args = cfg.blocks();
+            if args.len() != blocks {
+                continue;
+            }
+            let fits = args.iter().enumerate().all(|(i, a)| {
+                let mid = a.input * a.expand;
+                dims(format!("_blocks.{i}._depthwise_conv.weight"))
+                    == Some(vec![mid, 1, a.kernel, a.kernel])
+                    && dims(format!("_blocks.{i}._project_conv.weight"))
+                        == Some(vec![a.output, mid, 1, 1])
+            }) && dims("_conv_head.weight".into())
+                == Some(vec![cfg.head_channels(), args.last()?.output, 1, 1]);
+            if fits {
+                return Some(cfg);
+            }
+        }
+    }
+    None
+}
+
 /// The variant whose architecture the tensors describe: Lite when there is no squeeze-and-excitation,
 /// then the one with the same number of blocks and the same head and block shapes.
 pub fn infer_variant(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<EfficientNetConfig> {
@@ -150,6 +226,9 @@ pub fn infer_variant(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<E
         if fits {
             return Ok(cfg);
         }
+    }
+    if let Some(cfg) = infer_custom(tensors, classes, lite, blocks) {
+        return Ok(cfg);
     }
     Err(Error::weights(
         path,
