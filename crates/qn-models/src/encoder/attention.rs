@@ -137,6 +137,15 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// The element `i` further on. A method, so a closure captures the whole `Shared` (which is
+    /// `Sync`) rather than its raw-pointer field (which is not).
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `dst (m × n) = beta · lhs (m × k) · rhs (k × n) [+ dst]`, every operand by (row, column) strides.
 #[allow(clippy::too_many_arguments)]
 fn mm(
@@ -260,17 +269,16 @@ impl CustomOp3 for AttentionOp {
         (0..self.b * self.heads).into_par_iter().for_each_init(
             || vec![0f32; l * l],
             |p, pair| {
-                let dst = dst;
                 self.probs(pair, q, k, p);
                 if let Some(drop) = self.drop {
                     let mask = probs_mask(drop, pair, l);
                     p.iter_mut().zip(&mask).for_each(|(x, m)| *x *= m);
                 }
                 let at = (pair / self.heads) * l * h + (pair % self.heads) * d;
-                // SAFETY: `at` addresses this pair's rows and head columns inside `out`.
+                // `at` addresses this pair's rows and head columns inside `out`.
                 mm(
                     (l, d, l),
-                    unsafe { dst.0.add(at) },
+                    dst.at(at),
                     (h, 1),
                     false,
                     p.as_ptr(),
@@ -344,7 +352,6 @@ impl AttentionOp {
         (0..self.b * self.heads).into_par_iter().for_each_init(
             || (vec![0f32; l * l], vec![0f32; l * l]),
             |(p, dp), pair| {
-                let (pq, pk, pv) = (pq, pk, pv);
                 let at = (pair / self.heads) * l * h + (pair % self.heads) * d;
                 self.probs(pair, q, k, p);
                 let mask = self.drop.map(|drop| probs_mask(drop, pair, l));
@@ -356,10 +363,10 @@ impl AttentionOp {
                         .for_each(|(o, (x, m))| *o = x * m),
                     None => dp.copy_from_slice(p),
                 }
-                // SAFETY (all three): `at` addresses this pair's rows and head columns.
+                // Each `at` addresses this pair's rows and head columns.
                 mm(
                     (l, d, l),
-                    unsafe { pv.0.add(at) },
+                    pv.at(at),
                     (h, 1),
                     false,
                     dp.as_ptr(),
@@ -391,7 +398,7 @@ impl AttentionOp {
                 // dQ = scale · dS · K, dK = scale · dSᵀ · Q.
                 mm(
                     (l, d, l),
-                    unsafe { pq.0.add(at) },
+                    pq.at(at),
                     (h, 1),
                     false,
                     dp.as_ptr(),
@@ -402,7 +409,7 @@ impl AttentionOp {
                 );
                 mm(
                     (l, d, l),
-                    unsafe { pk.0.add(at) },
+                    pk.at(at),
                     (h, 1),
                     false,
                     dp.as_ptr(),

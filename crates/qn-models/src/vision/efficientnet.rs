@@ -16,6 +16,7 @@ use super::config::{Act, BlockArgs, ConvPadding, EfficientNetConfig};
 use crate::encoder::ops::dropout;
 use crate::Result;
 
+#[allow(clippy::too_many_arguments)]
 fn conv(
     vb: VarBuilder,
     name: &str,
