@@ -206,3 +206,120 @@ fn any_png_or_jpeg_colour_type_and_tiny_images_become_three_channel_crops() {
         .unwrap();
     assert!((r - 1.0).abs() < 1e-3 && (g + 1.0).abs() < 1e-3, "{r} {g}");
 }
+
+/// At the end of a noisy stage the trainer re-estimates batch-norm statistics without noise: the
+/// weights are those of the same run without recalibration, the statistics those that the same
+/// number of noise-free training-mode passes give, and the layers keep their noise.
+#[test]
+fn trainer_recalibrates_batch_norm_without_noise_after_a_noisy_stage() {
+    use qn_models::vision::EfficientNet;
+    use qn_train::data::Dataset;
+    use qn_train::trainer::{run_stages, RunOutput, StagePlan, TrainConfig};
+    use qn_train::{named_vars, NoiseSpec};
+    let dev = Device::Cpu;
+    let cfg = EfficientNetConfig::custom(0.1, 0.25, true, 3).unwrap();
+    let build = || {
+        let vm = candle_nn::VarMap::new();
+        let m = EfficientNet::new(
+            &cfg,
+            0,
+            candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
+        )
+        .unwrap();
+        // The same start for every run: weights from a fixed seed, not the VarMap's RNG.
+        for (i, (_, v)) in named_vars(&m).into_iter().enumerate() {
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|k| (((k * 7919 + i * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.4)
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.dims(), &dev).unwrap())
+                .unwrap();
+        }
+        let spec: NoiseSpec = "block:p=0.2".parse().unwrap();
+        qn_train::apply_noise_spec(
+            &m.layers(),
+            &regex::Regex::new(".").unwrap(),
+            |n, l| spec.resolve(n, l),
+            0,
+        )
+        .unwrap();
+        m
+    };
+    let x = Tensor::randn(0f32, 1.0, (24, 3, 32, 32), &dev).unwrap();
+    let y = Tensor::from_vec((0..24u32).map(|i| i % 3).collect(), 24, &dev).unwrap();
+    let data = Dataset { x, y };
+    let train = |recal: usize| {
+        let mut m = build();
+        let tc = TrainConfig {
+            batch_size: 8,
+            recalibrate_batches: recal,
+            progress: false,
+            ..TrainConfig::default()
+        };
+        run_stages(
+            &mut m,
+            &data,
+            &data,
+            &StagePlan::float(2),
+            &tc,
+            &RunOutput::default(),
+        )
+        .unwrap();
+        m
+    };
+    let plain = train(0);
+    let recal = train(5);
+    let buffers = |m: &EfficientNet| -> Vec<Vec<f32>> {
+        m.buffers()
+            .into_iter()
+            .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let weights = |m: &EfficientNet| -> Vec<Vec<f32>> {
+        named_vars(m)
+            .into_iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        weights(&plain),
+        weights(&recal),
+        "recalibration changed weights"
+    );
+    assert_ne!(
+        buffers(&plain),
+        buffers(&recal),
+        "recalibration changed no statistic"
+    );
+    // Replay: the same five noise-free training-mode passes on the plain run's model.
+    for l in plain.layers() {
+        l.qweight()
+            .set_noise(qn_train::NoiseConfig::None, 0)
+            .unwrap();
+    }
+    for b in 0..5usize {
+        plain.set_step(qn_train::NoiseStep {
+            step: (2 + b) as u64,
+            micro: u32::MAX,
+        });
+        let (xb, _) = data
+            .batch((1 << 30) + b, 8, TrainConfig::default().seed)
+            .unwrap();
+        plain.forward_t(&xb, true).unwrap();
+    }
+    let (a, b) = (buffers(&plain), buffers(&recal));
+    let worst = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "recalibrated statistics differ from noise-free passes by {worst}"
+    );
+    // The noise is back on every layer.
+    assert!(recal
+        .layers()
+        .iter()
+        .all(|l| !l.qweight().noises().is_empty()));
+}

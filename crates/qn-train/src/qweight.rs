@@ -148,6 +148,19 @@ impl QWeight {
         self.noise.lock().expect("noise lock").configs()
     }
 
+    /// Sets the noise (with its seed, step and caches) aside, leaving none: for noise-free
+    /// training-mode passes; [`Self::put_noise`] puts it back.
+    pub(crate) fn take_noise(&self) -> NoiseState {
+        let mut lock = self.noise.lock().expect("noise lock");
+        let seed = lock.seed();
+        std::mem::replace(&mut *lock, NoiseState::new(NoiseConfig::None, seed))
+    }
+
+    /// Puts back what [`Self::take_noise`] set aside.
+    pub(crate) fn put_noise(&self, noise: NoiseState) {
+        *self.noise.lock().expect("noise lock") = noise;
+    }
+
     /// The seed the noise was set with.
     pub fn noise_seed(&self) -> u64 {
         self.noise.lock().expect("noise lock").seed()

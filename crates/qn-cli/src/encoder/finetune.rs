@@ -34,6 +34,11 @@ pub struct FinetuneArgs {
     /// Image models: input resolution (default 64 for idx).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=1024), allow_negative_numbers = true)]
     pub(crate) image_size: u64,
+    /// Image models: at the end of a fine-tune with noise, this many noise-free training-mode
+    /// batches re-estimate the batch-norm statistics, which were gathered on noised activations
+    /// (0: off; models without batch norm are never touched).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1_000_000), allow_negative_numbers = true)]
+    pub(crate) bn_recalibrate: u64,
     /// Noise: none, block:p=0.1[,bs=8], pq:p=0.1[,bs=8,k=256], scalar:bits=8,p=0.5 (block sizes
     /// default to the paper's per layer kind).
     #[arg(long, default_value = "none", value_parser = parse_probability_or_spec, allow_negative_numbers = true)]
@@ -196,6 +201,7 @@ pub(crate) fn noise_and_config(
         seed: args.seed,
         progress: true,
         frozen,
+        recalibrate_batches: args.bn_recalibrate as usize,
         ..TrainConfig::default()
     };
     cfg.adamw.weight_decay = args.weight_decay;

@@ -39,6 +39,7 @@ pub fn fingerprint(
     put("centroid_grad", format!("{:?}", cfg.centroid_grad));
     put("kmeans_iters", cfg.kmeans_iters.to_string());
     put("frozen", format!("{:?}", cfg.frozen));
+    put("recalibrate_batches", cfg.recalibrate_batches.to_string());
     put("train_examples", n_train.to_string());
     let layers = model.layers();
     put(

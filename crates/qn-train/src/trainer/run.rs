@@ -360,6 +360,9 @@ pub fn run_stages(
             }
         }
         bar.finish_and_clear();
+        if super::recalibrate::recalibrate(model, train, cfg, st.global)? {
+            metrics.log(serde_json::json!({"step": st.global, "stage": stage.name, "recalibrated_batches": cfg.recalibrate_batches}))?;
+        }
         // The stage's result is logged and kept in the stage-end checkpoint, so that it survives a
         // resume; the next stage starts with a fresh optimizer.
         let acc = accuracy(model, eval, 256)?;
