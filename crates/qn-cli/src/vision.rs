@@ -223,6 +223,10 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
     // Read once: the variant (inferred from the tensors) fixes the normalisation of the data, and
     // the data fixes the number of classes of the head the network is then built with.
     let source = image_source(&args.model.model)?;
+    let verb = match source {
+        ImageSource::Scratch(_) => "trained",
+        ImageSource::Weights(_) => "fine-tuned",
+    };
     let (variant, tensors, weights, layout) = match source {
         ImageSource::Weights(weights) => {
             let (tensors, layout) = read_image_weights_with_layout(&weights, &Device::Cpu)?;
@@ -297,7 +301,7 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
     qn_models::hf_dir::write_file_atomic(&args.output.join("model.safetensors"), &bytes)?;
     println!(
         "{} EfficientNet-{} {} steps on {} images at {size} px; eval accuracy {:.2} % on {} images; wrote {}",
-        if matches!(image_source(&args.model.model)?, ImageSource::Scratch(_)) { "trained" } else { "fine-tuned" },
+        verb,
         model.config().variant,
         report.steps,
         train.len(),

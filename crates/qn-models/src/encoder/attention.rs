@@ -29,6 +29,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use super::fused::f32s;
+
 /// Dropout on the attention probabilities: rate `p`, masks drawn from `seed` and the
 /// (sequence, head) pair.
 #[derive(Debug, Clone, Copy)]
@@ -185,13 +187,6 @@ fn mm(
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("qn-attention: needs contiguous f32 tensors"),
-    }
-}
-
 impl AttentionOp {
     fn d(&self) -> usize {
         self.h / self.heads
@@ -259,7 +254,11 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (q, k, v) = (
+            f32s(s1, l1, self.name())?,
+            f32s(s2, l2, self.name())?,
+            f32s(s3, l3, self.name())?,
+        );
         for t in [q, k, v] {
             self.check(t.len())?;
         }
@@ -311,7 +310,7 @@ impl CustomOp3 for AttentionOp {
             let mut views = Vec::with_capacity(4);
             for (s, layout) in &guards {
                 match &**s {
-                    Storage::Cpu(cs) => views.push(slice(cs, layout)?),
+                    Storage::Cpu(cs) => views.push(f32s(cs, layout, "qn-attention")?),
                     _ => candle_core::bail!("qn-attention: backward runs on the CPU"),
                 }
             }

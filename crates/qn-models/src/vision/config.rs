@@ -260,13 +260,9 @@ impl EfficientNetConfig {
     /// The blocks in order, after width and depth scaling.
     pub fn blocks(&self) -> Vec<BlockArgs> {
         let mut out = Vec::new();
-        let last = B0_STAGES.len() - 1;
+        let per_stage = self.blocks_per_stage();
         for (i, st) in B0_STAGES.iter().enumerate() {
-            let repeats = if self.lite && (i == 0 || i == last) {
-                st.repeats
-            } else {
-                (self.depth * st.repeats as f64).ceil() as usize
-            };
+            let repeats = per_stage[i];
             let input = if i == 0 {
                 self.stem_channels()
             } else {
