@@ -5,6 +5,10 @@
 //!                                       fmt, the layering check, clippy -D warnings, tests,
 //!                                       bench build; `--fuzz-cases 1000000` for a long fuzz
 //! cargo xtask demo [ARGS]               quantize a real weight shipped in assets/ (int8, int4, PQ)
+//! cargo xtask bench [--quick] [--suite S] [--methods M] [--seeds N] [--model … --task …]
+//!                                       the rate-accuracy comparison (fp32, post-training, QAT,
+//!                                       Quant-Noise; int8/int4/iPQ) with the `qn` binary: table,
+//!                                       JSON and plot in bench-results/ (see `bench` module)
 //! cargo xtask bench-kernels [--vs-faiss] [--rounds N]
 //!                                       criterion benches of the kernels; with --vs-faiss, k-means
 //!                                       against faiss-cpu in one run (installs numpy + faiss-cpu
@@ -15,8 +19,10 @@
 //!                                       from PyPI (no GPU or system toolkit needed)
 //! ```
 //!
-//! xtask depends on nothing but `anyhow`; everything heavy runs as a child `cargo` process.
+//! xtask depends on `anyhow`, `serde_json` (the bench reads `qn --json`) and `plotters` (the bench's
+//! plot); everything heavy runs as a child `cargo` or `qn` process.
 
+mod bench;
 mod cuda;
 mod faiss;
 
@@ -34,11 +40,12 @@ fn main() -> Result<()> {
     match cmd {
         "test" => test(rest),
         "demo" => demo(rest),
+        "bench" => bench::bench(rest),
         "bench-kernels" => bench_kernels(rest),
         "bench-format" => faiss::bench_format(rest),
         "check-cuda" => cuda::check_cuda(rest),
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <test | demo | bench-kernels [--vs-faiss] [--rounds N] | bench-format [--vs-numpy] | check-cuda>");
+            println!("usage: cargo xtask <test | demo | bench [--quick] | bench-kernels [--vs-faiss] [--rounds N] | bench-format [--vs-numpy] | check-cuda>");
             Ok(())
         }
         other => bail!("unknown xtask command `{other}`; try `cargo xtask help`"),

@@ -93,6 +93,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut model = Mlp::seeded(784, args.hidden as usize, 10, args.seed, &Device::Cpu)?;
     let layers = model.layers();
     let all = regex::Regex::new(".").expect("valid regex");
+    for l in &layers {
+        if let Some(why) = args.noise.skip_reason(l.name(), l.qweight().layout()) {
+            eprintln!("qn: warning: {why}");
+        }
+    }
     qn_train::apply_noise_spec(&layers, &all, |n, l| args.noise.resolve(n, l), args.seed)
         .context("--noise")?;
     let data = match &args.data {

@@ -258,7 +258,7 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
         args.task,
         &args.eval,
         "t10k",
-        None,
+        args.max_eval_examples.map(|n| n as usize),
         args.seed,
         size,
         norm,

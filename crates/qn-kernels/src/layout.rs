@@ -159,12 +159,14 @@ impl BlockLayout {
         }
         if let (LayerKind::Conv2d, [_, _, kh, kw]) = (kind, shape) {
             let k = kh * kw;
-            if k > 1 && block_size % k != 0 {
+            // Blocks of whole kernels (the paper's PQ/block-drop unit) or parts of one kernel
+            // (element-wise scalar noise); never a block that straddles two kernels.
+            if k > 1 && block_size % k != 0 && k % block_size != 0 {
                 return Err(Error::shape(
                     tensor,
                     format!(
                         "block size {block_size} would cut the {kh}x{kw} kernels of shape {shape:?} apart: \
-                         a k x k conv's blocks are whole kernels, so use a multiple of {k}"
+                         a k x k conv's blocks are whole kernels or parts of one, so use a multiple of {k} or a divisor of {k}"
                     ),
                 ));
             }

@@ -148,7 +148,7 @@ fn divisibility_and_rank_errors_name_the_tensor() {
 }
 
 #[test]
-fn conv_blocks_never_cross_kernels_and_1x1_blocks_divide_the_input_channels() {
+fn conv_blocks_never_straddle_kernels_and_1x1_blocks_divide_the_input_channels() {
     // 3x3 kernels of 16 inputs: 144 columns, which 8 divides, but 8-blocks would cut kernels apart.
     let err = BlockLayout::conv2d("features.3.conv", &[32, 16, 3, 3], 8)
         .unwrap_err()
@@ -160,6 +160,9 @@ fn conv_blocks_never_cross_kernels_and_1x1_blocks_divide_the_input_channels() {
     // Whole kernels, one or several.
     assert!(BlockLayout::conv2d("c", &[32, 16, 3, 3], 9).is_ok());
     assert!(BlockLayout::conv2d("c", &[32, 16, 3, 3], 18).is_ok());
+    // Parts of one kernel (element-wise scalar noise uses blocks of 1).
+    assert!(BlockLayout::conv2d("c", &[32, 16, 3, 3], 1).is_ok());
+    assert!(BlockLayout::conv2d("c", &[32, 16, 3, 3], 3).is_ok());
     // A 1x1 conv with 6 input channels (EfficientNet's squeeze-excitation): 4 does not divide, and
     // the error says what would.
     let err = BlockLayout::conv2d("se.conv_reduce", &[4, 6, 1, 1], 4)

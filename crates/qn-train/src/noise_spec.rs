@@ -177,9 +177,30 @@ impl fmt::Display for NoiseSpec {
 }
 
 impl NoiseSpec {
+    /// Why layer `name` gets no noise from this spec although it was selected: φ_PQ needs at
+    /// least `k` blocks to fit `k` centroids, and iPQ leaves such a layer float too (the same
+    /// rule as `qn compress`'s "stays float" warning). `None` when the noise applies.
+    pub fn skip_reason(&self, name: &str, layout: &BlockLayout) -> Option<String> {
+        let NoiseSpec::Pq { bs, k, .. } = *self else {
+            return None;
+        };
+        let bs = bs.unwrap_or_else(|| default_block_size(name, layout.kind(), layout.shape()));
+        let blocks = layout.with_block_size(name, bs).ok()?.n_blocks();
+        (blocks < k).then(|| {
+            format!(
+                "layer `{name}` gets no PQ noise: its {blocks} blocks of {bs} are fewer than the \
+                 {k} centroids (iPQ leaves it float too)"
+            )
+        })
+    }
+
     /// The noise of layer `name` with weight `layout`: defaults filled in per layer kind, checked
-    /// against the layer (a block size that does not fit names the layer).
+    /// against the layer (a block size that does not fit names the layer). A layer with a
+    /// [`Self::skip_reason`] gets [`NoiseConfig::None`].
     pub fn resolve(&self, name: &str, layout: &BlockLayout) -> Result<NoiseConfig> {
+        if self.skip_reason(name, layout).is_some() {
+            return Ok(NoiseConfig::None);
+        }
         let default = || default_block_size(name, layout.kind(), layout.shape());
         let config = match *self {
             NoiseSpec::None => NoiseConfig::None,

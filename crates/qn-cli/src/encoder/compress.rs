@@ -31,6 +31,15 @@ pub enum Method {
     Int4,
 }
 
+/// How iPQ centroids are stored in the `.qnz`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codebook {
+    /// Centroids rounded to int8 with a scale per layer (the paper's iPQ + int8).
+    Int8,
+    /// Centroids as f16.
+    F16,
+}
+
 /// Arguments of `qn compress`.
 #[derive(clap::Args, Debug)]
 pub struct CompressArgs {
@@ -57,6 +66,10 @@ pub struct CompressArgs {
     /// blocks 8 / 8 / 4, K = 256, int8 centroids).
     #[arg(long)]
     pub(crate) plan: Option<PathBuf>,
+    /// How iPQ stores its centroids: int8 or f16 (default: the plan's `int8_centroids`; the
+    /// default plans say int8).
+    #[arg(long, value_enum)]
+    pub(crate) codebook: Option<Codebook>,
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
@@ -232,6 +245,9 @@ pub(crate) fn stage_plan(
         }
         None => default()?,
     };
+    if let Some(c) = args.codebook {
+        plan.int8_centroids = c == Codebook::Int8;
+    }
     if let Some(s) = args.steps {
         for st in &mut plan.stages {
             st.steps = Some(s as usize);

@@ -70,6 +70,9 @@ pub struct FinetuneArgs {
     /// Use a seeded subset of this many training rows.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub(crate) max_examples: Option<u64>,
+    /// Evaluate on a seeded subset of this many rows of `--eval` (default: all of it).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    pub(crate) max_eval_examples: Option<u64>,
     /// Warm-up: a fraction of the run (< 1) or a number of steps.
     #[arg(long, default_value_t = 0.06, value_parser = parse_warmup, allow_negative_numbers = true)]
     pub(crate) warmup: f64,
@@ -124,7 +127,12 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         args.max_examples.map(|n| n as usize),
         args.seed,
     )?;
-    let eval_rows = read_data(&args.eval, task, None, args.seed)?;
+    let eval_rows = read_data(
+        &args.eval,
+        task,
+        args.max_eval_examples.map(|n| n as usize),
+        args.seed,
+    )?;
     let labels = task_labels(task, &train_rows);
     let mut bundle = args.model.load(Some(labels.clone()), args.seed, false)?;
     let tok = bundle.tokenizer(Some(args.max_len))?;
@@ -178,6 +186,11 @@ pub(crate) fn noise_and_config(
     frozen: Option<String>,
 ) -> Result<TrainConfig> {
     let layers = model.layers();
+    for l in layers.iter().filter(|l| pattern.is_match(l.name())) {
+        if let Some(why) = args.noise.skip_reason(l.name(), l.qweight().layout()) {
+            eprintln!("qn: warning: {why}");
+        }
+    }
     let touched =
         qn_train::apply_noise_spec(&layers, pattern, |n, l| args.noise.resolve(n, l), args.seed)
             .context("--noise")?;

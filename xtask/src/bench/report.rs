@@ -1,0 +1,289 @@
+//! The bench's results as a markdown table and as JSON (the same rows), and the per-seed summary
+//! of the headline rows.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use super::suite::{Compress, Method, Suite};
+
+/// One measured row: a method's file and its accuracy.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What produced it.
+    pub method: Method,
+    /// The fine-tune's `--noise`.
+    pub noise: String,
+    /// Seed of the fine-tune, k-means and batches.
+    pub seed: u64,
+    /// The evaluated file: the `.qnz` (or the fp32 `model.safetensors`).
+    pub file: Option<PathBuf>,
+    /// Its byte size.
+    pub bytes: Option<u64>,
+    /// Accuracy (a fraction) reported by `qn eval`.
+    pub accuracy: Option<f64>,
+    /// Examples `qn eval` scored.
+    pub examples: Option<u64>,
+    /// Fine-tune + compression + evaluation, seconds (a shared fine-tune counts in every row).
+    pub seconds: f64,
+    /// Why the row has no result.
+    pub error: Option<String>,
+}
+
+impl Row {
+    /// `int8 (channel, minmax)`, `iPQ (f16 centroids)`, …
+    pub fn compression_name(&self) -> String {
+        match self.method.compress {
+            Compress::None => "none (fp32)".into(),
+            Compress::Scalar { bits, histogram } => format!(
+                "int{bits} per channel, {}",
+                if histogram { "histogram" } else { "min/max" }
+            ),
+            Compress::Ipq { int8 } => {
+                format!("iPQ K=256, {} centroids", if int8 { "int8" } else { "f16" })
+            }
+        }
+    }
+}
+
+/// Today's date (UTC) as `YYYY-MM-DD`, from the system clock.
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    civil_date((secs / 86_400) as i64)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The fp32 row of `seed`, against which Δ and compression are measured.
+fn fp32_of(rows: &[Row], seed: u64) -> Option<&Row> {
+    rows.iter()
+        .find(|r| r.method.id == "fp32" && r.seed == seed)
+}
+
+/// `(compression ×, Δ accuracy in points)` of `r` against its seed's fp32 row.
+pub fn relative(rows: &[Row], r: &Row) -> (Option<f64>, Option<f64>) {
+    let base = fp32_of(rows, r.seed);
+    let ratio = match (base.and_then(|b| b.bytes), r.bytes) {
+        (Some(b), Some(x)) if x > 0 => Some(b as f64 / x as f64),
+        _ => None,
+    };
+    let delta = match (base.and_then(|b| b.accuracy), r.accuracy) {
+        (Some(b), Some(a)) => Some((a - b) * 100.0),
+        _ => None,
+    };
+    (ratio, delta)
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "—".into())
+}
+
+/// The markdown report: a heading naming the model, task, preset and date, the budget, the table.
+pub fn markdown(suite: &Suite, preset: &str, date: &str, rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### {} on {} — rate against accuracy ({preset}, {date})\n",
+        suite.model_name, suite.task_name
+    );
+    let _ = writeln!(s, "Budget: {}.", suite.budget.describe(suite.kind));
+    let _ = writeln!(
+        s,
+        "Size = bytes of the file evaluated (the `.qnz` written by `qn compress`, which also carries \
+         the config, labels and tokenizer; for fp32 the fine-tuned `model.safetensors`). Wall time = \
+         fine-tune + compression + evaluation of the row, 2 cores (a fine-tune shared by rows counts \
+         in each).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| model | method | noise (training) | compression | size MB | × smaller | accuracy % | Δ vs fp32 | wall time |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let (ratio, delta) = relative(rows, r);
+        let acc = match (&r.error, r.accuracy) {
+            // The whole error is in the JSON and the bench's log; the table keeps its gist.
+            (Some(e), _) => {
+                let gist: String = e.chars().take(60).collect();
+                format!("failed: {}…", gist.replace('|', "/"))
+            }
+            (None, a) => opt(a, |a| format!("{:.2}", a * 100.0)),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | `{}` | {} | {} | {} | {} | {} | {} |",
+            suite.model_name,
+            r.method.id,
+            r.method.family,
+            r.noise,
+            r.compression_name(),
+            opt(r.bytes.map(|b| b as f64), |b| format!("{:.3}", b / 1e6)),
+            opt(ratio, |x| format!("{x:.1}")),
+            acc,
+            opt(delta, |d| format!("{d:+.2}")),
+            format_seconds(r.seconds),
+        );
+    }
+    s
+}
+
+fn format_seconds(s: f64) -> String {
+    if s >= 90.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+/// The same rows as JSON, with the files named and sized.
+pub fn to_json(suite: &Suite, preset: &str, date: &str, rows: &[Row]) -> Value {
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let (ratio, delta) = relative(rows, r);
+            json!({
+                "method": r.method.id,
+                "family": r.method.family,
+                "label": r.method.label,
+                "noise": r.noise,
+                "compression": r.compression_name(),
+                "seed": r.seed,
+                "file": r.file.as_ref().map(|p| p.display().to_string()),
+                "bytes": r.bytes,
+                "size_mb": r.bytes.map(|b| b as f64 / 1e6),
+                "compression_ratio": ratio,
+                "accuracy": r.accuracy,
+                "examples": r.examples,
+                "delta_points": delta,
+                "wall_s": r.seconds,
+                "error": r.error,
+            })
+        })
+        .collect();
+    json!({
+        "model": suite.model_name,
+        "model_source": suite.model,
+        "task": suite.task_name,
+        "preset": preset,
+        "date": date,
+        "budget": suite.budget.describe(suite.kind),
+        "rows": rows,
+    })
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Per-seed accuracies of the headline rows with their mean ± standard deviation (markdown, JSON).
+pub fn seeds_summary(suite: &Suite, date: &str, rows: &[Row], seeds: u64) -> (String, Value) {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### {} on {} — headline rows over {seeds} seeds ({date})\n",
+        suite.model_name, suite.task_name
+    );
+    let _ = writeln!(s, "Budget: {}.\n", suite.budget.describe(suite.kind));
+    let _ = writeln!(
+        s,
+        "| method | size MB | accuracy % per seed | mean ± std | Δ mean vs fp32 |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---:|---:|");
+    let mut ids: Vec<&str> = Vec::new();
+    for r in rows {
+        if !ids.contains(&r.method.id) {
+            ids.push(r.method.id);
+        }
+    }
+    let fp32: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.method.id == "fp32")
+        .filter_map(|r| r.accuracy)
+        .collect();
+    let fp32_mean = (!fp32.is_empty()).then(|| mean_std(&fp32).0);
+    let mut out = Vec::new();
+    for id in ids {
+        let these: Vec<&Row> = rows.iter().filter(|r| r.method.id == id).collect();
+        let accs: Vec<f64> = these.iter().filter_map(|r| r.accuracy).collect();
+        let per_seed: Vec<String> = these
+            .iter()
+            .map(|r| opt(r.accuracy, |a| format!("{:.2}", a * 100.0)))
+            .collect();
+        let size = these.iter().find_map(|r| r.bytes);
+        let (mean, std) = if accs.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            mean_std(&accs)
+        };
+        let delta = fp32_mean.map(|f| (mean - f) * 100.0);
+        let _ = writeln!(
+            s,
+            "| {id} | {} | {} | {:.2} ± {:.2} | {} |",
+            opt(size.map(|b| b as f64), |b| format!("{:.3}", b / 1e6)),
+            per_seed.join(", "),
+            mean * 100.0,
+            std * 100.0,
+            opt(delta, |d| format!("{d:+.2}")),
+        );
+        out.push(json!({
+            "method": id,
+            "bytes": size,
+            "accuracy_per_seed": these.iter().map(|r| r.accuracy).collect::<Vec<_>>(),
+            "seeds": these.iter().map(|r| r.seed).collect::<Vec<_>>(),
+            "mean": mean,
+            "std": std,
+            "delta_mean_points": delta,
+        }));
+    }
+    let j = json!({
+        "model": suite.model_name,
+        "task": suite.task_name,
+        "date": date,
+        "seeds": seeds,
+        "rows": out,
+    });
+    (s, j)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(11_016), "2000-02-29");
+        assert_eq!(civil_date(20_784), "2026-11-27");
+    }
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[4.0]), (4.0, 0.0));
+    }
+}

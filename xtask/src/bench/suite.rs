@@ -1,0 +1,381 @@
+//! What the rate–accuracy bench runs: a suite is one model on one task with a budget, and every
+//! method is a fine-tuning (its noise) followed by at most one `qn compress`.
+//!
+//! The methods follow the paper's table: post-training quantization of the fp32 fine-tune,
+//! quantization-aware training (the noise on every block, p = 1) and Quant-Noise (a fraction of
+//! the blocks), each then compressed for real.
+
+use std::path::PathBuf;
+
+/// Text (a BERT-family encoder on TSV data) or images (an EfficientNet on IDX/image folders).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `--task sst2|rte|tsv`.
+    Text,
+    /// `--task idx|imagefolder`.
+    Image,
+}
+
+/// How long each phase runs and on how much data.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    /// Training rows (a seeded subset).
+    pub train_examples: usize,
+    /// Fine-tuning steps.
+    pub steps: usize,
+    /// Examples per step (fine-tuning and centroid fine-tuning).
+    pub batch: usize,
+    /// Fine-tuning learning rate.
+    pub lr: f64,
+    /// Centroid fine-tuning steps of every iPQ stage.
+    pub ipq_steps: usize,
+    /// Evaluation rows (`None`: the whole evaluation set).
+    pub eval_examples: Option<usize>,
+    /// Text: tokens per input.
+    pub max_len: usize,
+    /// Images: input resolution.
+    pub image_size: usize,
+    /// Steps between k-means refreshes of the PQ noise (QAT for iPQ).
+    pub pq_every: usize,
+    /// Images: batch-norm recalibration batches after a noisy fine-tune.
+    pub bn_recalibrate: usize,
+}
+
+impl Budget {
+    /// The full comparison (one seed per model under two hours on 2 cores) or `--quick`.
+    pub fn preset(kind: Kind, quick: bool) -> Self {
+        match (kind, quick) {
+            (Kind::Text, false) => Budget {
+                train_examples: 8000,
+                steps: 300,
+                batch: 32,
+                lr: 1e-4,
+                ipq_steps: 100,
+                eval_examples: None,
+                max_len: 64,
+                image_size: 0,
+                pq_every: 100,
+                bn_recalibrate: 0,
+            },
+            (Kind::Text, true) => Budget {
+                train_examples: 512,
+                steps: 16,
+                batch: 16,
+                lr: 1e-4,
+                ipq_steps: 4,
+                eval_examples: Some(256),
+                max_len: 32,
+                image_size: 0,
+                pq_every: 8,
+                bn_recalibrate: 0,
+            },
+            (Kind::Image, false) => Budget {
+                train_examples: 8000,
+                steps: 200,
+                batch: 32,
+                lr: 1e-3,
+                ipq_steps: 50,
+                eval_examples: Some(2000),
+                max_len: 0,
+                image_size: 64,
+                pq_every: 50,
+                bn_recalibrate: 100,
+            },
+            (Kind::Image, true) => Budget {
+                train_examples: 256,
+                steps: 12,
+                batch: 16,
+                lr: 1e-3,
+                ipq_steps: 4,
+                eval_examples: Some(256),
+                max_len: 0,
+                image_size: 32,
+                pq_every: 6,
+                bn_recalibrate: 4,
+            },
+        }
+    }
+
+    /// One line for the report.
+    pub fn describe(&self, kind: Kind) -> String {
+        let input = match kind {
+            Kind::Text => format!("≤ {} tokens", self.max_len),
+            Kind::Image => format!("{} px", self.image_size),
+        };
+        let eval = match self.eval_examples {
+            Some(n) => format!("the first {n} evaluation rows (seeded subset)"),
+            None => "the whole evaluation set".into(),
+        };
+        format!(
+            "fine-tuning {} steps of {} on {} training rows at lr {}, {input}; iPQ: {} centroid \
+             fine-tuning steps per stage; accuracy by `qn eval` on {eval}",
+            self.steps, self.batch, self.train_examples, self.lr, self.ipq_steps
+        )
+    }
+}
+
+/// One model on one task.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    /// `<model>-<task>`: the stem of the output files.
+    pub name: String,
+    /// Model for the title.
+    pub model_name: String,
+    /// Task for the title.
+    pub task_name: String,
+    /// `--model` of `qn`: a directory or a hub id.
+    pub model: String,
+    /// `--task` of `qn`.
+    pub task: String,
+    /// Training data path.
+    pub train: PathBuf,
+    /// Evaluation data path.
+    pub eval: PathBuf,
+    /// Text or images.
+    pub kind: Kind,
+    /// Phase lengths.
+    pub budget: Budget,
+}
+
+/// How a fine-tuned model becomes a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compress {
+    /// The fine-tuned float model itself (`model.safetensors`).
+    None,
+    /// `qn compress --method int8|int4 [--observer histogram]`.
+    Scalar {
+        /// 8 or 4.
+        bits: u8,
+        /// Histogram observer instead of min/max.
+        histogram: bool,
+    },
+    /// `qn compress --method ipq --codebook f16|int8`.
+    Ipq {
+        /// Centroids as int8 (else f16).
+        int8: bool,
+    },
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Method {
+    /// Stable id for `--methods` and the cache (`family-detail`).
+    pub id: &'static str,
+    /// Plot series.
+    pub family: &'static str,
+    /// Short point label.
+    pub label: &'static str,
+    /// Training noise of the fine-tune (`qn finetune --noise`), `{every}` filled from the budget.
+    pub noise: &'static str,
+    /// Compression of the fine-tuned model.
+    pub compress: Compress,
+    /// Run again for every seed of `--seeds`.
+    pub headline: bool,
+}
+
+/// Every method, in table order.
+pub const METHODS: &[Method] = &[
+    Method {
+        id: "fp32",
+        family: "fp32",
+        label: "fp32",
+        noise: "none",
+        compress: Compress::None,
+        headline: true,
+    },
+    Method {
+        id: "ptq-int8",
+        family: "post-training",
+        label: "int8",
+        noise: "none",
+        compress: Compress::Scalar {
+            bits: 8,
+            histogram: false,
+        },
+        headline: false,
+    },
+    Method {
+        id: "ptq-int4",
+        family: "post-training",
+        label: "int4",
+        noise: "none",
+        compress: Compress::Scalar {
+            bits: 4,
+            histogram: false,
+        },
+        headline: false,
+    },
+    Method {
+        id: "ptq-int8-hist",
+        family: "post-training (histogram)",
+        label: "int8",
+        noise: "none",
+        compress: Compress::Scalar {
+            bits: 8,
+            histogram: true,
+        },
+        headline: false,
+    },
+    Method {
+        id: "ptq-int4-hist",
+        family: "post-training (histogram)",
+        label: "int4",
+        noise: "none",
+        compress: Compress::Scalar {
+            bits: 4,
+            histogram: true,
+        },
+        headline: false,
+    },
+    Method {
+        id: "ptq-ipq",
+        family: "post-training",
+        label: "iPQ",
+        noise: "none",
+        compress: Compress::Ipq { int8: false },
+        headline: true,
+    },
+    Method {
+        id: "qat-int4",
+        family: "QAT",
+        label: "int4",
+        noise: "scalar:bits=4,p=1",
+        compress: Compress::Scalar {
+            bits: 4,
+            histogram: false,
+        },
+        headline: false,
+    },
+    Method {
+        id: "qat-ipq",
+        family: "QAT",
+        label: "iPQ",
+        noise: "pq:p=1,k=256,every={every}",
+        compress: Compress::Ipq { int8: false },
+        headline: true,
+    },
+    Method {
+        id: "qn-block-0.05",
+        family: "Quant-Noise",
+        label: "iPQ p=0.05",
+        noise: "block:p=0.05",
+        compress: Compress::Ipq { int8: false },
+        headline: false,
+    },
+    Method {
+        id: "qn-block-0.1",
+        family: "Quant-Noise",
+        label: "iPQ p=0.1",
+        noise: "block:p=0.1",
+        compress: Compress::Ipq { int8: false },
+        headline: true,
+    },
+    Method {
+        id: "qn-block-0.2",
+        family: "Quant-Noise",
+        label: "iPQ p=0.2",
+        noise: "block:p=0.2",
+        compress: Compress::Ipq { int8: false },
+        headline: false,
+    },
+    Method {
+        id: "qn-int4",
+        family: "Quant-Noise",
+        label: "int4",
+        noise: "scalar:bits=4,p=0.5",
+        compress: Compress::Scalar {
+            bits: 4,
+            histogram: false,
+        },
+        headline: false,
+    },
+    Method {
+        id: "qn-int8",
+        family: "Quant-Noise",
+        label: "int8",
+        noise: "scalar:bits=8,p=0.5",
+        compress: Compress::Scalar {
+            bits: 8,
+            histogram: false,
+        },
+        headline: false,
+    },
+    Method {
+        id: "qn-ipq-int8c",
+        family: "Quant-Noise + int8 centroids",
+        label: "iPQ+int8 p=0.1",
+        noise: "block:p=0.1",
+        compress: Compress::Ipq { int8: true },
+        headline: true,
+    },
+];
+
+/// The methods `filter` keeps: exact ids or prefixes of ids (`ptq`, `qn-block`); fp32 always,
+/// since every Δ is against it. An unknown name is an error listing the ids.
+pub fn select(filter: Option<&[String]>) -> Result<Vec<Method>, String> {
+    let Some(filter) = filter else {
+        return Ok(METHODS.to_vec());
+    };
+    for f in filter {
+        if !METHODS
+            .iter()
+            .any(|m| m.id == f || m.id.starts_with(&format!("{f}-")))
+        {
+            let ids: Vec<_> = METHODS.iter().map(|m| m.id).collect();
+            return Err(format!(
+                "--methods: no method `{f}`; the methods are {}",
+                ids.join(", ")
+            ));
+        }
+    }
+    Ok(METHODS
+        .iter()
+        .filter(|m| {
+            m.id == "fp32"
+                || filter
+                    .iter()
+                    .any(|f| m.id == f || m.id.starts_with(&format!("{f}-")))
+        })
+        .copied()
+        .collect())
+}
+
+impl Method {
+    /// The `--noise` argument for `budget`.
+    pub fn noise_spec(&self, budget: &Budget) -> String {
+        self.noise.replace("{every}", &budget.pq_every.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_fp32_comes_first() {
+        let mut ids: Vec<_> = METHODS.iter().map(|m| m.id).collect();
+        assert_eq!(ids[0], "fp32");
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), METHODS.len());
+    }
+
+    #[test]
+    fn filters_by_prefix_and_keeps_fp32() {
+        let got = select(Some(&["qn-block".to_string()])).unwrap();
+        let ids: Vec<_> = got.iter().map(|m| m.id).collect();
+        assert_eq!(
+            ids,
+            ["fp32", "qn-block-0.05", "qn-block-0.1", "qn-block-0.2"]
+        );
+        let err = select(Some(&["nope".to_string()])).unwrap_err();
+        assert!(err.contains("nope") && err.contains("ptq-int8"), "{err}");
+    }
+
+    #[test]
+    fn pq_noise_refresh_comes_from_the_budget() {
+        let m = METHODS.iter().find(|m| m.id == "qat-ipq").unwrap();
+        let b = Budget::preset(Kind::Text, true);
+        assert_eq!(m.noise_spec(&b), "pq:p=1,k=256,every=8");
+    }
+}
