@@ -422,6 +422,8 @@ fn run_row(
                     b.train_examples.to_string(),
                     "--steps".into(),
                     b.ipq_steps.to_string(),
+                    "--kmeans-iters".into(),
+                    b.kmeans_iters.to_string(),
                     "--batch-size".into(),
                     b.batch.to_string(),
                 ]),

@@ -86,6 +86,9 @@ where
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the plot: {e}");
     root.fill(&WHITE).map_err(err)?;
+    let root = root.titled(title, ("sans-serif", 24)).map_err(err)?;
+    // The legend gets its own column, so that it never hides a point.
+    let (plot_area, legend_area) = root.split_horizontally(root.dim_in_pixel().0 - 250);
     let all = series.iter().flat_map(|(_, _, p)| p);
     let (mut lo_mb, mut hi_mb, mut lo_acc, mut hi_acc) =
         (f64::INFINITY, 0.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -96,8 +99,7 @@ where
         hi_acc = hi_acc.max(p.acc);
     }
     let pad = ((hi_acc - lo_acc) * 0.08).max(1.0);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
+    let mut chart = ChartBuilder::on(&plot_area)
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
@@ -110,8 +112,18 @@ where
         .configure_mesh()
         .x_desc("size on disk (MB, log scale)")
         .y_desc("accuracy (%)")
-        .x_label_formatter(&|x| format!("{x:.2}"))
+        .x_labels(8)
+        .x_label_formatter(&|x| {
+            if *x >= 10.0 {
+                format!("{x:.0}")
+            } else if *x >= 1.0 {
+                format!("{x:.1}")
+            } else {
+                format!("{x:.2}")
+            }
+        })
         .y_label_formatter(&|y| format!("{y:.1}"))
+        .light_line_style(RGBColor(245, 245, 245))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
         .draw()
@@ -138,18 +150,21 @@ where
                         ("sans-serif", 13).into_font().color(&color),
                     )
             }))
-            .map_err(err)?
-            .label(*family)
-            .legend(move |(x, y)| Circle::new((x + 8, y), radius.min(6), color.filled()));
+            .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 15))
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(err)?;
+    for (i, (family, color, _)) in series.iter().enumerate() {
+        let y = 60 + 28 * i as i32;
+        legend_area
+            .draw(&Circle::new((12, y), 6, color.filled()))
+            .map_err(err)?;
+        legend_area
+            .draw(&Text::new(
+                family.to_string(),
+                (26, y - 8),
+                ("sans-serif", 15).into_font(),
+            ))
+            .map_err(err)?;
+    }
     root.present().map_err(err)?;
     Ok(())
 }

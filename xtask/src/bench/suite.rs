@@ -29,6 +29,8 @@ pub struct Budget {
     pub lr: f64,
     /// Centroid fine-tuning steps of every iPQ stage.
     pub ipq_steps: usize,
+    /// k-means iterations of iPQ.
+    pub kmeans_iters: usize,
     /// Evaluation rows (`None`: the whole evaluation set).
     pub eval_examples: Option<usize>,
     /// Text: tokens per input.
@@ -51,6 +53,7 @@ impl Budget {
                 batch: 32,
                 lr: 1e-4,
                 ipq_steps: 100,
+                kmeans_iters: 20,
                 eval_examples: None,
                 max_len: 64,
                 image_size: 0,
@@ -58,15 +61,16 @@ impl Budget {
                 bn_recalibrate: 0,
             },
             (Kind::Text, true) => Budget {
-                train_examples: 512,
-                steps: 16,
+                train_examples: 256,
+                steps: 12,
                 batch: 16,
                 lr: 1e-4,
-                ipq_steps: 4,
+                ipq_steps: 2,
+                kmeans_iters: 4,
                 eval_examples: Some(256),
                 max_len: 32,
                 image_size: 0,
-                pq_every: 8,
+                pq_every: 6,
                 bn_recalibrate: 0,
             },
             (Kind::Image, false) => Budget {
@@ -75,6 +79,7 @@ impl Budget {
                 batch: 32,
                 lr: 1e-3,
                 ipq_steps: 50,
+                kmeans_iters: 20,
                 eval_examples: Some(2000),
                 max_len: 0,
                 image_size: 64,
@@ -86,7 +91,8 @@ impl Budget {
                 steps: 12,
                 batch: 16,
                 lr: 1e-3,
-                ipq_steps: 4,
+                ipq_steps: 2,
+                kmeans_iters: 4,
                 eval_examples: Some(256),
                 max_len: 0,
                 image_size: 32,
@@ -107,9 +113,10 @@ impl Budget {
             None => "the whole evaluation set".into(),
         };
         format!(
-            "fine-tuning {} steps of {} on {} training rows at lr {}, {input}; iPQ: {} centroid \
-             fine-tuning steps per stage; accuracy by `qn eval` on {eval}",
-            self.steps, self.batch, self.train_examples, self.lr, self.ipq_steps
+            "fine-tuning {} steps of {} on {} training rows at lr {}, {input}; iPQ: K = 256, {} \
+             k-means iterations, {} centroid fine-tuning steps per stage; accuracy by `qn eval` \
+             on {eval}",
+            self.steps, self.batch, self.train_examples, self.lr, self.kmeans_iters, self.ipq_steps
         )
     }
 }
@@ -376,6 +383,6 @@ mod tests {
     fn pq_noise_refresh_comes_from_the_budget() {
         let m = METHODS.iter().find(|m| m.id == "qat-ipq").unwrap();
         let b = Budget::preset(Kind::Text, true);
-        assert_eq!(m.noise_spec(&b), "pq:p=1,k=256,every=8");
+        assert_eq!(m.noise_spec(&b), "pq:p=1,k=256,every=6");
     }
 }

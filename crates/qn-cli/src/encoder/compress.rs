@@ -70,6 +70,9 @@ pub struct CompressArgs {
     /// default plans say int8).
     #[arg(long, value_enum)]
     pub(crate) codebook: Option<Codebook>,
+    /// k-means iterations when a stage quantizes a layer (iPQ).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000), allow_negative_numbers = true)]
+    pub(crate) kmeans_iters: u64,
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
@@ -274,6 +277,7 @@ pub(crate) fn ipq_stages_and_export(
         seed: args.seed,
         progress: true,
         checkpoint_every: 50,
+        kmeans_iters: args.kmeans_iters as usize,
         ..TrainConfig::default()
     };
     cfg.validate()?;
