@@ -37,7 +37,8 @@ pub struct Budget {
     pub max_len: usize,
     /// Images: input resolution.
     pub image_size: usize,
-    /// Steps between k-means refreshes of the PQ noise (QAT for iPQ).
+    /// Steps between refreshes of the noise's quantizer: the k-means of PQ noise and the ranges
+    /// of scalar noise (fairseq refreshes its int-N ranges every 1,000-3,000 updates).
     pub pq_every: usize,
     /// Images: batch-norm recalibration batches after a noisy fine-tune.
     pub bn_recalibrate: usize,
@@ -246,7 +247,7 @@ pub const METHODS: &[Method] = &[
         id: "qat-int4",
         family: "QAT",
         label: "int4",
-        noise: "scalar:bits=4,p=1",
+        noise: "scalar:bits=4,p=1,every={every}",
         compress: Compress::Scalar {
             bits: 4,
             histogram: false,
@@ -289,7 +290,7 @@ pub const METHODS: &[Method] = &[
         id: "qn-int4",
         family: "Quant-Noise",
         label: "int4",
-        noise: "scalar:bits=4,p=0.5",
+        noise: "scalar:bits=4,p=0.5,every={every}",
         compress: Compress::Scalar {
             bits: 4,
             histogram: false,
@@ -300,7 +301,7 @@ pub const METHODS: &[Method] = &[
         id: "qn-int8",
         family: "Quant-Noise",
         label: "int8",
-        noise: "scalar:bits=8,p=0.5",
+        noise: "scalar:bits=8,p=0.5,every={every}",
         compress: Compress::Scalar {
             bits: 8,
             histogram: false,
