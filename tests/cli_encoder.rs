@@ -638,3 +638,74 @@ fn freeze_embeddings_leaves_the_tables_untouched() {
     let t = "roberta.encoder.layer.0.attention.self.query.weight";
     assert_ne!(read(&src, t), read(&out, t), "{t} did not train");
 }
+
+/// What `cargo xtask bench` relies on: an evaluation subset while fine-tuning, PQ noise on a model
+/// with a layer too small for K centroids (warned, not refused), and `qn compress`'s codebook and
+/// k-means settings.
+#[test]
+fn bench_flags_eval_subset_pq_noise_codebook_and_kmeans_iters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // The tiny RoBERTa's token-type table has 1 x 32 weights: 4 blocks of 8, fewer than 16.
+    let out = finetune(
+        &run,
+        &[
+            "--max-eval-examples",
+            "20",
+            "--noise",
+            "pq:p=1,k=16,every=3",
+        ],
+    );
+    let stdout = ok(&out);
+    assert!(stdout.contains("on 20 examples"), "{stdout}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("token_type_embeddings") && err.contains("gets no PQ noise"),
+        "{err}"
+    );
+    let compress = |codebook: &str, iters: &str, out: &Path| {
+        qn(&[
+            &"compress",
+            &"--model",
+            &run,
+            &"--train",
+            &asset("text/sst2-train-200.tsv"),
+            &"--task",
+            &"sst2",
+            &"--steps",
+            &"1",
+            &"--batch-size",
+            &"8",
+            &"--max-len",
+            &"32",
+            &"--codebook",
+            &codebook,
+            &"--kmeans-iters",
+            &iters,
+            &"-o",
+            &out,
+        ])
+    };
+    let (f16, int8) = (tmp.path().join("f16.qnz"), tmp.path().join("int8.qnz"));
+    ok(&compress("f16", "3", &f16));
+    ok(&compress("int8", "3", &int8));
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    // Same codes, centroids of 2 bytes against 1: the f16 file is the larger.
+    assert!(
+        size(&f16) > size(&int8),
+        "{} vs {}",
+        size(&f16),
+        size(&int8)
+    );
+    for f in [&f16, &int8] {
+        assert_eq!(eval_json(f)["examples"], 100);
+    }
+    for (flag, bad) in [("--codebook", "int5"), ("--kmeans-iters", "0")] {
+        let (c, i) = if flag == "--codebook" {
+            (bad, "3")
+        } else {
+            ("f16", bad)
+        };
+        refused(&compress(c, i, &tmp.path().join("bad.qnz")), flag, &[flag]);
+    }
+}
