@@ -26,9 +26,11 @@
 mod assign;
 mod codes;
 mod kmeans;
+mod lut;
 
 pub use assign::{assign_nearest, assign_nearest_reference, CentroidTable};
 pub use codes::{encode, Assignments, PqCodes};
 pub use kmeans::{
     kmeans, kmeans_reference, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress,
 };
+pub use lut::{pq_matmul_reference, PqMatmul};
