@@ -1,0 +1,111 @@
+//! Times a layer's forward from PQ codes (`PqMatmul`, tables + gathers) against candle's dense
+//! f32 matmul on the same shapes, as a model's forward sees them: the layers are cycled through so
+//! that the dense weights (≥ `MB` megabytes in all, default 340, the 72 linear layers of a
+//! BERT-base encoder) do not stay in the last-level cache; the cache-hot figure (one layer again
+//! and again) is printed too. Then a batch of 2,048 rows (32 sentences × 64 tokens) from tables
+//! against decode-then-matmul. `scripts/lut_gemv.sh` runs this beside numpy's BLAS.
+//!
+//! ```text
+//! cargo run --release -p qn-kernels --example lut_gemv -- [MB] [ROUNDS]
+//! ```
+//! Prints one line per measurement: `shape mode ours_us dense_us`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use qn_kernels::layout::BlockLayout;
+use qn_kernels::pq::{Assignments, PqCodes, PqMatmul};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const SHAPES: [(usize, usize); 4] = [(384, 1536), (1536, 384), (768, 3072), (1024, 4096)];
+
+fn random_codes(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> PqCodes {
+    let (d, k) = (8, 256);
+    let layout = BlockLayout::linear("w", &[rows, cols], d).unwrap();
+    let centroids: Vec<f32> = (0..k * d).map(|_| rng.random::<f32>() - 0.5).collect();
+    let a: Vec<u8> = (0..layout.n_blocks()).map(|_| rng.random::<u8>()).collect();
+    PqCodes::new(
+        Tensor::from_vec(centroids, (k, d), &Device::Cpu).unwrap(),
+        Assignments::U8(a),
+        layout,
+    )
+    .unwrap()
+}
+
+/// Median of `rounds` passes over `n` calls, in µs per call.
+fn time(rounds: usize, n: usize, mut f: impl FnMut(usize)) -> f64 {
+    let mut per = Vec::with_capacity(rounds);
+    for r in 0..rounds + 1 {
+        let t = Instant::now();
+        for i in 0..n {
+            f(i);
+        }
+        if r > 0 {
+            per.push(t.elapsed().as_secs_f64() * 1e6 / n as f64);
+        }
+    }
+    per.sort_by(f64::total_cmp);
+    per[per.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mb: f64 = args.first().map_or(340.0, |s| s.parse().expect("MB"));
+    let rounds: usize = args.get(1).map_or(5, |s| s.parse().expect("ROUNDS"));
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    println!("# shape mode ours_us dense_us ratio(dense/ours)");
+    for (rows, cols) in SHAPES {
+        let layers = ((mb * 1e6) / (4.0 * (rows * cols) as f64)).ceil() as usize;
+        let codes: Vec<PqCodes> = (0..layers)
+            .map(|_| random_codes(rows, cols, &mut rng))
+            .collect();
+        let tables: Vec<PqMatmul> = codes.iter().map(|c| PqMatmul::new(c).unwrap()).collect();
+        let dense: Vec<Tensor> = codes.iter().map(|c| c.decode().unwrap()).collect();
+        let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu).unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut y = vec![0f32; rows];
+        let cold_ours = time(rounds, layers, |i| {
+            tables[i].forward_slice(&xs, 1, &mut y);
+            black_box(&y);
+        });
+        let cold_dense = time(rounds, layers, |i| {
+            black_box(x.matmul(&dense[i].t().unwrap()).unwrap());
+        });
+        println!(
+            "{rows}x{cols} cold({layers}) {cold_ours:.1} {cold_dense:.1} {:.2}",
+            cold_dense / cold_ours
+        );
+        let hot_ours = time(rounds, 200, |_| {
+            tables[0].forward_slice(&xs, 1, &mut y);
+            black_box(&y);
+        });
+        let hot_dense = time(rounds, 200, |_| {
+            black_box(x.matmul(&dense[0].t().unwrap()).unwrap());
+        });
+        println!(
+            "{rows}x{cols} hot {hot_ours:.1} {hot_dense:.1} {:.2}",
+            hot_dense / hot_ours
+        );
+    }
+    // A batch of 32 x 64 tokens through one 768 x 3072 layer: tables against decode + matmul.
+    let (rows, cols, n) = (3072, 768, 2048);
+    let codes = random_codes(rows, cols, &mut rng);
+    let m = PqMatmul::new(&codes).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+    let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut y = vec![0f32; n * rows];
+    let ours = time(rounds, 2, |_| {
+        m.forward_slice(&xs, n, &mut y);
+        black_box(&y);
+    });
+    let dense = time(rounds, 2, |_| {
+        let w = codes.decode().unwrap();
+        black_box(x.matmul(&w.t().unwrap()).unwrap());
+    });
+    println!(
+        "{rows}x{cols} batch{n} {ours:.1} {dense:.1} {:.2}",
+        dense / ours
+    );
+}
