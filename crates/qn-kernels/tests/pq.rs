@@ -355,3 +355,104 @@ fn kmeans_matches_its_tensor_op_reference() {
         "{same} of 8000 assignments agree"
     );
 }
+
+/// Hamerly's bounds skip distance passes and change nothing: assignments, centroids and the
+/// objective history equal plain Lloyd's bit for bit — for d = 8 (the AVX2 kernel), d = 6 (the
+/// portable one), K that is not a power of two, duplicate-heavy data that splits empty clusters,
+/// and sub-sampled training.
+#[test]
+fn bounds_give_exactly_the_plain_lloyd_result() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let gaussian = |n: usize, d: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
+        (0..n * d)
+            .map(|_| {
+                let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32 * 0.02
+            })
+            .collect()
+    };
+    let dupes: Vec<f32> = (0..4000 * 4).map(|i| ((i / 4) % 7) as f32).collect();
+    let cases: Vec<(&str, Vec<f32>, usize, KMeansConfig)> = vec![
+        (
+            "d8 K256",
+            gaussian(20_000, 8, &mut rng),
+            8,
+            KMeansConfig::new(256),
+        ),
+        (
+            "d6 K100",
+            gaussian(6_000, 6, &mut rng),
+            6,
+            KMeansConfig::new(100).with_seed(3),
+        ),
+        (
+            "d4 K37 ++",
+            gaussian(5_000, 4, &mut rng),
+            4,
+            KMeansConfig::new(37).with_init(KMeansInit::KMeansPlusPlus),
+        ),
+        ("duplicates", dupes, 4, KMeansConfig::new(16).with_iters(8)),
+        (
+            "subsample",
+            gaussian(10_000, 8, &mut rng),
+            8,
+            KMeansConfig::new(64).with_max_points(Some(3000)),
+        ),
+    ];
+    for (name, points, d, cfg) in cases {
+        let plain = kmeans(&points, d, &cfg.with_bounds(false), &mut |_| {}).unwrap();
+        let fast = kmeans(&points, d, &cfg.with_bounds(true), &mut |_| {}).unwrap();
+        assert_eq!(fast.assignments, plain.assignments, "{name}: assignments");
+        assert_eq!(fast.centroids, plain.centroids, "{name}: centroids");
+        assert_eq!(fast.history, plain.history, "{name}: objective history");
+        assert_eq!(fast.empty_splits, plain.empty_splits, "{name}: splits");
+        assert!(
+            fast.full_passes <= plain.full_passes,
+            "{name}: {} > {}",
+            fast.full_passes,
+            plain.full_passes
+        );
+        if name == "d8 K256" {
+            // The bounds skip a good share of the passes on the paper's setting.
+            assert!(
+                (fast.full_passes as f64) < 0.8 * plain.full_passes as f64,
+                "{name}: {} of {} passes",
+                fast.full_passes,
+                plain.full_passes
+            );
+        }
+    }
+}
+
+/// The top-2 kernel gives the plain kernel's index and distance bit for bit, and as runner-up the
+/// nearest of the other centroids: the plain kernel's answer once the winner is removed.
+#[test]
+fn top2_assignment_gives_the_runner_up() {
+    use qn_kernels::pq::{assign_nearest, assign_nearest_top2, CentroidTable};
+    for (d, k, n) in [(8usize, 40usize, 300usize), (6, 19, 200), (4, 5, 50)] {
+        let points: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919 % 997) as f32 / 997.0) - 0.5)
+            .collect();
+        let centroids: Vec<f32> = (0..k * d)
+            .map(|i| ((i * 104_729 % 991) as f32 / 991.0) - 0.5)
+            .collect();
+        let table = CentroidTable::new(&centroids, k, d).unwrap();
+        let (mut i1, mut p1) = (vec![0u32; n], vec![0f32; n]);
+        assign_nearest(&points, &table, &mut i1, &mut p1).unwrap();
+        let (mut i2, mut p2, mut s2) = (vec![0u32; n], vec![0f32; n], vec![0f32; n]);
+        assign_nearest_top2(&points, &table, &mut i2, &mut p2, &mut s2).unwrap();
+        assert_eq!(i1, i2, "d {d}");
+        assert_eq!(p1, p2, "d {d}");
+        for p in 0..n {
+            let others: Vec<f32> = (0..k)
+                .filter(|&c| c != i1[p] as usize)
+                .flat_map(|c| centroids[c * d..(c + 1) * d].iter().copied())
+                .collect();
+            let t = CentroidTable::new(&others, k - 1, d).unwrap();
+            let (mut i, mut v) = ([0u32], [0f32]);
+            assign_nearest(&points[p * d..(p + 1) * d], &t, &mut i, &mut v).unwrap();
+            assert_eq!(s2[p], v[0], "d {d} point {p}");
+        }
+    }
+}

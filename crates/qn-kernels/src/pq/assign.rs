@@ -103,6 +103,66 @@ pub fn assign_nearest(
     Ok(())
 }
 
+/// [`assign_nearest`] that also gives each point's second-smallest partial distance (the lower
+/// bound of bounds-based k-means). The index and partial distance are bit-identical to
+/// [`assign_nearest`]'s: the same sums in the same order, the runner-up tracked beside them.
+pub fn assign_nearest_top2(
+    points: &[f32],
+    table: &CentroidTable,
+    index: &mut [u32],
+    partial: &mut [f32],
+    second: &mut [f32],
+) -> Result<()> {
+    let d = table.d;
+    let n = points.len() / d;
+    if points.len() != n * d || index.len() != n || partial.len() != n || second.len() != n {
+        return Err(Error::config(
+            "points",
+            format!(
+                "{} values are not {} points of dimension {d} (outputs: {} / {} / {})",
+                points.len(),
+                index.len(),
+                index.len(),
+                partial.len(),
+                second.len()
+            ),
+        ));
+    }
+    points
+        .par_chunks(CHUNK * d)
+        .zip(index.par_chunks_mut(CHUNK))
+        .zip(partial.par_chunks_mut(CHUNK))
+        .zip(second.par_chunks_mut(CHUNK))
+        .for_each(|(((p, i), dist), sec)| top2_chunk(p, table, i, dist, sec));
+    Ok(())
+}
+
+fn top2_chunk(
+    points: &[f32],
+    t: &CentroidTable,
+    index: &mut [u32],
+    dist: &mut [f32],
+    second: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features the function is compiled for were just detected.
+            unsafe {
+                match t.d {
+                    4 => avx2::nearest_top2::<4, true>(points, t, index, dist, second),
+                    8 => avx2::nearest_top2::<8, true>(points, t, index, dist, second),
+                    16 => avx2::nearest_top2::<16, true>(points, t, index, dist, second),
+                    _ => portable_top2::<true>(points, t, index, dist, second),
+                }
+            }
+            return;
+        }
+    }
+    portable_top2::<true>(points, t, index, dist, second)
+}
+
 fn nearest_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -124,13 +184,24 @@ fn nearest_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mu
 }
 
 fn portable_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {
+    portable_top2::<false>(points, t, index, dist, &mut []);
+}
+
+/// Nearest centroid, and with `TOP2` the runner-up's partial distance, of each point.
+fn portable_top2<const TOP2: bool>(
+    points: &[f32],
+    t: &CentroidTable,
+    index: &mut [u32],
+    dist: &mut [f32],
+    second: &mut [f32],
+) {
     let mut acc = [0f32; LANES];
-    for ((x, i), out) in points
+    for (p, (x, (i, out))) in points
         .chunks_exact(t.d)
-        .zip(index.iter_mut())
-        .zip(dist.iter_mut())
+        .zip(index.iter_mut().zip(dist.iter_mut()))
+        .enumerate()
     {
-        let (mut best, mut best_k) = (f32::INFINITY, 0usize);
+        let (mut best, mut best_k, mut runner_up) = (f32::INFINITY, 0usize, f32::INFINITY);
         for kb in (0..t.k_padded).step_by(LANES) {
             acc.copy_from_slice(&t.norms[kb..kb + LANES]);
             for (j, &xj) in x.iter().enumerate() {
@@ -141,13 +212,19 @@ fn portable_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &m
             }
             for (l, &v) in acc.iter().enumerate() {
                 if v < best {
+                    runner_up = best;
                     best = v;
                     best_k = kb + l;
+                } else if TOP2 && v < runner_up {
+                    runner_up = v;
                 }
             }
         }
         *i = best_k as u32;
         *out = best;
+        if TOP2 {
+            second[p] = runner_up;
+        }
     }
 }
 
@@ -165,17 +242,34 @@ mod avx2 {
         index: &mut [u32],
         dist: &mut [f32],
     ) {
+        // SAFETY (caller): AVX2 and FMA are present.
+        unsafe { nearest_top2::<D, false>(points, t, index, dist, &mut []) }
+    }
+
+    /// [`nearest`], and with `TOP2` each point's runner-up partial distance in `second`: per lane
+    /// the runner-up is the smaller of the old runner-up and the new value, or the old best when
+    /// the new value takes its place; the best and its index are computed exactly as without it.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn nearest_top2<const D: usize, const TOP2: bool>(
+        points: &[f32],
+        t: &CentroidTable,
+        index: &mut [u32],
+        dist: &mut [f32],
+        second: &mut [f32],
+    ) {
         let kp = t.k_padded;
         let norms = t.norms.as_ptr();
         let ct = t.neg2_t.as_ptr();
         let step = _mm256_set1_epi32(8);
-        for ((x, i), out) in points
+        for (p, ((x, i), out)) in points
             .chunks_exact(D)
             .zip(index.iter_mut())
             .zip(dist.iter_mut())
+            .enumerate()
         {
             let xb: [__m256; D] = std::array::from_fn(|j| _mm256_set1_ps(x[j]));
             let mut best = _mm256_set1_ps(f32::INFINITY);
+            let mut runner_up = _mm256_set1_ps(f32::INFINITY);
             let mut best_k = _mm256_setzero_si256();
             let mut k_vec = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             let mut kb = 0;
@@ -192,6 +286,9 @@ mod avx2 {
                 }
                 let acc = _mm256_add_ps(acc[0], acc[1]);
                 let lt = _mm256_cmp_ps::<_CMP_LT_OQ>(acc, best);
+                if TOP2 {
+                    runner_up = _mm256_blendv_ps(_mm256_min_ps(runner_up, acc), best, lt);
+                }
                 best = _mm256_blendv_ps(best, acc, lt);
                 best_k = _mm256_blendv_epi8(best_k, k_vec, _mm256_castps_si256(lt));
                 k_vec = _mm256_add_epi32(k_vec, step);
@@ -199,19 +296,33 @@ mod avx2 {
             }
             let mut vals = [0f32; 8];
             let mut ks = [0u32; 8];
+            let mut seconds = [0f32; 8];
             unsafe {
                 _mm256_storeu_ps(vals.as_mut_ptr(), best);
                 _mm256_storeu_si256(ks.as_mut_ptr().cast(), best_k);
+                _mm256_storeu_ps(seconds.as_mut_ptr(), runner_up);
             }
-            let (mut bv, mut bk) = (vals[0], ks[0]);
+            let (mut bv, mut bk, mut bl) = (vals[0], ks[0], 0);
             for l in 1..8 {
                 if vals[l] < bv || (vals[l] == bv && ks[l] < bk) {
                     bv = vals[l];
                     bk = ks[l];
+                    bl = l;
                 }
             }
             *i = bk;
             *out = bv;
+            if TOP2 {
+                // The runner-up overall: the other lanes' bests and every lane's runner-up.
+                let mut r = f32::INFINITY;
+                for l in 0..8 {
+                    r = r.min(seconds[l]);
+                    if l != bl {
+                        r = r.min(vals[l]);
+                    }
+                }
+                second[p] = r;
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::assign::{assign_nearest, assign_nearest_reference, CentroidTable};
+use super::bounds::Hamerly;
 use crate::{error::ensure_finite, Error, Result};
 
 /// How the first centroids are chosen.
@@ -50,10 +51,16 @@ pub struct KMeansConfig {
     pub seed: u64,
     /// Train on at most this many random points (all points are assigned at the end).
     pub max_points: Option<usize>,
+    /// Skip the distance pass of points whose centroid provably stays (Hamerly's bounds, CPU
+    /// only); the assignments are exactly those of the full pass. Off by default: on PQ's
+    /// setting (d = 8, K = 256, Gaussian-like weights) the bounds skip only ~44 % of the passes
+    /// and the runner-up tracking they need makes the rest dearer, so it is no faster
+    /// (BENCHMARKS.md, "k-means with bounds").
+    pub bounds: bool,
 }
 
 impl KMeansConfig {
-    /// `k` centroids, 20 iterations, random-points init, seed 0, all points.
+    /// `k` centroids, 20 iterations, random-points init, seed 0, all points, no bounds.
     pub fn new(k: usize) -> Self {
         Self {
             k,
@@ -61,7 +68,14 @@ impl KMeansConfig {
             init: KMeansInit::RandomColumns,
             seed: 0,
             max_points: None,
+            bounds: false,
         }
+    }
+
+    /// With or without Hamerly's bounds.
+    pub fn with_bounds(mut self, bounds: bool) -> Self {
+        self.bounds = bounds;
+        self
     }
 
     /// With another iteration count.
@@ -119,6 +133,9 @@ pub struct KMeans {
     pub objective: f64,
     /// Empty clusters re-seeded during training.
     pub empty_splits: usize,
+    /// Points whose distances to every centroid were computed, over all assignment passes
+    /// (`(iters + 1) · n` without bounds; fewer with them).
+    pub full_passes: usize,
 }
 
 /// Backend of the assignment step.
@@ -434,8 +451,13 @@ fn run(
     let mut centroids = init_centroids(train, d, cfg, &mut rng);
     let mut history = Vec::with_capacity(cfg.iters);
     let mut empty_splits = 0;
+    let mut bounds =
+        (cfg.bounds && matches!(assigner, Assigner::Cpu)).then(|| Hamerly::new(train, d));
     for iter in 0..cfg.iters {
-        let mut index = assigner.assign(train, &centroids, k, d)?;
+        let mut index = match &mut bounds {
+            Some(b) => b.assign(train, &centroids, k, d)?,
+            None => assigner.assign(train, &centroids, k, d)?,
+        };
         let acc = accumulate(train, &index, &centroids, k, d);
         history.push(acc.objective);
         let mut counts = acc.counts;
@@ -446,7 +468,7 @@ fn run(
                 }
             }
         }
-        empty_splits += split_empty(
+        let splits = split_empty(
             train,
             &mut index,
             &mut counts,
@@ -455,6 +477,13 @@ fn run(
             rms,
             &mut rng,
         );
+        if splits > 0 {
+            // The split moved points by itself: the next pass starts from scratch.
+            if let Some(b) = &mut bounds {
+                b.invalidate();
+            }
+        }
+        empty_splits += splits;
         progress(&KMeansProgress {
             iter: iter + 1,
             iters: cfg.iters,
@@ -462,7 +491,16 @@ fn run(
             empty_splits,
         });
     }
-    let assignments = assigner.assign(points, &centroids, k, d)?;
+    // Trained on every point: the bounds carry over to the final assignment.
+    let assignments = match &mut bounds {
+        Some(b) if subset.is_none() => b.assign(points, &centroids, k, d)?,
+        _ => assigner.assign(points, &centroids, k, d)?,
+    };
+    let full_passes = match &bounds {
+        Some(b) if subset.is_none() => b.full_passes(),
+        Some(b) => b.full_passes() + n,
+        None => cfg.iters * train.len() / d + n,
+    };
     let objective = accumulate(points, &assignments, &centroids, k, d).objective;
     Ok(KMeans {
         centroids,
@@ -472,5 +510,6 @@ fn run(
         history,
         objective,
         empty_splits,
+        full_passes,
     })
 }

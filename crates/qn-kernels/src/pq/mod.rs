@@ -24,11 +24,12 @@
 //! ```
 
 mod assign;
+mod bounds;
 mod codes;
 mod kmeans;
 mod lut;
 
-pub use assign::{assign_nearest, assign_nearest_reference, CentroidTable};
+pub use assign::{assign_nearest, assign_nearest_reference, assign_nearest_top2, CentroidTable};
 pub use codes::{encode, Assignments, PqCodes};
 pub use kmeans::{
     kmeans, kmeans_reference, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress,
