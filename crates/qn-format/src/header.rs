@@ -263,7 +263,7 @@ pub fn pq_geometry(
     }
     let rows = shape[0];
     let cols = n / rows;
-    if block_size == 0 || cols % block_size != 0 {
+    if block_size == 0 || !cols.is_multiple_of(block_size) {
         return Err(format!(
             "block size {block_size} does not divide the {cols} inputs per row of shape {shape:?}"
         ));

@@ -88,7 +88,7 @@ fn is_attention_projection(name: &str) -> bool {
 fn largest_divisor_up_to(n: usize, cap: usize) -> usize {
     (1..=cap.min(n).max(1))
         .rev()
-        .find(|d| n % d == 0)
+        .find(|d| n.is_multiple_of(*d))
         .unwrap_or(1)
 }
 
@@ -142,7 +142,7 @@ impl BlockLayout {
             ));
         }
         let cols: usize = shape[1..].iter().product();
-        if block_size == 0 || cols % block_size != 0 {
+        if block_size == 0 || !cols.is_multiple_of(block_size) {
             let hint = match (kind, shape) {
                 (LayerKind::Conv2d, [_, cin, 1, 1]) => format!(
                     ": a 1x1 conv's blocks are runs of its {cin} input channels, so use a divisor of {cin} such as {}",
@@ -161,7 +161,7 @@ impl BlockLayout {
             let k = kh * kw;
             // Blocks of whole kernels (the paper's PQ/block-drop unit) or parts of one kernel
             // (element-wise scalar noise); never a block that straddles two kernels.
-            if k > 1 && block_size % k != 0 && k % block_size != 0 {
+            if k > 1 && !block_size.is_multiple_of(k) && k % block_size != 0 {
                 return Err(Error::shape(
                     tensor,
                     format!(

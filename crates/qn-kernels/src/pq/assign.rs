@@ -476,6 +476,9 @@ pub fn assign_nearest_reference(points: &Tensor, centroids: &Tensor) -> Result<(
 mod tests {
     use super::*;
 
+    /// A kernel run writing index, distance and runner-up.
+    type Run<'a> = &'a dyn Fn(&mut [u32], &mut [f32], &mut [f32]);
+
     /// Where the processor has both, the AVX-512 and AVX2 kernels give bit-identical indices,
     /// distances and runner-ups (the same operations per centroid, the same tie rule), so a
     /// k-means result does not depend on which one ran; the portable kernel agrees on the index.
@@ -489,7 +492,7 @@ mod tests {
                 .map(|i| ((i * 104_729 % 991) as f32 / 991.0) - 0.5)
                 .collect();
             let t = CentroidTable::new(&centroids, k, d).unwrap();
-            let run = |f: &dyn Fn(&mut [u32], &mut [f32], &mut [f32])| {
+            let run = |f: Run<'_>| {
                 let (mut i, mut v, mut s) = (vec![0u32; n], vec![0f32; n], vec![0f32; n]);
                 f(&mut i, &mut v, &mut s);
                 (i, v, s)

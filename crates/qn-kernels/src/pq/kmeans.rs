@@ -334,7 +334,7 @@ fn split_empty(
 }
 
 fn check(points: &[f32], d: usize, cfg: &KMeansConfig) -> Result<usize> {
-    if d == 0 || points.len() % d != 0 {
+    if d == 0 || !points.len().is_multiple_of(d) {
         return Err(Error::config(
             "k-means dimension",
             format!(

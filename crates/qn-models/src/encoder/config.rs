@@ -180,7 +180,7 @@ impl EncoderConfig {
                 return err(f, "must be at least 1".into());
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(
                 "num_attention_heads",
                 format!(

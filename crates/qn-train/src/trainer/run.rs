@@ -346,7 +346,7 @@ pub fn run_stages(
                 .map(|c| c.rate())
                 .fold(0.0, f64::max);
             let mut line = serde_json::json!({"step": st.global, "stage": stage.name, "loss": loss, "lr": lr, "grad_norm": grad_norm, "noise_rate": noise_rate});
-            if cfg.eval_every > 0 && st.step_in_stage % cfg.eval_every == 0 {
+            if cfg.eval_every > 0 && st.step_in_stage.is_multiple_of(cfg.eval_every) {
                 line["eval_accuracy"] = serde_json::json!(accuracy(model, eval, 256)?);
             }
             metrics.log(line)?;
@@ -354,7 +354,7 @@ pub fn run_stages(
             bar.set_message(format!("stage {} loss {loss:.4}", stage.name));
             if st.step_in_stage < stage_steps
                 && cfg.checkpoint_every > 0
-                && st.step_in_stage % cfg.checkpoint_every == 0
+                && st.step_in_stage.is_multiple_of(cfg.checkpoint_every)
             {
                 st.save(dir, model, Some(&opt), &fp)?;
             }
