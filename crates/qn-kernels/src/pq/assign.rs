@@ -363,10 +363,20 @@ mod avx512 {
     use super::CentroidTable;
     use std::arch::x86_64::*;
 
-    /// [`super::avx2::nearest_top2`] sixteen centroids per step. Each centroid's value is the
-    /// same sequence of operations as there (its norm, then FMAs alternating between two sums by
-    /// coordinate parity, then their sum), and ties still go to the lowest index, so the results
-    /// are bit-identical to the AVX2 kernel's; only the width differs.
+    /// One running minimum over blocks of sixteen centroids: per lane the best value, its index
+    /// and (with `TOP2`) the runner-up.
+    #[derive(Clone, Copy)]
+    struct Chain {
+        best: __m512,
+        best_k: __m512i,
+        runner_up: __m512,
+    }
+
+    /// [`super::avx2::nearest_top2`] sixteen centroids per step, in two independent chains (even
+    /// and odd blocks) so that the compare → blend dependency does not bound the loop. Each
+    /// centroid's value is the same sequence of operations as there (its norm, then FMAs
+    /// alternating between two sums by coordinate parity, then their sum), and ties still go to
+    /// the lowest index, so the results are bit-identical to the AVX2 kernel's.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn nearest_top2<const D: usize, const TOP2: bool>(
         points: &[f32],
@@ -378,7 +388,8 @@ mod avx512 {
         let kp = t.k_padded;
         let norms = t.norms.as_ptr();
         let ct = t.neg2_t.as_ptr();
-        let step = _mm512_set1_epi32(16);
+        let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let inf = _mm512_set1_ps(f32::INFINITY);
         for (p, ((x, i), out)) in points
             .chunks_exact(D)
             .zip(index.iter_mut())
@@ -386,12 +397,8 @@ mod avx512 {
             .enumerate()
         {
             let xb: [__m512; D] = std::array::from_fn(|j| _mm512_set1_ps(x[j]));
-            let mut best = _mm512_set1_ps(f32::INFINITY);
-            let mut runner_up = _mm512_set1_ps(f32::INFINITY);
-            let mut best_k = _mm512_setzero_si512();
-            let mut k_vec = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            let mut kb = 0;
-            while kb < kp {
+            // The values of the block at kb.
+            let values = |kb: usize| {
                 // SAFETY: kb + 16 <= kp (kp is a multiple of 16); the block of kb holds D rows
                 // of 16 values.
                 let mut acc = [
@@ -403,43 +410,54 @@ mod avx512 {
                     let c = unsafe { _mm512_loadu_ps(block.add(j * 16)) };
                     acc[j % 2] = _mm512_fmadd_ps(*xj, c, acc[j % 2]);
                 }
-                let acc = _mm512_add_ps(acc[0], acc[1]);
-                let lt = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(acc, best);
+                _mm512_add_ps(acc[0], acc[1])
+            };
+            let step = |ch: &mut Chain, v: __m512, kb: usize| {
+                let lt = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, ch.best);
                 if TOP2 {
-                    runner_up = _mm512_mask_blend_ps(lt, _mm512_min_ps(runner_up, acc), best);
+                    ch.runner_up =
+                        _mm512_mask_blend_ps(lt, _mm512_min_ps(ch.runner_up, v), ch.best);
                 }
-                best = _mm512_mask_blend_ps(lt, best, acc);
-                best_k = _mm512_mask_blend_epi32(lt, best_k, k_vec);
-                k_vec = _mm512_add_epi32(k_vec, step);
-                kb += 16;
+                ch.best = _mm512_mask_blend_ps(lt, ch.best, v);
+                let k = _mm512_add_epi32(lane, _mm512_set1_epi32(kb as i32));
+                ch.best_k = _mm512_mask_blend_epi32(lt, ch.best_k, k);
+            };
+            let fresh = Chain {
+                best: inf,
+                best_k: _mm512_setzero_si512(),
+                runner_up: inf,
+            };
+            let (mut even, mut odd) = (fresh, fresh);
+            let mut kb = 0;
+            while kb + 32 <= kp {
+                let (v0, v1) = (values(kb), values(kb + 16));
+                step(&mut even, v0, kb);
+                step(&mut odd, v1, kb + 16);
+                kb += 32;
             }
-            let mut vals = [0f32; 16];
-            let mut ks = [0u32; 16];
-            let mut seconds = [0f32; 16];
-            // SAFETY: each array holds sixteen values.
-            unsafe {
-                _mm512_storeu_ps(vals.as_mut_ptr(), best);
-                _mm512_storeu_si512(ks.as_mut_ptr().cast(), best_k);
-                _mm512_storeu_ps(seconds.as_mut_ptr(), runner_up);
+            if kb < kp {
+                let v = values(kb);
+                step(&mut even, v, kb);
             }
-            let (mut bv, mut bk, mut bl) = (vals[0], ks[0], 0);
-            for l in 1..16 {
-                if vals[l] < bv || (vals[l] == bv && ks[l] < bk) {
-                    bv = vals[l];
-                    bk = ks[l];
-                    bl = l;
-                }
-            }
+            // Merge the chains lane by lane: the smaller value wins, on a tie the lower index;
+            // the loser's best is a runner-up candidate.
+            let odd_wins = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(odd.best, even.best)
+                | (_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(odd.best, even.best)
+                    & _mm512_cmplt_epu32_mask(odd.best_k, even.best_k));
+            let best = _mm512_mask_blend_ps(odd_wins, even.best, odd.best);
+            let best_k = _mm512_mask_blend_epi32(odd_wins, even.best_k, odd.best_k);
+            // Across lanes: the smallest value, and the lowest index holding it.
+            let bv = _mm512_reduce_min_ps(best);
+            let at_min = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(best, _mm512_set1_ps(bv));
+            let bk = _mm512_mask_reduce_min_epu32(at_min, best_k);
             *i = bk;
             *out = bv;
             if TOP2 {
-                let mut r = f32::INFINITY;
-                for l in 0..16 {
-                    r = r.min(seconds[l]);
-                    if l != bl {
-                        r = r.min(vals[l]);
-                    }
-                }
+                let loser = _mm512_mask_blend_ps(odd_wins, odd.best, even.best);
+                let runners = _mm512_min_ps(_mm512_min_ps(even.runner_up, odd.runner_up), loser);
+                // The other lanes' bests (every lane holds a different index).
+                let others = _mm512_cmpneq_epu32_mask(best_k, _mm512_set1_epi32(bk as i32));
+                let r = _mm512_reduce_min_ps(runners).min(_mm512_mask_reduce_min_ps(others, best));
                 second[p] = r;
             }
         }
