@@ -109,9 +109,10 @@ impl Budget {
             Kind::Text => format!("≤ {} tokens", self.max_len),
             Kind::Image => format!("{} px", self.image_size),
         };
-        let eval = match self.eval_examples {
-            Some(n) => format!("the first {n} evaluation rows (seeded subset)"),
-            None => "the whole evaluation set".into(),
+        let eval = match (self.eval_examples, kind) {
+            (Some(n), Kind::Text) => format!("a seeded subset of {n} evaluation rows"),
+            (Some(n), Kind::Image) => format!("the first {n} evaluation images"),
+            (None, _) => "the whole evaluation set".into(),
         };
         format!(
             "fine-tuning {} steps of {} on {} training rows at lr {}, {input}; iPQ: K = 256, {} \
