@@ -42,6 +42,10 @@ fn bench_kmeans(c: &mut Criterion) {
     g.bench_function("1024x4096 d8 K256 20 iters", |b| {
         b.iter(|| pq::kmeans(black_box(&sub), 8, &KMeansConfig::new(256), &mut |_| {}).unwrap())
     });
+    g.bench_function("1024x4096 d8 K256 20 iters, Hamerly bounds", |b| {
+        let cfg = KMeansConfig::new(256).with_bounds(true);
+        b.iter(|| pq::kmeans(black_box(&sub), 8, &cfg, &mut |_| {}).unwrap())
+    });
     g.finish();
 
     let km = pq::kmeans(&sub, 8, &KMeansConfig::new(256).with_iters(2), &mut |_| {}).unwrap();
@@ -53,6 +57,19 @@ fn bench_kmeans(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function("kernel", |b| {
         b.iter(|| assign_nearest(black_box(&sub), &table, &mut index, &mut partial).unwrap())
+    });
+    let mut second = vec![0f32; n];
+    g.bench_function("kernel with runner-up (top2)", |b| {
+        b.iter(|| {
+            pq::assign_nearest_top2(
+                black_box(&sub),
+                &table,
+                &mut index,
+                &mut partial,
+                &mut second,
+            )
+            .unwrap()
+        })
     });
     let points = Tensor::from_slice(&sub, (n, 8), &Device::Cpu).unwrap();
     let centroids = Tensor::from_slice(&km.centroids, (256, 8), &Device::Cpu).unwrap();
@@ -143,6 +160,34 @@ fn bench_decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// One input row through a PQ-coded 1024 x 4096 layer: tables + gathers against decode + matmul
+/// (cache-hot here; `examples/lut_gemv.rs` cycles through layers for the cold figure).
+fn bench_pq_matmul(c: &mut Criterion) {
+    let w = matrix();
+    let layout = BlockLayout::linear("w", w.dims(), 8).unwrap();
+    let codes = pq::encode(
+        &w,
+        &layout,
+        &KMeansConfig::new(256).with_iters(2),
+        &mut |_| {},
+    )
+    .unwrap();
+    let m = pq::PqMatmul::new(&codes).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, COLS), &Device::Cpu).unwrap();
+    let dense = codes.decode().unwrap();
+    let mut g = c.benchmark_group("pq matmul 1 x 4096 by 1024 x 4096 d8 K256");
+    g.bench_function("tables (PqMatmul)", |b| {
+        b.iter(|| m.forward(black_box(&x)).unwrap())
+    });
+    g.bench_function("dense matmul (weight decoded once)", |b| {
+        b.iter(|| black_box(&x).matmul(&dense.t().unwrap()).unwrap())
+    });
+    g.bench_function("reference (decode + matmul)", |b| {
+        b.iter(|| pq::pq_matmul_reference(black_box(&x), &codes).unwrap())
+    });
+    g.finish();
+}
+
 /// Depthwise convolution forward + backward on one of EfficientNet-Lite0's shapes (8 x 144 x 56²,
 /// k3): the fused op against candle's grouped conv2d.
 fn bench_depthwise(c: &mut Criterion) {
@@ -172,6 +217,7 @@ criterion_group!(
     bench_scalar,
     bench_noise,
     bench_decode,
+    bench_pq_matmul,
     bench_depthwise
 );
 criterion_main!(benches);
