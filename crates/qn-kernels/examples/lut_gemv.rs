@@ -2,8 +2,9 @@
 //! f32 matmul on the same shapes, as a model's forward sees them: the layers are cycled through so
 //! that the dense weights (≥ `MB` megabytes in all, default 340, the 72 linear layers of a
 //! BERT-base encoder) do not stay in the last-level cache; the cache-hot figure (one layer again
-//! and again) is printed too. Then a batch of 2,048 rows (32 sentences × 64 tokens) from tables
-//! against decode-then-matmul. `scripts/lut_gemv.sh` runs this beside numpy's BLAS.
+//! and again) is printed too. Then the crossover of `PqMatmul::forward`: tables against decode +
+//! dense matmul for 1 to 2,048 input rows (32 sentences × 64 tokens). `scripts/lut_gemv.sh` runs
+//! this beside numpy's BLAS.
 //!
 //! ```text
 //! cargo run --release -p qn-kernels --example lut_gemv -- [MB] [ROUNDS]
@@ -89,23 +90,27 @@ fn main() {
             hot_dense / hot_ours
         );
     }
-    // A batch of 32 x 64 tokens through one 768 x 3072 layer: tables against decode + matmul.
-    let (rows, cols, n) = (3072, 768, 2048);
+    // The crossover of `PqMatmul::forward`: tables against decode + one dense matmul, by input
+    // rows, through one 3072 x 768 layer (an FFN's first matmul in BERT-base), ending at a batch of
+    // 32 x 64 tokens.
+    let (rows, cols) = (3072, 768);
     let codes = random_codes(rows, cols, &mut rng);
-    let m = PqMatmul::new(&codes).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
-    let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut y = vec![0f32; n * rows];
-    let ours = time(rounds, 2, |_| {
-        m.forward_slice(&xs, n, &mut y);
-        black_box(&y);
-    });
-    let dense = time(rounds, 2, |_| {
-        let w = codes.decode().unwrap();
-        black_box(x.matmul(&w.t().unwrap()).unwrap());
-    });
-    println!(
-        "{rows}x{cols} batch{n} {ours:.1} {dense:.1} {:.2}",
-        dense / ours
-    );
+    let tables = PqMatmul::new(&codes)
+        .unwrap()
+        .with_max_table_rows(usize::MAX);
+    let dense = PqMatmul::new(&codes).unwrap().with_max_table_rows(0);
+    for n in [1usize, 2, 4, 8, 16, 32, 64, 2048] {
+        let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+        let reps = (64 / n).max(2);
+        let ours = time(rounds, reps, |_| {
+            black_box(tables.forward(&x).unwrap());
+        });
+        let dec = time(rounds, reps, |_| {
+            black_box(dense.forward(&x).unwrap());
+        });
+        println!(
+            "{rows}x{cols} rows{n} tables {ours:.1} decode+dense {dec:.1} {:.2}",
+            dec / ours
+        );
+    }
 }

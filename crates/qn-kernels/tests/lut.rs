@@ -37,18 +37,28 @@ fn table_matmul_equals_decode_then_matmul() {
             k > 256,
             "code width"
         );
-        let m = PqMatmul::new(&codes).unwrap();
-        for shape in [vec![1, cols], vec![3, cols], vec![2, 2, cols]] {
+        let auto = PqMatmul::new(&codes).unwrap();
+        // Tables always, the dense path always, and the per-call choice.
+        let tables = auto.clone().with_max_table_rows(usize::MAX);
+        let dense = auto.clone().with_max_table_rows(0);
+        for shape in [
+            vec![1, cols],
+            vec![3, cols],
+            vec![2, 2, cols],
+            vec![20, cols],
+        ] {
             let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu).unwrap();
-            let y = m.forward(&x).unwrap();
             let r = pq_matmul_reference(&x, &codes).unwrap();
-            assert_eq!(y.dims(), r.dims());
             let tol = 1e-4 * max_abs(&r);
-            let diff = max_abs(&(&y - &r).unwrap());
-            assert!(
-                diff <= tol,
-                "{rows}x{cols} d {d} K {k} x {shape:?}: {diff} > {tol}"
-            );
+            for (name, m) in [("auto", &auto), ("tables", &tables), ("dense", &dense)] {
+                let y = m.forward(&x).unwrap();
+                assert_eq!(y.dims(), r.dims());
+                let diff = max_abs(&(&y - &r).unwrap());
+                assert!(
+                    diff <= tol,
+                    "{name} {rows}x{cols} d {d} K {k} x {shape:?}: {diff} > {tol}"
+                );
+            }
         }
     }
 }

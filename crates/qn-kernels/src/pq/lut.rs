@@ -37,6 +37,12 @@ use crate::{layout::LayerKind, Error, Result};
 /// Outputs per parallel task (a multiple of the 8 SIMD lanes).
 const OUT_CHUNK: usize = 256;
 
+/// Input rows up to which [`PqMatmul::forward`] uses the tables; above it, it decodes the weight
+/// and runs one dense matmul. Measured with `examples/lut_gemv.rs` (crossover table in
+/// BENCHMARKS.md): a table costs `cols · K` multiply-adds and `rows · cols / d` gathers per
+/// input row, while the dense path pays the decode once and then runs at GEMM speed.
+pub const TABLE_MAX_ROWS: usize = 8;
+
 /// A PQ-coded linear weight `(rows = out, cols = in)` prepared for [`Self::forward`].
 #[derive(Debug, Clone)]
 pub struct PqMatmul {
@@ -46,7 +52,10 @@ pub struct PqMatmul {
     k: usize,
     /// Centroids transposed, `[d][k]`: the table of one block is `d` contiguous axpys over `k`.
     centroids_t: Vec<f32>,
+    /// Centroids row-major `[k][d]`, for the dense path.
+    centroids: Vec<f32>,
     assignments: Assignments,
+    max_table_rows: usize,
 }
 
 impl PqMatmul {
@@ -81,8 +90,16 @@ impl PqMatmul {
             d,
             k,
             centroids_t,
+            centroids: c,
             assignments: codes.assignments.clone(),
+            max_table_rows: TABLE_MAX_ROWS,
         })
+    }
+
+    /// With another crossover: inputs of more than `rows` rows take the dense path.
+    pub fn with_max_table_rows(mut self, rows: usize) -> Self {
+        self.max_table_rows = rows;
+        self
     }
 
     /// Output features.
@@ -104,8 +121,9 @@ impl PqMatmul {
         self.assignments.len() * per_code + self.centroids_t.len() * 4
     }
 
-    /// `x · Wᵀ` for `x` of shape `(..., cols)`, on the CPU; other devices are refused (they
-    /// decode and use their own matmul).
+    /// `x · Wᵀ` for `x` of shape `(..., cols)`, on the CPU: from the tables for up to
+    /// [`TABLE_MAX_ROWS`] input rows, else by decoding the weight for one dense matmul (dropped
+    /// after the call). Other devices are refused (they decode and use their own matmul).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !x.device().is_cpu() {
             return Err(Error::shape(
@@ -127,6 +145,13 @@ impl PqMatmul {
             ));
         }
         let n: usize = lead.iter().product();
+        if n > self.max_table_rows {
+            let w = Tensor::from_vec(self.decode(), (self.rows, self.cols), &Device::Cpu)?;
+            let x2 = x.to_dtype(DType::F32)?.reshape((n, self.cols))?;
+            let mut out_dims = lead.to_vec();
+            out_dims.push(self.rows);
+            return Ok(x2.matmul(&w.t()?)?.reshape(out_dims)?.to_dtype(x.dtype())?);
+        }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; n * self.rows];
         self.forward_slice(&xs, n, &mut y);
@@ -135,7 +160,31 @@ impl PqMatmul {
         Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())?)
     }
 
-    /// `y (n × rows) = x (n × cols) · Wᵀ` on slices.
+    /// The dense `(rows, cols)` weight.
+    pub fn decode(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.rows * self.cols];
+        match &self.assignments {
+            Assignments::U8(a) => qn_format::decode::pq_gather(
+                &self.centroids,
+                self.d,
+                self.rows,
+                self.cols,
+                a,
+                &mut w,
+            ),
+            Assignments::U16(a) => qn_format::decode::pq_gather(
+                &self.centroids,
+                self.d,
+                self.rows,
+                self.cols,
+                a,
+                &mut w,
+            ),
+        }
+        w
+    }
+
+    /// `y (n × rows) = x (n × cols) · Wᵀ` on slices, always from the tables.
     pub fn forward_slice(&self, x: &[f32], n: usize, y: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "x is n x cols");
         assert_eq!(y.len(), n * self.rows, "y is n x rows");
