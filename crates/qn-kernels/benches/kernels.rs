@@ -127,6 +127,11 @@ fn bench_noise(c: &mut Criterion) {
     g.bench_function("scalar_noise int8 per element", |b| {
         b.iter(|| scalar_noise(black_box(&w), &params, &emask).unwrap())
     });
+    g.bench_function("scalar_noise_reference int8 per element", |b| {
+        b.iter(|| {
+            qn_kernels::noise::scalar_noise_reference(black_box(&w), &params, &emask).unwrap()
+        })
+    });
     let codes = pq::encode(
         &w,
         &layout,

@@ -577,3 +577,86 @@ fn symmetric_grid_represents_plus_and_minus_max_abs() {
         );
     }
 }
+
+/// The fused scalar-noise op against its plain-tensor twin: the same values and the same
+/// gradients bit for bit, for per-tensor, per-channel and per-group parameters, int4 and int8,
+/// element and block masks, a conv weight, and values beyond the grid (clamped: gradient 0).
+#[test]
+fn fused_scalar_noise_equals_its_reference() {
+    use qn_kernels::noise::scalar_noise_reference;
+    use qn_kernels::scalar::{observe_range, Granularity, ParamView, QParams};
+    use rand::SeedableRng;
+    type Noise = fn(&Tensor, &QParams, &BlockMask) -> qn_kernels::Result<Tensor>;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let cases: Vec<(&str, Vec<usize>, usize, Granularity, u8)> = vec![
+        (
+            "tensor int8 bs1",
+            vec![24, 32],
+            1,
+            Granularity::PerTensor,
+            8,
+        ),
+        (
+            "channel int4 bs4",
+            vec![24, 32],
+            4,
+            Granularity::PerChannel { axis: 0 },
+            4,
+        ),
+        (
+            "group int4 bs8",
+            vec![16, 64],
+            8,
+            Granularity::PerGroup { size: 16 },
+            4,
+        ),
+        (
+            "conv channel int8 bs1",
+            vec![8, 3, 3, 3],
+            1,
+            Granularity::PerChannel { axis: 0 },
+            8,
+        ),
+    ];
+    for (name, shape, bs, granularity, bits) in cases {
+        let w = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu).unwrap();
+        let cfg = ScalarConfig::new(bits)
+            .unwrap()
+            .with_granularity(granularity);
+        // Ranges narrower than the data, so that some values are clamped.
+        let view = ParamView::new("w", &shape, granularity).unwrap();
+        let n = view.n_params();
+        let (lo, hi) = (vec![-1.0f32; n], vec![1.2f32; n]);
+        let params = observe_range(&lo, &hi, view, &cfg, &Device::Cpu).unwrap();
+        let layout = if shape.len() == 4 {
+            BlockLayout::conv2d("w", &shape, bs).unwrap()
+        } else {
+            BlockLayout::linear("w", &shape, bs).unwrap()
+        };
+        let mask = BlockMask::sample(&layout, NoiseRate::new(0.5).unwrap(), &mut rng);
+        let run = |f: Noise| {
+            let v = Var::from_tensor(&w).unwrap();
+            let y = f(v.as_tensor(), &params, &mask).unwrap();
+            // A non-uniform upstream gradient.
+            let g = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
+                .unwrap()
+                .reshape(y.dims())
+                .unwrap();
+            let grads = (y.clone() * g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (values(&y), values(grads.get(v.as_tensor()).unwrap()))
+        };
+        let (fused_y, fused_g) = run(scalar_noise);
+        let (ref_y, ref_g) = run(scalar_noise_reference);
+        assert_eq!(fused_y, ref_y, "{name}: values");
+        assert_eq!(fused_g, ref_g, "{name}: gradients");
+        assert!(
+            fused_g.iter().any(|&g| g == 0.0),
+            "{name}: some value is clamped"
+        );
+    }
+}

@@ -36,9 +36,10 @@
 mod block_drop_op;
 mod mask;
 mod ops;
+mod scalar_op;
 
 pub use mask::{BlockMask, NoiseRate};
 pub use ops::{
     block_drop, block_drop_matmul, block_drop_matmul_reference, block_drop_reference,
-    linear_matmul, pq_noise, scalar_noise, straight_through_gate,
+    linear_matmul, pq_noise, scalar_noise, scalar_noise_reference, straight_through_gate,
 };

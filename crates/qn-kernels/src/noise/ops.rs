@@ -128,7 +128,25 @@ fn replace_straight_through(
 /// code `round(w / scale) + zero_point` lies inside `qmin..=qmax` and 0 where the code was clamped, so
 /// a value up to half a step outside the range still passes its gradient. Out-of-range values are
 /// clamped, never reflected.
+///
+/// On the CPU an `f32` weight goes through one fused op (`scalar_op.rs`); other dtypes and
+/// devices, and [`scalar_noise_reference`], use plain tensor ops with the same result.
 pub fn scalar_noise(weight: &Tensor, params: &QParams, mask: &BlockMask) -> Result<Tensor> {
+    check(weight, mask)?;
+    if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+        crate::scalar::check_shape(weight, params)?;
+        let op = super::scalar_op::ScalarNoiseOp::new(params, mask.expand(1u8, 0u8))?;
+        return Ok(weight.contiguous()?.apply_op1(op)?);
+    }
+    scalar_noise_reference(weight, params, mask)
+}
+
+/// [`scalar_noise`] with plain tensor ops on any device: its reference twin.
+pub fn scalar_noise_reference(
+    weight: &Tensor,
+    params: &QParams,
+    mask: &BlockMask,
+) -> Result<Tensor> {
     check(weight, mask)?;
     let q = fake_quantize(weight, params)?;
     let inside = straight_through_gate(weight, params)?;

@@ -27,5 +27,6 @@ mod params;
 
 pub use config::{Granularity, ObserverKind, ScalarConfig, Scheme};
 pub use histogram::{histogram_range, Histogram};
+pub(crate) use ops::check_shape;
 pub use ops::{dequantize, fake_quantize, quantize, QuantizedTensor};
 pub use params::{observe, observe_range, ParamView, QParams};

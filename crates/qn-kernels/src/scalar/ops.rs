@@ -14,7 +14,7 @@ pub struct QuantizedTensor {
     pub params: QParams,
 }
 
-fn check_shape(weight: &Tensor, params: &QParams) -> Result<()> {
+pub(crate) fn check_shape(weight: &Tensor, params: &QParams) -> Result<()> {
     if weight.dims() != params.view.shape() {
         return Err(Error::shape(
             "weight",
