@@ -39,47 +39,74 @@ impl ScalarNoiseOp {
         })
     }
 
-    /// Calls `f(element, slot)` for every element in order.
-    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
-        let [a, b, c] = self.view;
+    /// The parameter slot of the first element of view row `row` (rows of `c` elements) and the
+    /// step of the slot along the row (0 or 1).
+    fn row_base(&self, row: usize) -> (usize, usize) {
+        let [_, b, _] = self.view;
         let [pa, pb, pc] = self.param;
         let pick = |i: usize, p: usize| if p == 1 { 0 } else { i };
-        let mut e = 0;
-        for i in 0..a {
-            for j in 0..b {
-                let base = (pick(i, pa) * pb + pick(j, pb)) * pc;
-                for k in 0..c {
-                    f(e, base + pick(k, pc));
-                    e += 1;
+        let (i, j) = (row / b, row % b);
+        ((pick(i, pa) * pb + pick(j, pb)) * pc, usize::from(pc != 1))
+    }
+
+    /// `f(w, slot)` on every noised element, in fixed chunks over rayon (each element depends
+    /// on itself only); the others get `w` (`keep_w`) or `init`.
+    fn map_noised(
+        &self,
+        w: &[f32],
+        init: f32,
+        keep_w: bool,
+        f: impl Fn(f32, usize) -> f32 + Sync,
+    ) -> Vec<f32> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let c = self.view[2];
+        let mut out = if keep_w {
+            w.to_vec()
+        } else {
+            vec![init; w.len()]
+        };
+        out.par_chunks_mut(CHUNK)
+            .zip(w.par_chunks(CHUNK))
+            .zip(self.noised.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(ci, ((o, wc), nc))| {
+                let e0 = ci * CHUNK;
+                let (mut row, mut k) = (e0 / c, e0 % c);
+                let (mut base, mut step) = self.row_base(row);
+                for i in 0..o.len() {
+                    if nc[i] != 0 {
+                        o[i] = f(wc[i], base + step * k);
+                    }
+                    k += 1;
+                    if k == c {
+                        k = 0;
+                        row += 1;
+                        (base, step) = self.row_base(row);
+                    }
                 }
-            }
-        }
+            });
+        out
     }
 
     fn forward(&self, w: &[f32]) -> Vec<f32> {
-        let mut out = w.to_vec();
-        self.for_each(|e, s| {
-            if self.noised[e] != 0 {
-                let (scale, zp) = (self.scale[s], self.zero_point[s]);
-                let q = ((w[e] / scale).round() + zp).clamp(self.qmin, self.qmax);
-                out[e] = (q - zp) * scale;
-            }
-        });
-        out
+        self.map_noised(w, 0.0, true, |x, s| {
+            let (scale, zp) = (self.scale[s], self.zero_point[s]);
+            let q = ((x / scale).round() + zp).clamp(self.qmin, self.qmax);
+            (q - zp) * scale
+        })
     }
 
     /// The straight-through gate: 1 where kept or inside the grid, 0 where noised and clamped.
     fn gate(&self, w: &[f32]) -> Vec<f32> {
-        let mut gate = vec![1f32; w.len()];
-        self.for_each(|e, s| {
-            if self.noised[e] != 0 {
-                let code = (w[e] / self.scale[s]).round() + self.zero_point[s];
-                if !(code >= self.qmin && code <= self.qmax) {
-                    gate[e] = 0.0;
-                }
+        self.map_noised(w, 1.0, false, |x, s| {
+            let code = (x / self.scale[s]).round() + self.zero_point[s];
+            if code >= self.qmin && code <= self.qmax {
+                1.0
+            } else {
+                0.0
             }
-        });
-        gate
+        })
     }
 }
 
