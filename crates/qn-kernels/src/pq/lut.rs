@@ -282,9 +282,13 @@ impl Code for u16 {
 fn lookup<C: Code>(table: &[f32], k: usize, codes: &[C], rows: usize, o0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY (both): the features are present (checked); indices are < k by construction of
+        // the codes (`Assignments::from_u32` checks them), so every gather stays in the table.
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            unsafe { avx512::lookup(table, k, codes, rows, o0, out) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked above); indices are < k by construction of the
-            // codes (`Assignments::from_u32` checks them), so every gather stays in the table.
             unsafe { avx2::lookup(table, k, codes, rows, o0, out) };
             return;
         }
@@ -401,6 +405,93 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Code;
+
+    /// [`super::avx2::lookup`] sixteen outputs per gather, two gathers in flight.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `codes` holds `blocks * rows` codes, each `< k`, and
+    /// `o0 + out.len() <= rows`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn lookup<C: Code>(
+        table: &[f32],
+        k: usize,
+        codes: &[C],
+        rows: usize,
+        o0: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = table.len() / k;
+        let len = out.len();
+        let full = len / 16 * 16;
+        let (tp, cp, op) = (table.as_ptr(), codes.as_ptr(), out.as_mut_ptr());
+        let mut i = 0;
+        while i + 32 <= full {
+            let mut acc = [_mm512_setzero_ps(); 2];
+            for b in 0..blocks {
+                for (g, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: outputs o0 + i + 16g .. + 16 are inside this chunk, so the sixteen
+                    // codes exist; each is < k, so the gather stays in block b's row.
+                    unsafe {
+                        let idx = load16(cp.add(b * rows + o0 + i + 16 * g));
+                        *a = _mm512_add_ps(*a, _mm512_i32gather_ps::<4>(idx, tp.add(b * k).cast()));
+                    }
+                }
+            }
+            for (g, a) in acc.iter().enumerate() {
+                // SAFETY: i + 16g + 16 <= full <= out.len().
+                unsafe { _mm512_storeu_ps(op.add(i + 16 * g), *a) };
+            }
+            i += 32;
+        }
+        while i < full {
+            let mut acc = _mm512_setzero_ps();
+            for b in 0..blocks {
+                // SAFETY: as above, for the sixteen outputs i .. i + 16 <= full.
+                unsafe {
+                    let idx = load16(cp.add(b * rows + o0 + i));
+                    acc = _mm512_add_ps(acc, _mm512_i32gather_ps::<4>(idx, tp.add(b * k).cast()));
+                }
+            }
+            // SAFETY: i + 16 <= full <= out.len().
+            unsafe { _mm512_storeu_ps(op.add(i), acc) };
+            i += 16;
+        }
+        if full < len {
+            let tail = &mut out[full..];
+            tail.fill(0.0);
+            for b in 0..blocks {
+                let tb = &table[b * k..(b + 1) * k];
+                let cb = &codes[b * rows + o0 + full..b * rows + o0 + len];
+                for (y, c) in tail.iter_mut().zip(cb) {
+                    *y += tb[c.index()];
+                }
+            }
+        }
+    }
+
+    /// Sixteen codes widened to i32 lanes.
+    ///
+    /// # Safety
+    /// Sixteen codes are readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<C: Code>(p: *const C) -> __m512i {
+        // SAFETY (caller): sixteen codes, 16 or 32 bytes, are readable at `p`.
+        unsafe {
+            if C::U8 {
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+            } else {
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))
+            }
+        }
+    }
+}
+
 /// The plain twin of [`PqMatmul::forward`]: decode the weight, then `x · Wᵀ` with candle's matmul,
 /// on any device.
 pub fn pq_matmul_reference(x: &Tensor, codes: &PqCodes) -> Result<Tensor> {
@@ -430,6 +521,24 @@ mod tests {
             assert_eq!(a, b, "u8 o0 {o0} len {len}");
             lookup(&table, k, &u16s, rows, o0, &mut a);
             assert_eq!(a, b, "u16 o0 {o0} len {len}");
+            // Each SIMD width the processor has, not only the one `lookup` picks.
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 detected; codes < k; o0 + len <= rows.
+                    unsafe { avx2::lookup(&table, k, &u8s, rows, o0, &mut a) };
+                    assert_eq!(a, b, "avx2 u8 o0 {o0} len {len}");
+                    unsafe { avx2::lookup(&table, k, &u16s, rows, o0, &mut a) };
+                    assert_eq!(a, b, "avx2 u16 o0 {o0} len {len}");
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F detected; as above.
+                    unsafe { avx512::lookup(&table, k, &u8s, rows, o0, &mut a) };
+                    assert_eq!(a, b, "avx512 u8 o0 {o0} len {len}");
+                    unsafe { avx512::lookup(&table, k, &u16s, rows, o0, &mut a) };
+                    assert_eq!(a, b, "avx512 u16 o0 {o0} len {len}");
+                }
+            }
         }
     }
 }
