@@ -1,9 +1,11 @@
 //! A weight stored as trainable centroids and fixed assignments.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, Var};
 use qn_kernels::{
     layout::BlockLayout,
-    pq::{Assignments, PqCodes},
+    pq::{Assignments, PqCodes, PqMatmul},
 };
 
 use crate::Result;
@@ -23,7 +25,7 @@ pub enum CentroidGrad {
 pub struct PqWeight {
     centroids: Var,
     index: Tensor,
-    assignments: Assignments,
+    assignments: Arc<Assignments>,
     layout: BlockLayout,
     /// `1 / count(centroid of block j)` per sub-vector, shape `(n_blocks, 1)`.
     grad_scale: Tensor,
@@ -48,7 +50,7 @@ impl PqWeight {
         Ok(Self {
             centroids,
             index: Tensor::from_vec(idx, n, device)?,
-            assignments: codes.assignments.clone(),
+            assignments: Arc::new(codes.assignments.clone()),
             layout: codes.layout.clone(),
             grad_scale: Tensor::from_vec(scale, (n, 1), device)?,
             reduction,
@@ -69,8 +71,18 @@ impl PqWeight {
     pub fn codes(&self) -> Result<PqCodes> {
         Ok(PqCodes::new(
             self.centroids.as_tensor().detach(),
-            self.assignments.clone(),
+            (*self.assignments).clone(),
             self.layout.clone(),
+        )?)
+    }
+
+    /// The matmul that runs from the codes (CPU; `x · Wᵀ` without rebuilding `W` for small
+    /// inputs), with the current centroids.
+    pub fn matmul(&self) -> Result<PqMatmul> {
+        Ok(PqMatmul::from_parts(
+            &self.centroids.as_tensor().detach(),
+            self.assignments.clone(),
+            &self.layout,
         )?)
     }
 

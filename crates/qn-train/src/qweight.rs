@@ -24,6 +24,9 @@ pub(crate) enum LinearPlan {
     Exact(Tensor),
     /// A weight built by [`QWeight::weight_t`] (PQ, scalar, other noises, a frozen row).
     Generic(Tensor),
+    /// A product-quantized weight in evaluation on the CPU: the matmul (or the embedding lookup)
+    /// runs from its codes; a frozen row is the caller's to apply, as for `Exact`.
+    Codes(qn_kernels::pq::PqMatmul),
 }
 
 /// Float or product-quantized storage.
@@ -247,6 +250,11 @@ impl QWeight {
     /// the block-drop mask and the frozen row to the rows it reads: the frozen row is the
     /// caller's to keep (the plan ignores it).
     pub(crate) fn gather_plan(&self, train: bool) -> Result<LinearPlan> {
+        if let WeightState::Pq(p) = &self.state {
+            if !train && p.centroids().device().is_cpu() && self.layout.shape().len() == 2 {
+                return Ok(LinearPlan::Codes(p.matmul()?));
+            }
+        }
         let WeightState::Float(v) = &self.state else {
             return Ok(LinearPlan::Generic(self.weight_t(train)?));
         };

@@ -985,3 +985,55 @@ fn embedding_row_path_matches_the_whole_table_path() {
         }
     }
 }
+
+/// Product-quantized layers evaluate from their codes on the CPU (tables for a few rows, one
+/// decode for many, only the rows read for an embedding) and give what the decoded weight gives.
+#[test]
+fn pq_layers_evaluate_from_their_codes() {
+    let mut lin = QLinear::new(
+        "encoder.layer.0.intermediate.dense",
+        var(&[64, 48], 31),
+        Some(var(&[64], 32)),
+    )
+    .unwrap();
+    lin.qweight_mut()
+        .quantize_pq(8, &KMeansConfig::new(16).with_iters(3), CentroidGrad::Mean)
+        .unwrap();
+    let w = lin.qweight().stored().unwrap();
+    for rows in [1usize, 3, 20] {
+        let x = gaussian(&[rows, 48], 33);
+        let y = lin.forward_t(&x, false).unwrap();
+        let bias = lin.other_vars()[0].as_tensor().clone();
+        let want = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let scale = values(&want).iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = values(&(y - want).unwrap())
+            .iter()
+            .fold(0f64, |m, v| m.max(v.abs()));
+        assert!(diff <= 1e-5 * scale, "{rows} rows: {diff}");
+    }
+    let mut emb = QEmbedding::new("embeddings.word_embeddings", var(&[40, 16], 34), None).unwrap();
+    emb.qweight_mut()
+        .quantize_pq(4, &KMeansConfig::new(8).with_iters(3), CentroidGrad::Mean)
+        .unwrap();
+    let table = emb.qweight().stored().unwrap();
+    let ids = Tensor::new(&[[3u32, 39, 0], [7, 7, 12]], &Device::Cpu).unwrap();
+    let got = emb.forward_t(&ids, false).unwrap();
+    let want = table
+        .index_select(&ids.flatten_all().unwrap(), 0)
+        .unwrap()
+        .reshape((2, 3, 16))
+        .unwrap();
+    assert_eq!(
+        values(&got),
+        values(&want),
+        "rows rebuilt from codes exactly"
+    );
+    // An id past the table is an error, not a panic.
+    let bad = Tensor::new(&[40u32], &Device::Cpu).unwrap();
+    let err = emb.forward_t(&bad, false).unwrap_err().to_string();
+    assert!(err.contains("40"), "{err}");
+}

@@ -28,11 +28,16 @@
 //! # Ok::<(), qn_kernels::Error>(())
 //! ```
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::codes::{Assignments, PqCodes};
-use crate::{layout::LayerKind, Error, Result};
+use crate::{
+    layout::{BlockLayout, LayerKind},
+    Error, Result,
+};
 
 /// Outputs per parallel task (a multiple of the 8 SIMD lanes).
 const OUT_CHUNK: usize = 256;
@@ -54,14 +59,27 @@ pub struct PqMatmul {
     centroids_t: Vec<f32>,
     /// Centroids row-major `[k][d]`, for the dense path.
     centroids: Vec<f32>,
-    assignments: Assignments,
+    assignments: Arc<Assignments>,
     max_table_rows: usize,
 }
 
 impl PqMatmul {
     /// Prepares the codes of a Linear weight (or any 2-D `(out, in)` weight blocked along `in`).
     pub fn new(codes: &PqCodes) -> Result<Self> {
-        let layout = &codes.layout;
+        Self::from_parts(
+            &codes.centroids,
+            Arc::new(codes.assignments.clone()),
+            &codes.layout,
+        )
+    }
+
+    /// The same from parts a caller keeps (the assignments shared, not copied): centroids
+    /// `[K, d]`, one assignment per block in the order `b * rows + o`, and the weight's layout.
+    pub fn from_parts(
+        centroids: &Tensor,
+        assignments: Arc<Assignments>,
+        layout: &BlockLayout,
+    ) -> Result<Self> {
         if layout.kind() == LayerKind::Conv2d || layout.shape().len() != 2 {
             return Err(Error::shape(
                 "pq matmul",
@@ -72,9 +90,19 @@ impl PqMatmul {
                 ),
             ));
         }
-        let (k, d) = codes.centroids.dims2()?;
-        let c = codes
-            .centroids
+        let (k, d) = centroids.dims2()?;
+        if d != layout.block_size() || assignments.len() != layout.n_blocks() {
+            return Err(Error::shape(
+                "pq matmul",
+                format!(
+                    "centroids of dimension {d} and {} assignments do not fit blocks of {} in {:?}",
+                    assignments.len(),
+                    layout.block_size(),
+                    layout.shape()
+                ),
+            ));
+        }
+        let c = centroids
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -91,7 +119,7 @@ impl PqMatmul {
             k,
             centroids_t,
             centroids: c,
-            assignments: codes.assignments.clone(),
+            assignments,
             max_table_rows: TABLE_MAX_ROWS,
         })
     }
@@ -114,7 +142,7 @@ impl PqMatmul {
 
     /// Bytes of weight data one call reads: the codes and the centroids.
     pub fn weight_bytes(&self) -> usize {
-        let per_code = match self.assignments {
+        let per_code = match *self.assignments {
             Assignments::U8(_) => 1,
             Assignments::U16(_) => 2,
         };
@@ -163,7 +191,7 @@ impl PqMatmul {
     /// The dense `(rows, cols)` weight.
     pub fn decode(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.rows * self.cols];
-        match &self.assignments {
+        match &*self.assignments {
             Assignments::U8(a) => qn_format::decode::pq_gather(
                 &self.centroids,
                 self.d,
@@ -184,6 +212,29 @@ impl PqMatmul {
         w
     }
 
+    /// Rows `ids` of the weight (an embedding lookup), rebuilt from their codes only:
+    /// `n × cols` values. An id past the last row is an error naming it.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(Error::shape(
+                "ids",
+                format!("id {bad} is out of range for {} rows", self.rows),
+            ));
+        }
+        let (d, blocks) = (self.d, self.cols / self.d);
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (row, &id) in out.chunks_exact_mut(self.cols).zip(ids) {
+            for (b, dst) in row.chunks_exact_mut(d).enumerate().take(blocks) {
+                let c = match &*self.assignments {
+                    Assignments::U8(a) => a[b * self.rows + id as usize] as usize,
+                    Assignments::U16(a) => a[b * self.rows + id as usize] as usize,
+                };
+                dst.copy_from_slice(&self.centroids[c * d..(c + 1) * d]);
+            }
+        }
+        Ok(out)
+    }
+
     /// `y (n × rows) = x (n × cols) · Wᵀ` on slices, always from the tables.
     pub fn forward_slice(&self, x: &[f32], n: usize, y: &mut [f32]) {
         assert_eq!(x.len(), n * self.cols, "x is n x cols");
@@ -196,7 +247,7 @@ impl PqMatmul {
                 .enumerate()
                 .for_each(|(ci, out)| {
                     let o0 = ci * OUT_CHUNK;
-                    match &self.assignments {
+                    match &*self.assignments {
                         Assignments::U8(a) => lookup(&table, self.k, a, self.rows, o0, out),
                         Assignments::U16(a) => lookup(&table, self.k, a, self.rows, o0, out),
                     }

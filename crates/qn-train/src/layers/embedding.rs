@@ -61,6 +61,21 @@ impl ModuleT for QEmbedding {
             LinearPlan::Generic(w) => w.index_select(&flat, 0)?,
             LinearPlan::Exact(w) => self.gather(&w, &flat, None)?,
             LinearPlan::BlockDrop(w, mask, p) => self.gather(&w, &flat, Some((&mask, p)))?,
+            // Evaluation of a PQ table: only the rows read are rebuilt from their codes.
+            LinearPlan::Codes(m) => {
+                let idv = flat.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+                let rows = m.gather_rows(&idv).map_err(crate::Error::from)?;
+                let mut rows = Tensor::from_vec(rows, (idv.len(), m.cols()), ids.device())?;
+                if let Some((row, value)) = self.weight.frozen_row() {
+                    // The padding row keeps its exact value.
+                    let hit: Vec<u8> = idv.iter().map(|&i| u8::from(i as usize == row)).collect();
+                    let hit = Tensor::from_vec(hit, (idv.len(), 1), ids.device())?
+                        .broadcast_as(rows.shape())?;
+                    let value = value.reshape((1, m.cols()))?.broadcast_as(rows.shape())?;
+                    rows = hit.where_cond(&value, &rows)?;
+                }
+                rows
+            }
         };
         let mut shape = ids.dims().to_vec();
         shape.push(rows.dim(1)?);

@@ -76,6 +76,8 @@ impl ModuleT for QLinear {
                 w.dim(0)?,
             ),
             LinearPlan::Generic(w) => (x2.matmul(&w.t()?)?, w.dim(0)?),
+            // Evaluation of a PQ weight: from its codes (tables for a few rows, else one decode).
+            LinearPlan::Codes(m) => (m.forward(&x2).map_err(crate::Error::from)?, m.rows()),
         };
         if let Some(b) = &self.bias {
             y = qn_kernels::bias::add_bias(&y, b.as_tensor()).map_err(crate::Error::from)?;
