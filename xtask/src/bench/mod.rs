@@ -242,7 +242,8 @@ pub fn bench(args: &[String]) -> Result<()> {
         } else {
             s.name.clone()
         };
-        let md = report::markdown(s, preset, &date, &rows);
+        let command = format!("cargo xtask bench {}", args.join(" "));
+        let md = report::markdown(s, preset, &date, command.trim(), &rows);
         println!("{md}");
         write_atomic(&out_dir.join(format!("{stem}.md")), md.as_bytes())?;
         let j = report::to_json(s, preset, &date, &rows);

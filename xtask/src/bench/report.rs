@@ -95,13 +95,14 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 /// The markdown report: a heading naming the model, task, preset and date, the budget, the table.
-pub fn markdown(suite: &Suite, preset: &str, date: &str, rows: &[Row]) -> String {
+pub fn markdown(suite: &Suite, preset: &str, date: &str, command: &str, rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "### {} on {} — rate against accuracy ({preset}, {date})\n",
         suite.model_name, suite.task_name
     );
+    let _ = writeln!(s, "Command: `{command}`.\n");
     let _ = writeln!(s, "Budget: {}.", suite.budget.describe(suite.kind));
     let _ = writeln!(
         s,
@@ -140,7 +141,97 @@ pub fn markdown(suite: &Suite, preset: &str, date: &str, rows: &[Row]) -> String
             format_seconds(r.seconds),
         );
     }
+    let _ = writeln!(
+        s,
+        "\nThe paper's claims on this run (one seed):\n\n{}",
+        claims(rows)
+    );
     s
+}
+
+/// The paper's claims checked on `rows` (one seed): at the same compression, Quant-Noise against
+/// QAT and post-training for iPQ and int4, and the best iPQ model against fp32. Each line says
+/// whether the claim holds here, with the numbers.
+pub fn claims(rows: &[Row]) -> String {
+    let best = |pred: &dyn Fn(&Row) -> bool| -> Option<&Row> {
+        rows.iter()
+            .filter(|r| r.seed == 0 && r.accuracy.is_some() && pred(r))
+            .max_by(|a, b| {
+                a.accuracy
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.accuracy.unwrap_or(0.0))
+            })
+    };
+    let pct = |r: Option<&Row>| match r {
+        Some(r) => format!(
+            "{:.2} % ({})",
+            r.accuracy.unwrap_or(0.0) * 100.0,
+            r.method.id
+        ),
+        None => "not run".into(),
+    };
+    let mut out = String::new();
+    for (what, is_kind) in [
+        (
+            "iPQ",
+            (|r: &Row| matches!(r.method.compress, Compress::Ipq { int8: false }))
+                as fn(&Row) -> bool,
+        ),
+        ("int4", |r: &Row| {
+            matches!(r.method.compress, Compress::Scalar { bits: 4, .. })
+        }),
+    ] {
+        let qn = best(&|r| is_kind(r) && r.method.family.starts_with("Quant-Noise"));
+        let qat = best(&|r| is_kind(r) && r.method.family == "QAT");
+        let ptq = best(&|r| is_kind(r) && r.method.family.starts_with("post-training"));
+        let verdict = match (qn, qat, ptq) {
+            (Some(q), Some(a), Some(p)) => {
+                let (q, a, p) = (
+                    q.accuracy.unwrap_or(0.0),
+                    a.accuracy.unwrap_or(0.0),
+                    p.accuracy.unwrap_or(0.0),
+                );
+                if q >= a && q >= p {
+                    "holds"
+                } else {
+                    "does not hold"
+                }
+            }
+            _ => "cannot be checked (a method did not run)",
+        };
+        let _ = writeln!(
+            out,
+            "- {what}: Quant-Noise ≥ QAT and ≥ post-training at the same size — **{verdict}**: \
+             Quant-Noise {}, QAT {}, post-training {}.",
+            pct(qn),
+            pct(qat),
+            pct(ptq)
+        );
+    }
+    let fp32 = rows.iter().find(|r| r.method.id == "fp32" && r.seed == 0);
+    let ipq = best(&|r| matches!(r.method.compress, Compress::Ipq { .. }));
+    if let (Some(f), Some(i)) = (fp32, ipq) {
+        let (ratio, delta) = relative(rows, i);
+        let (ratio, delta) = (ratio.unwrap_or(0.0), delta.unwrap_or(f64::NAN));
+        let verdict = |x: f64, pts: f64| {
+            // As displayed (two decimals): a point difference of exactly -1.00 is within 1.0.
+            if ratio >= x && delta >= -pts - 1e-9 {
+                "holds"
+            } else {
+                "does not hold"
+            }
+        };
+        let _ = writeln!(
+            out,
+            "- best iPQ model against fp32 ({:.2} %): {} at {ratio:.1}× smaller, Δ {delta:+.2} \
+             points — ≥ 15× within 1.5 points **{}**; goal ≥ 20× within 1.0 point **{}**.",
+            f.accuracy.unwrap_or(0.0) * 100.0,
+            pct(Some(i)),
+            verdict(15.0, 1.5),
+            verdict(20.0, 1.0)
+        );
+    }
+    out
 }
 
 fn format_seconds(s: f64) -> String {
@@ -278,6 +369,57 @@ mod tests {
         assert_eq!(civil_date(0), "1970-01-01");
         assert_eq!(civil_date(11_016), "2000-02-29");
         assert_eq!(civil_date(20_784), "2026-11-27");
+    }
+
+    fn row(id: &str, acc: f64, bytes: u64) -> Row {
+        let method = *crate::bench::suite::METHODS
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap();
+        Row {
+            method,
+            noise: method.noise.into(),
+            seed: 0,
+            file: None,
+            bytes: Some(bytes),
+            accuracy: Some(acc),
+            examples: Some(872),
+            seconds: 1.0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn claims_say_which_hold_with_their_numbers() {
+        let rows = vec![
+            row("fp32", 0.90, 90_000_000),
+            row("ptq-ipq", 0.80, 4_000_000),
+            row("qat-ipq", 0.82, 4_000_000),
+            row("qn-block-0.1", 0.89, 4_000_000),
+            row("ptq-int4", 0.88, 12_000_000),
+            row("qat-int4", 0.87, 12_000_000),
+            row("qn-int4", 0.86, 12_000_000),
+        ];
+        let text = claims(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("- iPQ") && lines[0].contains("**holds**"),
+            "{text}"
+        );
+        assert!(lines[0].contains("89.00 % (qn-block-0.1)"), "{text}");
+        assert!(
+            lines[1].starts_with("- int4") && lines[1].contains("**does not hold**"),
+            "{text}"
+        );
+        // 22.5x smaller, 1 point below: the requirement holds, the goal (1.0 point) just does.
+        assert!(
+            lines[2].contains("22.5×") && lines[2].contains("-1.00"),
+            "{text}"
+        );
+        assert!(!lines[2].contains("does not hold"), "{text}");
+        // A method that did not run is said so.
+        let text = claims(&rows[..3]);
+        assert!(text.contains("cannot be checked"), "{text}");
     }
 
     #[test]
