@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release -p qn-kernels --example kmeans_vs_faiss -- <weight.f32> <rows> <cols> <d> <k> <iters> [bounds|plain]
 //! ```
-//! `plain` turns Hamerly's bounds off (every point, every iteration, as faiss does).
+//! The default, `plain`, runs the library's default (every point, every iteration, as faiss
+//! does); `bounds` turns Hamerly's bounds on.
 //! Reads a raw little-endian `f32` matrix (written by the xtask, read by faiss too), cuts it into
 //! sub-vectors with the paper's layout, runs k-means with every sub-vector and prints one JSON line
 //! `{"seconds": .., "relative_mse": ..}`. The timing covers k-means and the final assignment; cutting
@@ -17,8 +18,8 @@ use qn_kernels::{layout::BlockLayout, pq};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let bounds = match args.get(6).map(String::as_str) {
-        None | Some("bounds") => true,
-        Some("plain") => false,
+        Some("bounds") => true,
+        None | Some("plain") => false,
         Some(other) => return Err(format!("`{other}`: give bounds or plain").into()),
     };
     if args.len() != 6 && args.len() != 7 {
