@@ -46,7 +46,7 @@ const OUT_CHUNK: usize = 256;
 /// and runs one dense matmul. Measured with `examples/lut_gemv.rs` (crossover table in
 /// BENCHMARKS.md): a table costs `cols · K` multiply-adds and `rows · cols / d` gathers per
 /// input row, while the dense path pays the decode once and then runs at GEMM speed.
-pub const TABLE_MAX_ROWS: usize = 8;
+pub const TABLE_MAX_ROWS: usize = 16;
 
 /// A PQ-coded linear weight `(rows = out, cols = in)` prepared for [`Self::forward`].
 #[derive(Debug, Clone)]
