@@ -105,7 +105,7 @@ pub fn assign_nearest(
         .par_chunks(CHUNK * d)
         .zip(index.par_chunks_mut(CHUNK))
         .zip(partial.par_chunks_mut(CHUNK))
-        .for_each(|((p, i), dist)| nearest_chunk(p, table, i, dist));
+        .for_each(|((p, i), dist)| chunk::<false>(p, table, i, dist, &mut []));
     Ok(())
 }
 
@@ -139,11 +139,13 @@ pub fn assign_nearest_top2(
         .zip(index.par_chunks_mut(CHUNK))
         .zip(partial.par_chunks_mut(CHUNK))
         .zip(second.par_chunks_mut(CHUNK))
-        .for_each(|(((p, i), dist), sec)| top2_chunk(p, table, i, dist, sec));
+        .for_each(|(((p, i), dist), sec)| chunk::<true>(p, table, i, dist, sec));
     Ok(())
 }
 
-fn top2_chunk(
+/// The kernel this machine runs for `t.d` — AVX-512, else AVX2+FMA, else portable — on one chunk;
+/// with `TOP2` the runner-up goes to `second` (ignored otherwise).
+fn chunk<const TOP2: bool>(
     points: &[f32],
     t: &CentroidTable,
     index: &mut [u32],
@@ -156,63 +158,29 @@ fn top2_chunk(
             // SAFETY: AVX-512F was just detected.
             unsafe {
                 match t.d {
-                    4 => avx512::nearest_top2::<4, true>(points, t, index, dist, second),
-                    8 => avx512::nearest_top2::<8, true>(points, t, index, dist, second),
-                    _ => avx512::nearest_top2::<16, true>(points, t, index, dist, second),
+                    4 => avx512::nearest_top2::<4, TOP2>(points, t, index, dist, second),
+                    8 => avx512::nearest_top2::<8, TOP2>(points, t, index, dist, second),
+                    _ => avx512::nearest_top2::<16, TOP2>(points, t, index, dist, second),
                 }
             }
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if matches!(t.d, 4 | 8 | 16)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features the function is compiled for were just detected.
             unsafe {
                 match t.d {
-                    4 => avx2::nearest_top2::<4, true>(points, t, index, dist, second),
-                    8 => avx2::nearest_top2::<8, true>(points, t, index, dist, second),
-                    16 => avx2::nearest_top2::<16, true>(points, t, index, dist, second),
-                    _ => portable_top2::<true>(points, t, index, dist, second),
+                    4 => avx2::nearest_top2::<4, TOP2>(points, t, index, dist, second),
+                    8 => avx2::nearest_top2::<8, TOP2>(points, t, index, dist, second),
+                    _ => avx2::nearest_top2::<16, TOP2>(points, t, index, dist, second),
                 }
             }
             return;
         }
     }
-    portable_top2::<true>(points, t, index, dist, second)
-}
-
-fn nearest_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if matches!(t.d, 4 | 8 | 16) && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected.
-            unsafe {
-                match t.d {
-                    4 => avx512::nearest_top2::<4, false>(points, t, index, dist, &mut []),
-                    8 => avx512::nearest_top2::<8, false>(points, t, index, dist, &mut []),
-                    _ => avx512::nearest_top2::<16, false>(points, t, index, dist, &mut []),
-                }
-            }
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features the function is compiled for were just detected.
-            unsafe {
-                match t.d {
-                    4 => avx2::nearest::<4>(points, t, index, dist),
-                    8 => avx2::nearest::<8>(points, t, index, dist),
-                    16 => avx2::nearest::<16>(points, t, index, dist),
-                    _ => portable_chunk(points, t, index, dist),
-                }
-            }
-            return;
-        }
-    }
-    portable_chunk(points, t, index, dist)
-}
-
-fn portable_chunk(points: &[f32], t: &CentroidTable, index: &mut [u32], dist: &mut [f32]) {
-    portable_top2::<false>(points, t, index, dist, &mut []);
+    portable_top2::<TOP2>(points, t, index, dist, second)
 }
 
 /// Nearest centroid, and with `TOP2` the runner-up's partial distance, of each point.
@@ -262,20 +230,8 @@ mod avx2 {
     use super::CentroidTable;
     use std::arch::x86_64::*;
 
-    /// Eight centroids per step; `D` is a constant so the point's broadcast coordinates stay in
-    /// registers.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn nearest<const D: usize>(
-        points: &[f32],
-        t: &CentroidTable,
-        index: &mut [u32],
-        dist: &mut [f32],
-    ) {
-        // SAFETY (caller): AVX2 and FMA are present.
-        unsafe { nearest_top2::<D, false>(points, t, index, dist, &mut []) }
-    }
-
-    /// [`nearest`], and with `TOP2` each point's runner-up partial distance in `second`: per lane
+    /// Eight centroids per step (`D` a constant so the point's broadcast coordinates stay in
+    /// registers), and with `TOP2` each point's runner-up partial distance in `second`: per lane
     /// the runner-up is the smaller of the old runner-up and the new value, or the old best when
     /// the new value takes its place; the best and its index are computed exactly as without it.
     #[target_feature(enable = "avx2,fma")]

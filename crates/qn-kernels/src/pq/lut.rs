@@ -425,17 +425,8 @@ mod avx2 {
             unsafe { _mm256_storeu_ps(op.add(i), acc) };
             i += 8;
         }
-        if full < len {
-            let tail = &mut out[full..];
-            tail.fill(0.0);
-            for b in 0..blocks {
-                let tb = &table[b * k..(b + 1) * k];
-                let cb = &codes[b * rows + o0 + full..b * rows + o0 + len];
-                for (y, c) in tail.iter_mut().zip(cb) {
-                    *y += tb[c.index()];
-                }
-            }
-        }
+        // The last few outputs the portable way (the same additions in the same order).
+        super::lookup_portable(table, k, codes, rows, o0 + full, &mut out[full..]);
     }
 
     /// Eight codes widened to i32 lanes.
@@ -512,17 +503,8 @@ mod avx512 {
             unsafe { _mm512_storeu_ps(op.add(i), acc) };
             i += 16;
         }
-        if full < len {
-            let tail = &mut out[full..];
-            tail.fill(0.0);
-            for b in 0..blocks {
-                let tb = &table[b * k..(b + 1) * k];
-                let cb = &codes[b * rows + o0 + full..b * rows + o0 + len];
-                for (y, c) in tail.iter_mut().zip(cb) {
-                    *y += tb[c.index()];
-                }
-            }
-        }
+        // The last few outputs the portable way (the same additions in the same order).
+        super::lookup_portable(table, k, codes, rows, o0 + full, &mut out[full..]);
     }
 
     /// Sixteen codes widened to i32 lanes.
