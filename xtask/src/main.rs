@@ -135,6 +135,19 @@ fn test(extra: &[String]) -> Result<()> {
     ]))?;
     // One optimised build serves the tests and the benches (candle unoptimised is 10-20x slower).
     // The end-to-end tests in tests/ run the `qn` binary, built here first.
+    build_qn()?;
+    let mut t = cargo();
+    t.args(["test", "--workspace", "--release"]).args(&rest);
+    if let Some(n) = fuzz_cases {
+        t.env("QN_FUZZ_CASES", n.to_string());
+    }
+    run(&mut t)?;
+    run(cargo().args(["bench", "--workspace", "--no-run"]))?;
+    Ok(())
+}
+
+/// Builds the release `qn` binary and returns its path.
+pub(crate) fn build_qn() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -144,14 +157,7 @@ fn test(extra: &[String]) -> Result<()> {
         "--bin",
         "qn",
     ]))?;
-    let mut t = cargo();
-    t.args(["test", "--workspace", "--release"]).args(&rest);
-    if let Some(n) = fuzz_cases {
-        t.env("QN_FUZZ_CASES", n.to_string());
-    }
-    run(&mut t)?;
-    run(cargo().args(["bench", "--workspace", "--no-run"]))?;
-    Ok(())
+    Ok(target_dir()?.join("release").join("qn"))
 }
 
 /// Architecture invariant: `qn-format` knows no tensor library (checked with `cargo tree`).

@@ -212,16 +212,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     let o = parse_options(args)?;
     let methods = suite::select(o.methods.as_deref()).map_err(anyhow::Error::msg)?;
     let suites = suites(&o)?;
-    crate::run(crate::cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "qn-cli",
-        "--bin",
-        "qn",
-    ]))?;
-    let qn = crate::target_dir()?.join("release").join("qn");
+    let qn = crate::build_qn()?;
     let out_dir = o
         .out
         .clone()
