@@ -3,8 +3,8 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::bitpack::unpack;
-use crate::header::{index_bits, pq_geometry, scalar_view, CodebookKind, Encoding, RawDType};
+use crate::codes::{parse_pq, parse_scalar, PqIndex};
+use crate::header::{scalar_view, Encoding, RawDType};
 
 /// Writes the PQ weight into `out` (row-major `rows x cols`): block `b` of row `o` is centroid
 /// `assignments[b * rows + o]`. Rows are filled in parallel.
@@ -53,17 +53,7 @@ pub(crate) fn decode_record(
             bits, granularity, ..
         } => {
             let (view, param) = scalar_view(shape, granularity).expect("validated");
-            let n_params: usize = param.iter().product();
-            let scales: Vec<f32> = record[..4 * n_params]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
-                return Err(format!("scale {s} is not a positive finite number"));
-            }
-            let zps = &record[4 * n_params..5 * n_params];
-            let mut codes = vec![0u16; out.len()];
-            unpack(&record[5 * n_params..], bits as u32, &mut codes);
+            let (scales, zps, codes) = parse_scalar(shape, bits, granularity, record)?;
             let [a, b, c] = view;
             let pick = |i: usize, p: usize| if p == 1 { 0 } else { i };
             for i in 0..a {
@@ -77,64 +67,11 @@ pub(crate) fn decode_record(
                 }
             }
         }
-        Encoding::Pq {
-            layer,
-            block_size,
-            k,
-            codebook,
-            rans_words,
-        } => {
-            let (rows, cols, n_sub, bits) =
-                pq_geometry(shape, layer, block_size, k).expect("validated");
-            let entries = k * block_size;
-            let (centroids, rest) = match codebook {
-                CodebookKind::F32 => (
-                    record[..4 * entries]
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect::<Vec<_>>(),
-                    &record[4 * entries..],
-                ),
-                CodebookKind::F16 => (
-                    record[..2 * entries]
-                        .chunks_exact(2)
-                        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                        .collect(),
-                    &record[2 * entries..],
-                ),
-                CodebookKind::Int8 => {
-                    let scale = f32::from_le_bytes([record[0], record[1], record[2], record[3]]);
-                    (
-                        record[4..4 + entries]
-                            .iter()
-                            .map(|&q| q as i8 as f32 * scale)
-                            .collect(),
-                        &record[4 + entries..],
-                    )
-                }
-            };
-            if let Some(v) = centroids.iter().find(|v| !v.is_finite()) {
-                return Err(format!("codebook value {v} is not finite"));
-            }
-            debug_assert_eq!(bits, index_bits(k));
-            if rans_words.is_some() {
-                let words: Vec<u32> = rest
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                let (probs, words) = words.split_at(k);
-                let mut idx = vec![0u16; n_sub];
-                crate::entropy::decode(probs, words, &mut idx)?;
-                pq_gather(&centroids, block_size, rows, cols, &idx, out);
-            } else if bits == 8 && k == 256 {
-                pq_gather(&centroids, block_size, rows, cols, &rest[..n_sub], out);
-            } else {
-                let mut idx = vec![0u16; n_sub];
-                unpack(rest, bits, &mut idx);
-                if let Some(a) = idx.iter().find(|&&a| a as usize >= k) {
-                    return Err(format!("assignment {a} is out of range for {k} centroids"));
-                }
-                pq_gather(&centroids, block_size, rows, cols, &idx, out);
+        Encoding::Pq { block_size, .. } => {
+            let (rows, cols, centroids, idx) = parse_pq(shape, encoding, record)?;
+            match &idx {
+                PqIndex::U8(a) => pq_gather(&centroids, block_size, rows, cols, a, out),
+                PqIndex::U16(a) => pq_gather(&centroids, block_size, rows, cols, a, out),
             }
         }
     }

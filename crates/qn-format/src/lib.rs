@@ -47,6 +47,7 @@
 //! ```
 
 pub mod bitpack;
+mod codes;
 pub mod decode;
 mod entropy;
 mod error;
@@ -56,6 +57,7 @@ mod payload;
 mod reader;
 mod writer;
 
+pub use codes::{PqIndex, RecordCodes};
 pub(crate) use error::corrupt;
 pub use error::{Error, Result};
 pub use header::{Encoding, Header, TensorEntry};

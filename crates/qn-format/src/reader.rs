@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use crate::codes::{record_codes, RecordCodes};
 use crate::decode::decode_record;
 use crate::header::{
     numel, pq_geometry, record_parts, CodebookKind, Encoding, Header, Part, RawDType, TensorEntry,
@@ -88,6 +89,25 @@ impl TensorView<'_> {
             .map_err(|e| corrupt(format!("tensor `{}`: {e}", x.entry.name)))?;
         }
         Ok(())
+    }
+
+    /// The record's codes without expanding them (scalar codes and scales, or a PQ codebook and
+    /// its assignments); [`RecordCodes::Raw`] for a raw record. The exact row, if any, is not
+    /// applied: it is [`Self::exact_row`]'s to read.
+    pub fn codes(&self) -> Result<RecordCodes> {
+        record_codes(&self.entry.shape, &self.entry.encoding, self.record)
+            .map_err(|e| corrupt(format!("tensor `{}`: {e}", self.entry.name)))
+    }
+
+    /// The exact row's index and values, when the tensor keeps one.
+    pub fn exact_row_values(&self) -> Result<Option<(usize, Vec<f32>)>> {
+        let Some(x) = &self.exact_row else {
+            return Ok(None);
+        };
+        let mut values = vec![0f32; x.entry.shape[0]];
+        decode_record(&x.entry.shape, &x.entry.encoding, x.record, &mut values)
+            .map_err(|e| corrupt(format!("tensor `{}`: {e}", x.entry.name)))?;
+        Ok(Some((x.row, values)))
     }
 
     /// Decodes to a new `f32` vector.

@@ -33,6 +33,7 @@ pub mod bias;
 pub mod conv;
 pub mod error;
 pub mod export;
+pub mod import;
 pub mod layout;
 pub mod noise;
 pub mod pq;

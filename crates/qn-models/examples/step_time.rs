@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use qn_models::bundle::{load_bundle, HeadRequest};
+use qn_models::bundle::{load_bundle, LoadRequest};
 use qn_models::text::{read_examples, to_dataset, Task};
 use qn_train::optim::{AdamW, AdamWParams};
 use qn_train::{named_vars, QuantModel};
@@ -32,8 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let b = load_bundle(
         root.join("models/all-MiniLM-L6-v2").to_str().unwrap(),
         None,
-        &HeadRequest {
+        &LoadRequest {
             labels: Some(labels.clone()),
+            keep_codes: false,
         },
         0,
         &Device::Cpu,

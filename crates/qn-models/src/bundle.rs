@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use qn_format::Reader;
 
-use crate::encoder::{build_encoder, read_weights, Encoder, EncoderConfig};
+use crate::coded::CodedWeights;
+use crate::encoder::{build_encoder_coded, read_weights, Encoder, EncoderConfig};
 use crate::hub::{resolve, ModelRef};
 use crate::text::{LabelMap, TextTokenizer};
 use crate::{Error, Result};
@@ -53,11 +54,15 @@ pub struct EncoderBundle {
     pub head_initialised: bool,
 }
 
-/// What a command wants from the head.
+/// What a command wants from the model it loads.
 #[derive(Debug, Clone, Default)]
-pub struct HeadRequest {
+pub struct LoadRequest {
     /// The task's labels: the head is built for them (a saved head of another size is replaced).
     pub labels: Option<LabelMap>,
+    /// A `.qnz`'s quantized Linear and Embedding weights stay coded and the layers run from their
+    /// codes (evaluation, serving: no dense copy is made). Off, they are decoded to float weights
+    /// that training starts from.
+    pub keep_codes: bool,
 }
 
 /// Whether `spec` names a `.qnz` file.
@@ -69,7 +74,7 @@ pub fn is_qnz(spec: &str) -> bool {
 pub fn load_bundle(
     spec: &str,
     revision: Option<&str>,
-    head: &HeadRequest,
+    head: &LoadRequest,
     seed: u64,
     device: &Device,
 ) -> Result<EncoderBundle> {
@@ -100,6 +105,7 @@ pub fn load_bundle(
     assemble(
         config,
         tensors,
+        CodedWeights::default(),
         &files.weights,
         extra,
         files.source,
@@ -113,10 +119,11 @@ pub fn load_bundle(
 fn assemble(
     mut config: EncoderConfig,
     tensors: HashMap<String, Tensor>,
+    coded: CodedWeights,
     weights: &Path,
     files: Vec<(String, Vec<u8>)>,
     source: String,
-    head: &HeadRequest,
+    head: &LoadRequest,
     seed: u64,
     device: &Device,
 ) -> Result<EncoderBundle> {
@@ -128,7 +135,7 @@ fn assemble(
             (0..n).map(|i| format!("LABEL_{i}")).collect()
         }
     };
-    let loaded = build_encoder(&config, tensors, weights, labels.len(), seed, device)?;
+    let loaded = build_encoder_coded(&config, tensors, coded, weights, labels.len(), seed, device)?;
     config = crate::hf_dir::classifier_config(&config, &labels);
     Ok(EncoderBundle {
         model: loaded.model,
@@ -141,7 +148,7 @@ fn assemble(
     })
 }
 
-fn load_qnz(path: &Path, head: &HeadRequest, seed: u64, device: &Device) -> Result<EncoderBundle> {
+fn load_qnz(path: &Path, head: &LoadRequest, seed: u64, device: &Device) -> Result<EncoderBundle> {
     let reader = Reader::open(path).map_err(|e| {
         // qn-format's message already starts with the path: say it once.
         let text = e.to_string();
@@ -168,24 +175,40 @@ fn load_qnz(path: &Path, head: &HeadRequest, seed: u64, device: &Device) -> Resu
             ));
         }
     }
+    // Quantized matrices (Linear and Embedding weights) stay coded: the layers run from their
+    // codes and no dense copy of them is made. Everything else is decoded.
     let mut tensors = HashMap::new();
+    let coded = CodedWeights::default();
     for view in reader.views() {
         let name = &view.entry.name;
         if reader.is_exact_row_companion(name) {
             continue;
         }
+        let canonical = crate::encoder::canonical_name(name, config.family());
+        let shape = view.entry.shape.clone();
+        if head.keep_codes && shape.len() == 2 && canonical.ends_with(".weight") {
+            let codes = view.codes().map_err(|e| Error::file(path, e))?;
+            let tensor = qn_train::kernels::import::coded_tensor(&canonical, &shape, codes, device)
+                .map_err(|e| Error::file(path, e))?;
+            if let Some(tensor) = tensor {
+                let exact = view.exact_row_values().map_err(|e| Error::file(path, e))?;
+                coded.insert(canonical, tensor, exact);
+                continue;
+            }
+        }
         let values = view.decode_f32().map_err(|e| Error::file(path, e))?;
-        let t = Tensor::from_vec(values, view.entry.shape.clone(), device)?;
-        tensors.insert(crate::encoder::canonical_name(name, config.family()), t);
+        let t = Tensor::from_vec(values, shape, device)?;
+        tensors.insert(canonical, t);
     }
     let head = if head.labels.is_some() {
         head.clone()
     } else {
-        HeadRequest::default()
+        LoadRequest::default()
     };
     assemble(
         config,
         tensors,
+        coded,
         path,
         files,
         path.display().to_string(),

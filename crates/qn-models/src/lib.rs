@@ -21,6 +21,7 @@
 //! ```
 
 pub mod bundle;
+pub mod coded;
 pub mod encoder;
 mod error;
 pub mod hf_dir;

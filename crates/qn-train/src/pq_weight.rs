@@ -1,6 +1,6 @@
 //! A weight stored as trainable centroids and fixed assignments.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Tensor, Var};
 use qn_kernels::{
@@ -24,21 +24,60 @@ pub enum CentroidGrad {
 #[derive(Debug, Clone)]
 pub struct PqWeight {
     centroids: Var,
-    index: Tensor,
     assignments: Arc<Assignments>,
     layout: BlockLayout,
-    /// `1 / count(centroid of block j)` per sub-vector, shape `(n_blocks, 1)`.
-    grad_scale: Tensor,
+    /// The gather index (`u32` per sub-vector) and `1 / count(centroid of block j)` per sub-vector
+    /// `(n_blocks, 1)`: 8 bytes per block, built on the first [`Self::weight`] call only, so a
+    /// model that runs from its codes ([`Self::matmul`]) never holds them.
+    gather: Arc<OnceLock<(Tensor, Tensor)>>,
     reduction: CentroidGrad,
 }
 
 impl PqWeight {
     /// Wraps codes; the centroids become a new trainable variable.
     pub fn from_codes(codes: &PqCodes, reduction: CentroidGrad) -> Result<Self> {
-        let device = codes.centroids.device();
-        let centroids = Var::from_tensor(&codes.centroids.to_dtype(DType::F32)?.copy()?)?;
-        let idx = codes.assignments.to_u32();
-        let mut counts = vec![0u32; codes.k()];
+        Self::from_parts(
+            &codes.centroids,
+            Arc::new(codes.assignments.clone()),
+            codes.layout.clone(),
+            reduction,
+        )
+    }
+
+    /// The same, taking the codes' assignments without a copy (a model loaded from a file).
+    pub fn from_owned_codes(codes: PqCodes, reduction: CentroidGrad) -> Result<Self> {
+        Self::from_parts(
+            &codes.centroids,
+            Arc::new(codes.assignments),
+            codes.layout,
+            reduction,
+        )
+    }
+
+    fn from_parts(
+        centroids: &Tensor,
+        assignments: Arc<Assignments>,
+        layout: BlockLayout,
+        reduction: CentroidGrad,
+    ) -> Result<Self> {
+        let centroids = Var::from_tensor(&centroids.to_dtype(DType::F32)?.copy()?)?;
+        Ok(Self {
+            centroids,
+            assignments,
+            layout,
+            gather: Arc::new(OnceLock::new()),
+            reduction,
+        })
+    }
+
+    fn gather(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(g) = self.gather.get() {
+            return Ok(g);
+        }
+        let device = self.centroids.device();
+        let idx = self.assignments.to_u32();
+        let k = self.centroids.dim(0)?;
+        let mut counts = vec![0u32; k];
         idx.iter().for_each(|&a| counts[a as usize] += 1);
         // Every assigned centroid has count >= 1; unused ones are never gathered, so they get a zero
         // gradient and never a division by zero.
@@ -47,14 +86,12 @@ impl PqWeight {
             .map(|&a| 1.0 / counts[a as usize] as f32)
             .collect();
         let n = idx.len();
-        Ok(Self {
-            centroids,
-            index: Tensor::from_vec(idx, n, device)?,
-            assignments: Arc::new(codes.assignments.clone()),
-            layout: codes.layout.clone(),
-            grad_scale: Tensor::from_vec(scale, (n, 1), device)?,
-            reduction,
-        })
+        let built = (
+            Tensor::from_vec(idx, n, device)?,
+            Tensor::from_vec(scale, (n, 1), device)?,
+        );
+        // A concurrent first call may have won: either value is the same.
+        Ok(self.gather.get_or_init(|| built))
     }
 
     /// The trainable centroids `[K, d]`.
@@ -89,11 +126,12 @@ impl PqWeight {
     /// The weight: each block is its centroid. With [`CentroidGrad::Mean`] the value is unchanged
     /// but each block's gradient reaches its centroid scaled by `1 / count`.
     pub fn weight(&self) -> Result<Tensor> {
-        let blocks = self.centroids.as_tensor().index_select(&self.index, 0)?;
+        let (index, grad_scale) = self.gather()?;
+        let blocks = self.centroids.as_tensor().index_select(index, 0)?;
         let blocks = match self.reduction {
             CentroidGrad::Sum => blocks,
             CentroidGrad::Mean => {
-                let scaled = blocks.broadcast_mul(&self.grad_scale)?;
+                let scaled = blocks.broadcast_mul(grad_scale)?;
                 // `scaled - scaled.detach()` is exactly zero: the value stays `blocks`.
                 ((&scaled - scaled.detach())? + blocks.detach())?
             }

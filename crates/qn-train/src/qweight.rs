@@ -3,11 +3,12 @@
 use std::sync::Mutex;
 
 use candle_core::{Tensor, Var};
+use qn_kernels::import::CodedTensor;
 use qn_kernels::{
     layout::{BlockLayout, LayerKind},
     noise::{BlockMask, NoiseRate},
     pq::{encode, KMeansConfig, PqCodes},
-    scalar::{dequantize, observe, quantize, QuantizedTensor, ScalarConfig},
+    scalar::{dequantize, observe, quantize, scalar_gather_rows, QuantizedTensor, ScalarConfig},
 };
 
 use crate::{
@@ -27,6 +28,8 @@ pub(crate) enum LinearPlan {
     /// A product-quantized weight in evaluation on the CPU: the matmul (or the embedding lookup)
     /// runs from its codes; a frozen row is the caller's to apply, as for `Exact`.
     Codes(qn_kernels::pq::PqMatmul),
+    /// An int-N weight in evaluation on the CPU: dequantised inside the matmul (or per row read).
+    Scalar(QuantizedTensor),
 }
 
 /// Float or product-quantized storage.
@@ -70,15 +73,73 @@ impl QWeight {
         })
     }
 
+    /// A weight already quantized (read from a `.qnz`): it runs from its codes in evaluation
+    /// and is never expanded to a dense copy unless a training forward asks for it.
+    pub fn from_coded(name: &str, kind: LayerKind, coded: CodedTensor) -> Result<Self> {
+        let (shape, state) = match coded {
+            CodedTensor::Pq(codes) => (
+                codes.layout.shape().to_vec(),
+                WeightState::Pq(PqWeight::from_owned_codes(codes, CentroidGrad::Mean)?),
+            ),
+            CodedTensor::Scalar(q) => (q.codes.dims().to_vec(), WeightState::Scalar(q)),
+        };
+        let finest = match (kind, shape.as_slice()) {
+            (LayerKind::Conv2d, [_, _, kh, kw]) => kh * kw,
+            _ => 1,
+        };
+        let layout = BlockLayout::new(name, kind, &shape, finest)?;
+        Ok(Self {
+            name: name.to_string(),
+            layout,
+            state,
+            noise: Mutex::new(NoiseState::new(NoiseConfig::None, 0)),
+            frozen_row: None,
+        })
+    }
+
+    /// Keeps `row` at its current value (no noise, no gradient, survives quantization).
     pub(crate) fn freeze_row(&mut self, row: usize) -> Result<()> {
+        self.check_row(row)?;
+        // One row, rebuilt from the codes of a coded weight: never the whole table.
+        let value = match &self.state {
+            WeightState::Float(v) => v.as_tensor().get(row)?.detach().copy()?,
+            WeightState::Pq(p) if self.layout.shape().len() == 2 => {
+                let m = p.matmul()?;
+                let device = p.centroids().device();
+                Tensor::from_vec(m.gather_rows(&[row as u32])?, m.cols(), device)?
+            }
+            WeightState::Scalar(q) if self.layout.shape().len() == 2 => {
+                let values = scalar_gather_rows(q, &[row as u32])?;
+                let n = values.len();
+                Tensor::from_vec(values, n, q.codes.device())?
+            }
+            _ => self.stored()?.get(row)?.detach().copy()?,
+        };
+        self.frozen_row = Some((row, value));
+        Ok(())
+    }
+
+    /// Keeps `row` at `value` (the exact row a `.qnz` stores beside a quantized embedding).
+    pub fn set_frozen_row(&mut self, row: usize, value: Tensor) -> Result<()> {
+        self.check_row(row)?;
+        let cols = self.layout.shape()[1..].iter().product::<usize>();
+        if value.elem_count() != cols {
+            return Err(self.err(format!(
+                "exact row {row} holds {} values, a row has {cols}",
+                value.elem_count()
+            )));
+        }
+        self.frozen_row = Some((row, value.flatten_all()?));
+        Ok(())
+    }
+
+    fn check_row(&self, row: usize) -> Result<()> {
         if row >= self.layout.rows() {
             return Err(self.err(format!(
                 "row {row} is out of range for {} rows",
                 self.layout.rows()
             )));
         }
-        let value = self.stored()?.get(row)?.detach().copy()?;
-        self.frozen_row = Some((row, value));
         Ok(())
     }
 
@@ -250,10 +311,15 @@ impl QWeight {
     /// the block-drop mask and the frozen row to the rows it reads: the frozen row is the
     /// caller's to keep (the plan ignores it).
     pub(crate) fn gather_plan(&self, train: bool) -> Result<LinearPlan> {
-        if let WeightState::Pq(p) = &self.state {
-            if !train && p.centroids().device().is_cpu() && self.layout.shape().len() == 2 {
+        let matrix = self.layout.shape().len() == 2;
+        match &self.state {
+            WeightState::Pq(p) if !train && matrix && p.centroids().device().is_cpu() => {
                 return Ok(LinearPlan::Codes(p.matmul()?));
             }
+            WeightState::Scalar(q) if !train && matrix && q.codes.device().is_cpu() => {
+                return Ok(LinearPlan::Scalar(q.clone()));
+            }
+            _ => {}
         }
         let WeightState::Float(v) = &self.state else {
             return Ok(LinearPlan::Generic(self.weight_t(train)?));

@@ -68,7 +68,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args.seed,
     )?;
     let start = Instant::now();
-    let bundle = args.model.load(None, 0, false)?;
+    let bundle = args.model.load_for_inference(false)?;
     let tok = bundle.tokenizer(Some(args.max_len))?;
     let data = to_dataset(&rows, &bundle.label_map(), &tok, &args.data)?;
     let pred = predict_all(&bundle.model, &data.x, args.batch_size as usize)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use qn_models::bundle::{load_bundle, EncoderBundle, HeadRequest};
+use qn_models::bundle::{load_bundle, EncoderBundle, LoadRequest};
 use qn_models::text::{read_examples, LabelMap, Task, TextExample, TextTokenizer};
 use qn_train::data::Dataset;
 
@@ -36,17 +36,34 @@ impl ModelArgs {
         }
     }
 
-    /// Loads the model (its head sized for `labels` when given), printing its warnings.
+    /// Loads the model to train or compress it (its head sized for `labels` when given; a
+    /// `.qnz`'s weights decoded to float), printing its warnings.
     pub fn load(
         &self,
         labels: Option<LabelMap>,
         seed: u64,
         quiet_head: bool,
     ) -> Result<EncoderBundle> {
+        self.load_with(labels, seed, quiet_head, false)
+    }
+
+    /// Loads the model to run it: a `.qnz`'s quantized layers run from their codes, never
+    /// expanded to a dense copy.
+    pub fn load_for_inference(&self, quiet_head: bool) -> Result<EncoderBundle> {
+        self.load_with(None, 0, quiet_head, true)
+    }
+
+    fn load_with(
+        &self,
+        labels: Option<LabelMap>,
+        seed: u64,
+        quiet_head: bool,
+        keep_codes: bool,
+    ) -> Result<EncoderBundle> {
         let b = load_bundle(
             &self.model,
             self.revision.as_deref(),
-            &HeadRequest { labels },
+            &LoadRequest { labels, keep_codes },
             seed,
             &Device::Cpu,
         )?;

@@ -78,7 +78,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
         );
     }
     let inputs = texts(&t.text, &t.text_pair, &t.input)?;
-    let bundle = args.model.load(None, 0, false)?;
+    let bundle = args.model.load_for_inference(false)?;
     let tok = bundle.tokenizer(t.max_len)?;
     let mut results = Vec::new();
     for chunk in inputs.chunks(BATCH) {
@@ -137,7 +137,7 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     let t = &args.input;
     let inputs = texts(&t.text, &t.text_pair, &t.input)?;
     // Embedding needs no head: the warning about initialising one is noise here.
-    let bundle = args.model.load(None, 0, true)?;
+    let bundle = args.model.load_for_inference(true)?;
     let tok = bundle.tokenizer(t.max_len)?;
     let mut all: Vec<Vec<f32>> = Vec::new();
     for chunk in inputs.chunks(BATCH) {

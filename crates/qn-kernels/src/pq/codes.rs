@@ -121,8 +121,16 @@ impl PqCodes {
                 ),
             ));
         }
-        let check = Assignments::from_u32(&assignments.to_u32(), k)?;
-        debug_assert_eq!(check, assignments);
+        let bad = match &assignments {
+            Assignments::U8(v) => v.iter().map(|&a| a as usize).find(|&a| a >= k),
+            Assignments::U16(v) => v.iter().map(|&a| a as usize).find(|&a| a >= k),
+        };
+        if let Some(a) = bad {
+            return Err(Error::config(
+                "assignments",
+                format!("index {a} is out of range for {k} centroids"),
+            ));
+        }
         Ok(Self {
             centroids,
             assignments,

@@ -111,7 +111,8 @@ impl ScalarConfig {
         (1i32 << self.bits) - 1
     }
 
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks bits, observer bins and group size.
+    pub fn validate(&self) -> Result<()> {
         Self::new(self.bits)?;
         if let ObserverKind::Histogram { bins } = self.observer {
             if !(16..=1 << 16).contains(&bins) {
@@ -143,6 +144,25 @@ impl From<Scheme> for qn_format::header::Scheme {
         match s {
             Scheme::Affine => Self::Affine,
             Scheme::Symmetric => Self::Symmetric,
+        }
+    }
+}
+
+impl From<qn_format::header::Granularity> for Granularity {
+    fn from(g: qn_format::header::Granularity) -> Self {
+        match g {
+            qn_format::header::Granularity::PerTensor => Self::PerTensor,
+            qn_format::header::Granularity::PerChannel { axis } => Self::PerChannel { axis },
+            qn_format::header::Granularity::PerGroup { size } => Self::PerGroup { size },
+        }
+    }
+}
+
+impl From<qn_format::header::Scheme> for Scheme {
+    fn from(s: qn_format::header::Scheme) -> Self {
+        match s {
+            qn_format::header::Scheme::Affine => Self::Affine,
+            qn_format::header::Scheme::Symmetric => Self::Symmetric,
         }
     }
 }

@@ -3,7 +3,9 @@
 
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
-use qn_train::{layers::QLinear, NoiseStep};
+use qn_train::{kernels::layout::LayerKind, layers::QLinear, NoiseStep};
+
+use crate::coded::CodedWeights;
 
 use super::attention::{self_attention, ProbsDropout};
 use super::config::{Activation, EncoderConfig};
@@ -39,11 +41,22 @@ impl Norm {
     }
 }
 
-/// A `QLinear` with Hugging Face's names, read from `vb` (which must hold the tensors).
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<QLinear> {
-    let w = Var::from_tensor(&vb.get((out_dim, in_dim), "weight")?)?;
+/// A `QLinear` with Hugging Face's names: its weight from `coded` when it is there (a layer that
+/// runs from its codes), else from `vb` (which must hold the tensors).
+pub(crate) fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    coded: &CodedWeights,
+) -> Result<QLinear> {
+    let name = vb.prefix();
     let b = Var::from_tensor(&vb.get(out_dim, "bias")?)?;
-    Ok(QLinear::new(&vb.prefix(), w, Some(b))?)
+    let weight = format!("{name}.weight");
+    if let Some(w) = coded.take(&weight, LayerKind::Linear, &[out_dim, in_dim], vb.device())? {
+        return Ok(QLinear::from_weight(w, Some(b)));
+    }
+    let w = Var::from_tensor(&vb.get((out_dim, in_dim), "weight")?)?;
+    Ok(QLinear::new(&name, w, Some(b))?)
 }
 
 /// Where dropout draws its masks: the run's seed and step, and this site's number.
@@ -91,17 +104,27 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    pub(crate) fn new(cfg: &EncoderConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &EncoderConfig,
+        index: usize,
+        vb: VarBuilder,
+        coded: &CodedWeights,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let att = vb.pp("attention");
         Ok(Self {
-            query: linear(h, h, att.pp("self").pp("query"))?,
-            key: linear(h, h, att.pp("self").pp("key"))?,
-            value: linear(h, h, att.pp("self").pp("value"))?,
-            attn_out: linear(h, h, att.pp("output").pp("dense"))?,
+            query: linear(h, h, att.pp("self").pp("query"), coded)?,
+            key: linear(h, h, att.pp("self").pp("key"), coded)?,
+            value: linear(h, h, att.pp("self").pp("value"), coded)?,
+            attn_out: linear(h, h, att.pp("output").pp("dense"), coded)?,
             attn_norm: Norm::new(h, cfg.layer_norm_eps, att.pp("output").pp("LayerNorm"))?,
-            intermediate: linear(h, cfg.intermediate_size, vb.pp("intermediate").pp("dense"))?,
-            output: linear(cfg.intermediate_size, h, vb.pp("output").pp("dense"))?,
+            intermediate: linear(
+                h,
+                cfg.intermediate_size,
+                vb.pp("intermediate").pp("dense"),
+                coded,
+            )?,
+            output: linear(cfg.intermediate_size, h, vb.pp("output").pp("dense"), coded)?,
             out_norm: Norm::new(h, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
             heads: cfg.num_attention_heads,
             act: cfg.activation().expect("validated"),

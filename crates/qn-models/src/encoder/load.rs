@@ -19,6 +19,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::{EncoderConfig, Family};
 use super::model::Encoder;
+use crate::coded::CodedWeights;
 use crate::recording::{listed, name_hash, recording_vb, take, InitFn};
 use crate::{Error, Result};
 
@@ -103,6 +104,28 @@ pub fn build_encoder(
     seed: u64,
     device: &Device,
 ) -> Result<Loaded> {
+    build_encoder_coded(
+        config,
+        tensors,
+        CodedWeights::default(),
+        weights_path,
+        num_labels,
+        seed,
+        device,
+    )
+}
+
+/// [`build_encoder`] with some Linear and Embedding weights still coded (read from a `.qnz`):
+/// those layers run from their codes. A coded tensor no layer takes is an unexpected tensor.
+pub fn build_encoder_coded(
+    config: &EncoderConfig,
+    tensors: HashMap<String, Tensor>,
+    coded: CodedWeights,
+    weights_path: &Path,
+    num_labels: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Loaded> {
     if num_labels == 0 {
         return Err(Error::Input("a classifier needs at least one label".into()));
     }
@@ -128,8 +151,14 @@ pub fn build_encoder(
         })
     });
     let (vb, record) = recording_vb(tensors, init, device);
-    let model = Encoder::new(config, num_labels, seed, vb)?;
-    let rec = take(&record);
+    let model = Encoder::with_coded(config, num_labels, seed, vb, &coded)?;
+    let mut rec = take(&record);
+    // A mis-shaped coded weight was asked from `vb` too (and filled by `init`): it is a mismatch,
+    // not a missing tensor, as for a float one.
+    for (name, message) in coded.take_mismatched() {
+        rec.missing.retain(|n| *n != name);
+        rec.mismatched.push(message);
+    }
     let mut warnings = Vec::new();
     let head_missing: Vec<String> = rec
         .missing
@@ -176,6 +205,7 @@ pub fn build_encoder(
     }
     let used: std::collections::HashSet<&String> = rec.used.iter().collect();
     let mut unused: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
+    unused.extend(coded.names());
     unused.sort();
     // Buffers (position ids) are recomputed from the input: not worth a warning.
     unused.retain(|n| !is_buffer(n));

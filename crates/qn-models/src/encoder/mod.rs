@@ -15,7 +15,7 @@ pub mod model;
 pub mod ops;
 
 pub use config::{Activation, EncoderConfig, Family};
-pub use load::{build_encoder, canonical_name, read_weights, Loaded};
+pub use load::{build_encoder, build_encoder_coded, canonical_name, read_weights, Loaded};
 pub use model::{Encoder, Head};
 
 use candle_core::{Device, Tensor};

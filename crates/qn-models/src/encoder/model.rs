@@ -11,7 +11,9 @@ use qn_train::{
 
 use super::block::{linear, DropCtx, EncoderLayer, Norm};
 use super::config::{EncoderConfig, Family};
+use crate::coded::CodedWeights;
 use crate::Result;
+use qn_train::kernels::layout::LayerKind;
 
 /// The classification head.
 #[derive(Debug)]
@@ -61,6 +63,18 @@ impl Encoder {
         seed: u64,
         vb: VarBuilder,
     ) -> Result<Self> {
+        Self::with_coded(config, num_labels, seed, vb, &CodedWeights::default())
+    }
+
+    /// [`Self::new`] with the Linear and Embedding weights `coded` holds taken from it (layers
+    /// that run from their codes) instead of from `vb`.
+    pub fn with_coded(
+        config: &EncoderConfig,
+        num_labels: usize,
+        seed: u64,
+        vb: VarBuilder,
+        coded: &CodedWeights,
+    ) -> Result<Self> {
         let c = config;
         let h = c.hidden_size;
         let family = c.family();
@@ -69,13 +83,14 @@ impl Encoder {
         let pad = c.pad_id() as usize;
         let embedding = |num: usize, name: &str, padding: Option<usize>| -> Result<QEmbedding> {
             let vb = emb.pp(name);
-            let w = Var::from_tensor(&vb.get((num, h), "weight")?)?;
             // A padding id outside the table (some configs carry one) has no row to protect.
-            Ok(QEmbedding::new(
-                &vb.prefix(),
-                w,
-                padding.filter(|p| *p < num),
-            )?)
+            let padding = padding.filter(|p| *p < num);
+            let weight = format!("{}.weight", vb.prefix());
+            if let Some(w) = coded.take(&weight, LayerKind::Embedding, &[num, h], vb.device())? {
+                return Ok(QEmbedding::from_weight(w, padding)?);
+            }
+            let w = Var::from_tensor(&vb.get((num, h), "weight")?)?;
+            Ok(QEmbedding::new(&vb.prefix(), w, padding)?)
         };
         let word = embedding(c.vocab_size, "word_embeddings", Some(pad))?;
         let position = embedding(
@@ -86,16 +101,16 @@ impl Encoder {
         let token_type = embedding(c.type_vocab_size, "token_type_embeddings", None)?;
         let emb_norm = Norm::new(h, c.layer_norm_eps, emb.pp("LayerNorm"))?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(c, i, base.pp("encoder").pp("layer").pp(i)))
+            .map(|i| EncoderLayer::new(c, i, base.pp("encoder").pp("layer").pp(i), coded))
             .collect::<Result<Vec<_>>>()?;
         let head = match family {
             Family::Bert => Head::Bert {
-                pooler: linear(h, h, base.pp("pooler").pp("dense"))?,
-                classifier: linear(h, num_labels, vb.pp("classifier"))?,
+                pooler: linear(h, h, base.pp("pooler").pp("dense"), coded)?,
+                classifier: linear(h, num_labels, vb.pp("classifier"), coded)?,
             },
             Family::Roberta => Head::Roberta {
-                dense: linear(h, h, vb.pp("classifier").pp("dense"))?,
-                out_proj: linear(h, num_labels, vb.pp("classifier").pp("out_proj"))?,
+                dense: linear(h, h, vb.pp("classifier").pp("dense"), coded)?,
+                out_proj: linear(h, num_labels, vb.pp("classifier").pp("out_proj"), coded)?,
             },
         };
         Ok(Self {

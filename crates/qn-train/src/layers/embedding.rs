@@ -30,6 +30,21 @@ impl QEmbedding {
         })
     }
 
+    /// From a weight already built (e.g. [`QWeight::from_coded`]: a table read from a `.qnz`,
+    /// whose exact padding row [`QWeight::set_frozen_row`] has set); a padding row not yet kept
+    /// is taken from the weight's current value.
+    pub fn from_weight(mut weight: QWeight, padding_idx: Option<usize>) -> Result<Self> {
+        if let Some(p) = padding_idx {
+            if weight.frozen_row().map(|(r, _)| r) != Some(p) {
+                weight.freeze_row(p)?;
+            }
+        }
+        Ok(Self {
+            weight,
+            padding_idx,
+        })
+    }
+
     /// The padding row, if any.
     pub fn padding_idx(&self) -> Option<usize> {
         self.padding_idx
@@ -63,18 +78,16 @@ impl ModuleT for QEmbedding {
             LinearPlan::BlockDrop(w, mask, p) => self.gather(&w, &flat, Some((&mask, p)))?,
             // Evaluation of a PQ table: only the rows read are rebuilt from their codes.
             LinearPlan::Codes(m) => {
-                let idv = flat.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+                let idv = flat.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let rows = m.gather_rows(&idv).map_err(crate::Error::from)?;
-                let mut rows = Tensor::from_vec(rows, (idv.len(), m.cols()), ids.device())?;
-                if let Some((row, value)) = self.weight.frozen_row() {
-                    // The padding row keeps its exact value.
-                    let hit: Vec<u8> = idv.iter().map(|&i| u8::from(i as usize == row)).collect();
-                    let hit = Tensor::from_vec(hit, (idv.len(), 1), ids.device())?
-                        .broadcast_as(rows.shape())?;
-                    let value = value.reshape((1, m.cols()))?.broadcast_as(rows.shape())?;
-                    rows = hit.where_cond(&value, &rows)?;
-                }
-                rows
+                self.with_frozen_row(rows, &idv, m.cols(), ids.device())?
+            }
+            // Evaluation of an int-N table: only the rows read are dequantised.
+            LinearPlan::Scalar(q) => {
+                let idv = flat.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let rows =
+                    qn_kernels::scalar::scalar_gather_rows(&q, &idv).map_err(crate::Error::from)?;
+                self.with_frozen_row(rows, &idv, q.codes.dim(1)?, ids.device())?
             }
         };
         let mut shape = ids.dims().to_vec();
@@ -84,6 +97,28 @@ impl ModuleT for QEmbedding {
 }
 
 impl QEmbedding {
+    /// Rows rebuilt from codes (`ids.len() × cols` values) as a tensor, the padding row at its
+    /// exact value.
+    fn with_frozen_row(
+        &self,
+        rows: Vec<f32>,
+        ids: &[u32],
+        cols: usize,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut rows = Tensor::from_vec(rows, (ids.len(), cols), device)?;
+        if let Some((row, value)) = self.weight.frozen_row() {
+            let hit: Vec<u8> = ids.iter().map(|&i| u8::from(i as usize == row)).collect();
+            let hit = Tensor::from_vec(hit, (ids.len(), 1), device)?.broadcast_as(rows.shape())?;
+            let value = value
+                .to_dtype(DType::F32)?
+                .reshape((1, cols))?
+                .broadcast_as(rows.shape())?;
+            rows = hit.where_cond(&value, &rows)?;
+        }
+        Ok(rows)
+    }
+
     /// The rows of the float weight `w` that `ids` name, with block drop and the padding row applied
     /// to those rows only. Applying them to the whole table first (as [`QWeight::weight_t`] does)
     /// gives the same values and gradients but costs a pass over the table, its gradient and a

@@ -31,6 +31,15 @@ impl QLinear {
         })
     }
 
+    /// From a weight already built (e.g. [`QWeight::from_coded`]: a layer read from a `.qnz`).
+    pub fn from_weight(weight: QWeight, bias: Option<Var>) -> Self {
+        Self {
+            weight,
+            bias,
+            act_quant: None,
+        }
+    }
+
     /// Quantizes the layer's output with [`ActQuant`] (`None`: off).
     pub fn set_activation_quant(&mut self, config: Option<ActQuantConfig>) -> Result<()> {
         self.act_quant = config.map(ActQuant::new).transpose()?;
@@ -78,6 +87,11 @@ impl ModuleT for QLinear {
             LinearPlan::Generic(w) => (x2.matmul(&w.t()?)?, w.dim(0)?),
             // Evaluation of a PQ weight: from its codes (tables for a few rows, else one decode).
             LinearPlan::Codes(m) => (m.forward(&x2).map_err(crate::Error::from)?, m.rows()),
+            // Evaluation of an int-N weight: dequantised inside the dot products.
+            LinearPlan::Scalar(q) => (
+                qn_kernels::scalar::scalar_matmul(&x2, &q).map_err(crate::Error::from)?,
+                q.codes.dim(0)?,
+            ),
         };
         if let Some(b) = &self.bias {
             y = qn_kernels::bias::add_bias(&y, b.as_tensor()).map_err(crate::Error::from)?;
