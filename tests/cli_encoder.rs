@@ -204,6 +204,28 @@ fn finetune_compress_eval_predict_embed_decompress() {
         "{names:?}"
     );
     assert_eq!(eval_json(&hf)["correct"], eq["correct"]);
+    // The `.qnz` runs from its codes; its decompressed directory is dense: the same logits.
+    let dense = json(&qn(&[
+        &"predict",
+        &"--model",
+        &hf,
+        &"--text",
+        &"a charming journey",
+        &"--json",
+    ]));
+    let logits = |j: &Value| -> Vec<f64> {
+        j["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (logits(&p), logits(&dense));
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * scale, "{a:?} vs {b:?}");
+    }
     // A non-empty directory is refused, and left as it was.
     refused(
         &qn(&[&"decompress", &qnz, &"-o", &hf]),

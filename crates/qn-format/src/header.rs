@@ -325,7 +325,10 @@ pub fn record_parts(shape: &[usize], encoding: &Encoding) -> Result<Vec<(Part, u
                 None => vec![(Part::Codebook, codebook), (Part::Assignments, packed)],
                 Some(words) => {
                     // The writer keeps rANS only when it is smaller than packing.
-                    if words == 0 || words.checked_mul(4).is_none_or(|b| b + 4 * k > packed) {
+                    let bytes = words
+                        .checked_mul(4)
+                        .and_then(|b| b.checked_add(k.checked_mul(4)?));
+                    if words == 0 || bytes.is_none_or(|b| b > packed) {
                         return Err(format!(
                             "{words} rANS words is implausible for {n_sub} assignments"
                         ));

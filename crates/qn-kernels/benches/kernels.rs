@@ -193,6 +193,29 @@ fn bench_pq_matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// One input row through an int8 (per output channel) 1024 x 4096 layer: dequantisation inside
+/// the dot products against dequantise + matmul and the dense matmul (cache-hot; the cold figure
+/// is `examples/lut_gemv.rs`'s `int8` lines).
+fn bench_scalar_matmul(c: &mut Criterion) {
+    use qn_kernels::scalar::{scalar_matmul, scalar_matmul_reference};
+    let w = matrix();
+    let config = ScalarConfig::int8().with_granularity(Granularity::PerChannel { axis: 0 });
+    let q = scalar::quantize(&w, &scalar::observe(&w, &config).unwrap()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, COLS), &Device::Cpu).unwrap();
+    let dense = scalar::dequantize(&q).unwrap();
+    let mut g = c.benchmark_group("int8 matmul 1 x 4096 by 1024 x 4096 per channel");
+    g.bench_function("from codes (scalar_matmul)", |b| {
+        b.iter(|| scalar_matmul(black_box(&x), &q).unwrap())
+    });
+    g.bench_function("dense matmul (weight dequantised once)", |b| {
+        b.iter(|| black_box(&x).matmul(&dense.t().unwrap()).unwrap())
+    });
+    g.bench_function("reference (dequantise + matmul)", |b| {
+        b.iter(|| scalar_matmul_reference(black_box(&x), &q).unwrap())
+    });
+    g.finish();
+}
+
 /// Depthwise convolution forward + backward on one of EfficientNet-Lite0's shapes (8 x 144 x 56²,
 /// k3): the fused op against candle's grouped conv2d.
 fn bench_depthwise(c: &mut Criterion) {
@@ -223,6 +246,7 @@ criterion_group!(
     bench_noise,
     bench_decode,
     bench_pq_matmul,
+    bench_scalar_matmul,
     bench_depthwise
 );
 criterion_main!(benches);

@@ -3,8 +3,9 @@
 //! that the dense weights (≥ `MB` megabytes in all, default 340, the 72 linear layers of a
 //! BERT-base encoder) do not stay in the last-level cache; the cache-hot figure (one layer again
 //! and again) is printed too. Then the crossover of `PqMatmul::forward`: tables against decode +
-//! dense matmul for 1 to 2,048 input rows (32 sentences × 64 tokens). `scripts/lut_gemv.sh` runs
-//! this beside numpy's BLAS.
+//! dense matmul for 1 to 2,048 input rows (32 sentences × 64 tokens). The same two measurements
+//! for int8 codes (per output channel) through `scalar_matmul` (dequantisation inside the dot
+//! products) follow, on lines marked `int8`. `scripts/lut_gemv.sh` runs this beside numpy's BLAS.
 //!
 //! ```text
 //! cargo run --release -p qn-kernels --example lut_gemv -- [MB] [ROUNDS]
@@ -17,6 +18,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use qn_kernels::layout::BlockLayout;
 use qn_kernels::pq::{Assignments, PqCodes, PqMatmul};
+use qn_kernels::scalar::{
+    observe, quantize, scalar_matmul, scalar_matmul_with, Granularity, QuantizedTensor,
+    ScalarConfig,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -89,6 +94,32 @@ fn main() {
             "{rows}x{cols} hot {hot_ours:.1} {hot_dense:.1} {:.2}",
             hot_dense / hot_ours
         );
+        drop(tables);
+        let int8 = ScalarConfig::int8().with_granularity(Granularity::PerChannel { axis: 0 });
+        let coded: Vec<QuantizedTensor> = dense
+            .iter()
+            .map(|w| quantize(w, &observe(w, &int8).unwrap()).unwrap())
+            .collect();
+        let cold_ours = time(rounds, layers, |i| {
+            black_box(scalar_matmul(&x, &coded[i]).unwrap());
+        });
+        let cold_dense = time(rounds, layers, |i| {
+            black_box(x.matmul(&dense[i].t().unwrap()).unwrap());
+        });
+        println!(
+            "{rows}x{cols} int8-cold({layers}) {cold_ours:.1} {cold_dense:.1} {:.2}",
+            cold_dense / cold_ours
+        );
+        let hot_ours = time(rounds, 200, |_| {
+            black_box(scalar_matmul(&x, &coded[0]).unwrap());
+        });
+        let hot_dense = time(rounds, 200, |_| {
+            black_box(x.matmul(&dense[0].t().unwrap()).unwrap());
+        });
+        println!(
+            "{rows}x{cols} int8-hot {hot_ours:.1} {hot_dense:.1} {:.2}",
+            hot_dense / hot_ours
+        );
     }
     // The crossover of `PqMatmul::forward`: tables against decode + one dense matmul, by input
     // rows, through one 3072 x 768 layer (an FFN's first matmul in BERT-base), ending at a batch of
@@ -110,6 +141,23 @@ fn main() {
         });
         println!(
             "{rows}x{cols} rows{n} tables {ours:.1} decode+dense {dec:.1} {:.2}",
+            dec / ours
+        );
+    }
+    let w = codes.decode().unwrap();
+    let int8 = ScalarConfig::int8().with_granularity(Granularity::PerChannel { axis: 0 });
+    let q = quantize(&w, &observe(&w, &int8).unwrap()).unwrap();
+    for n in [1usize, 2, 4, 8, 16, 32, 64, 2048] {
+        let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu).unwrap();
+        let reps = (64 / n).max(2);
+        let ours = time(rounds, reps, |_| {
+            black_box(scalar_matmul_with(&x, &q, usize::MAX).unwrap());
+        });
+        let dec = time(rounds, reps, |_| {
+            black_box(scalar_matmul_with(&x, &q, 0).unwrap());
+        });
+        println!(
+            "{rows}x{cols} int8-rows{n} codes {ours:.1} dequantize+dense {dec:.1} {:.2}",
             dec / ours
         );
     }

@@ -79,13 +79,10 @@ impl CodedWeights {
             CodedTensor::Scalar(q) => q.codes.dims().to_vec(),
         };
         if dims != shape {
-            self.mismatched
-                .lock()
-                .expect("coded weights lock")
-                .push((
-                    name.to_string(),
-                    format!("`{name}` is {dims:?}, the config needs {shape:?}"),
-                ));
+            self.mismatched.lock().expect("coded weights lock").push((
+                name.to_string(),
+                format!("`{name}` is {dims:?}, the config needs {shape:?}"),
+            ));
             return Ok(None);
         }
         let layer = name.strip_suffix(".weight").unwrap_or(name);

@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use candle_core::{Device, ModuleT, Tensor};
+use qn_format::header::CodebookKind;
 use qn_models::bundle::{load_bundle, qnz_metadata, EncoderBundle, LoadRequest};
 use qn_models::encoder::pack_batch;
-use qn_format::header::CodebookKind;
 use qn_train::kernels::{
     pq::KMeansConfig,
     scalar::{Granularity, ScalarConfig},
@@ -41,9 +41,9 @@ fn write_mixed_qnz(path: &Path) {
         let name = layer.qweight().name().to_string();
         let w = layer.qweight_mut();
         if name.contains("intermediate") {
-            w.quantize_scalar(&ScalarConfig::int8().with_granularity(Granularity::PerChannel {
-                axis: 0,
-            }))
+            w.quantize_scalar(
+                &ScalarConfig::int8().with_granularity(Granularity::PerChannel { axis: 0 }),
+            )
             .unwrap();
         } else if name.contains("output.dense") && !name.contains("attention") {
             w.quantize_scalar(

@@ -39,6 +39,12 @@ const OUT_CHUNK: usize = 64;
 
 /// `x (.., in) · Wᵀ` for codes `W (out, in)`, on the CPU (other devices: the reference path).
 pub fn scalar_matmul(x: &Tensor, q: &QuantizedTensor) -> Result<Tensor> {
+    scalar_matmul_with(x, q, SCALAR_MAX_ROWS)
+}
+
+/// [`scalar_matmul`] with another crossover: inputs of more than `max_rows` rows take the dense
+/// path (for measuring it).
+pub fn scalar_matmul_with(x: &Tensor, q: &QuantizedTensor, max_rows: usize) -> Result<Tensor> {
     let (rows, cols) = q.codes.dims2().map_err(|_| {
         Error::shape(
             "scalar matmul",
@@ -64,7 +70,7 @@ pub fn scalar_matmul(x: &Tensor, q: &QuantizedTensor) -> Result<Tensor> {
         Granularity::PerGroup { size } => Some(size),
         Granularity::PerChannel { .. } => None,
     };
-    let (Some(group), true, true) = (group, x.device().is_cpu(), n <= SCALAR_MAX_ROWS) else {
+    let (Some(group), true, true) = (group, x.device().is_cpu(), n <= max_rows) else {
         return scalar_matmul_reference(x, q);
     };
     let per_tensor = q.params.config.granularity == Granularity::PerTensor;

@@ -28,7 +28,9 @@ mod params;
 
 pub use config::{Granularity, ObserverKind, ScalarConfig, Scheme};
 pub use histogram::{histogram_range, Histogram};
-pub use matmul::{scalar_gather_rows, scalar_matmul, scalar_matmul_reference, SCALAR_MAX_ROWS};
+pub use matmul::{
+    scalar_gather_rows, scalar_matmul, scalar_matmul_reference, scalar_matmul_with, SCALAR_MAX_ROWS,
+};
 pub(crate) use ops::check_shape;
 pub use ops::{dequantize, fake_quantize, quantize, QuantizedTensor};
 pub use params::{observe, observe_range, ParamView, QParams};
