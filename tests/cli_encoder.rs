@@ -382,6 +382,24 @@ fn bad_input_is_one_line_naming_what_is_wrong() {
             "{what}: wrote output"
         );
     }
+    // predict and embed refuse an empty or negative batch before loading anything.
+    for cmd in ["predict", "embed"] {
+        for b in ["0", "-2"] {
+            refused(
+                &qn(&[
+                    &cmd,
+                    &"--model",
+                    &asset("tiny-roberta"),
+                    &"--text",
+                    &"hi",
+                    &"--batch-size",
+                    &b,
+                ]),
+                &format!("{cmd} --batch-size {b}"),
+                &["--batch-size"],
+            );
+        }
+    }
     // A malformed row names the file and line; a label outside the map names it.
     let bad = tmp.path().join("bad.tsv");
     std::fs::write(&bad, "sentence\tlabel\ngood\t1\nno label here\n").unwrap();

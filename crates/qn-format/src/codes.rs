@@ -92,13 +92,16 @@ pub enum RecordCodes {
     },
 }
 
-/// Parses a validated scalar record into (scales, zero points, codes).
+/// A scalar record's scales, zero points and codes (one per element).
+pub(crate) type ScalarParts = (Vec<f32>, Vec<u8>, Vec<u8>);
+
+/// Parses a validated scalar record into its [`ScalarParts`].
 pub(crate) fn parse_scalar(
     shape: &[usize],
     bits: u8,
     granularity: Granularity,
     record: &[u8],
-) -> Result<(Vec<f32>, Vec<u8>, Vec<u8>), String> {
+) -> Result<ScalarParts, String> {
     let (view, param) = scalar_view(shape, granularity)?;
     let n_params: usize = param.iter().product();
     let numel: usize = view.iter().product();

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, ModuleT, Tensor};
+use candle_core::{Device, Tensor};
 use qn_format::header::CodebookKind;
 use qn_models::bundle::{load_bundle, qnz_metadata, EncoderBundle, LoadRequest};
 use qn_models::encoder::pack_batch;

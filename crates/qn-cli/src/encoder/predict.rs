@@ -28,6 +28,10 @@ pub struct TextArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Texts per forward pass (memory grows with it: activations, not weights, dominate the
+    /// footprint of a compressed model).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
+    batch_size: u64,
 }
 
 /// Arguments of `qn predict`.
@@ -57,8 +61,6 @@ pub struct EmbedArgs {
     input: TextArgs,
 }
 
-const BATCH: usize = 32;
-
 /// Runs `qn predict`.
 pub fn run_predict(args: &PredictArgs) -> Result<()> {
     args.model.apply_threads();
@@ -81,7 +83,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
     let bundle = args.model.load_for_inference(false)?;
     let tok = bundle.tokenizer(t.max_len)?;
     let mut results = Vec::new();
-    for chunk in inputs.chunks(BATCH) {
+    for chunk in inputs.chunks(t.batch_size as usize) {
         let rows = chunk
             .iter()
             .map(|(a, b)| tok.encode(a, b.as_deref()))
@@ -140,7 +142,7 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     let bundle = args.model.load_for_inference(true)?;
     let tok = bundle.tokenizer(t.max_len)?;
     let mut all: Vec<Vec<f32>> = Vec::new();
-    for chunk in inputs.chunks(BATCH) {
+    for chunk in inputs.chunks(t.batch_size as usize) {
         let rows = chunk
             .iter()
             .map(|(a, b)| tok.encode(a, b.as_deref()))

@@ -141,23 +141,35 @@ impl EncoderLayer {
         bias: &Tensor,
         drop: DropCtx,
     ) -> candle_core::Result<Tensor> {
-        let q = self.query.forward_t(x, drop.train)?;
-        let k = self.key.forward_t(x, drop.train)?;
-        let v = self.value.forward_t(x, drop.train)?;
-        let probs_drop = drop.probs(self.attn_p, self.site(0));
-        let ctx = self_attention(&q, &k, &v, bias, self.heads, probs_drop)?;
-        let a = drop.apply(
-            &self.attn_out.forward_t(&ctx, drop.train)?,
-            self.hidden_p,
-            self.site(1),
-        )?;
-        let a = self.attn_norm.forward(&(a + x)?)?;
-        let f = activate(&self.intermediate.forward_t(&a, drop.train)?, self.act)?;
-        let f = drop.apply(
-            &self.output.forward_t(&f, drop.train)?,
-            self.hidden_p,
-            self.site(2),
-        )?;
+        // In evaluation each intermediate is cut from the graph (`keep`) and goes out of scope
+        // as soon as the next one exists, so a layer holds two or three activations at a time
+        // instead of all of them (the weights are variables: every output would keep its inputs).
+        let keep = |t: Tensor| if drop.train { t } else { t.detach() };
+        let ctx = {
+            let q = self.query.forward_t(x, drop.train)?;
+            let k = self.key.forward_t(x, drop.train)?;
+            let v = self.value.forward_t(x, drop.train)?;
+            let probs_drop = drop.probs(self.attn_p, self.site(0));
+            keep(self_attention(&q, &k, &v, bias, self.heads, probs_drop)?)
+        };
+        let a = {
+            let a = drop.apply(
+                &self.attn_out.forward_t(&ctx, drop.train)?,
+                self.hidden_p,
+                self.site(1),
+            )?;
+            keep(self.attn_norm.forward(&(a + x)?)?)
+        };
+        std::mem::drop(ctx);
+        let f = {
+            let i = keep(self.intermediate.forward_t(&a, drop.train)?);
+            keep(activate(&i, self.act)?)
+        };
+        let f = {
+            let o = self.output.forward_t(&f, drop.train)?;
+            std::mem::drop(f);
+            keep(drop.apply(&o, self.hidden_p, self.site(2))?)
+        };
         self.out_norm.forward(&(f + a)?)
     }
 

@@ -216,8 +216,13 @@ impl Encoder {
             1,
         )?;
         let bias = super::ops::attention_bias(mask, x.dtype())?;
+        // In evaluation nothing is differentiated: cutting the graph after each layer lets a
+        // layer's activations be freed when the next one starts (the weights are variables, so
+        // every output would otherwise keep its inputs, and every layer's, alive to the end).
+        let cut = |t: Tensor| if train { t } else { t.detach() };
+        x = cut(x);
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, drop)?;
+            x = cut(layer.forward(&x, &bias, drop)?);
         }
         Ok(x)
     }
