@@ -66,13 +66,11 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Every command repeats the same large allocations (training steps, batches, a PQ layer
+    // decoded per call): freed memory stays in the heap instead of being unmapped and faulted
+    // back in. The peak footprint is the same (measured: BENCHMARKS.md).
+    qn_train::allocator::retain_freed_memory();
     let cli = Cli::parse();
-    // Commands that repeat the same large allocations (training steps, evaluation batches) keep
-    // freed memory in the heap; `predict` and `embed` serve a few texts, where the footprint
-    // matters more than page faults (a `.qnz` runs in a tenth of the float model's memory).
-    if !matches!(cli.command, Command::Predict(_) | Command::Embed(_)) {
-        qn_train::allocator::retain_freed_memory();
-    }
     let result = match cli.command {
         Command::Quantize(args) => quantize::run(&args),
         Command::Inspect(args) => inspect::run(&args),

@@ -178,7 +178,10 @@ impl PqMatmul {
             let x2 = x.to_dtype(DType::F32)?.reshape((n, self.cols))?;
             let mut out_dims = lead.to_vec();
             out_dims.push(self.rows);
-            return Ok(x2.matmul(&w.t()?)?.reshape(out_dims)?.to_dtype(x.dtype())?);
+            // The float layers' matmul (gemm on `W` as stored, no transposed view): the dense
+            // path costs a decode more than a float layer, and nothing else.
+            let y = crate::noise::linear_matmul(&x2, &w)?;
+            return Ok(y.reshape(out_dims)?.to_dtype(x.dtype())?);
         }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; n * self.rows];

@@ -183,7 +183,8 @@ pub fn scalar_matmul_reference(x: &Tensor, q: &QuantizedTensor) -> Result<Tensor
     let n = x.elem_count() / cols.max(1);
     let mut out_dims = dims[..dims.len().saturating_sub(1)].to_vec();
     out_dims.push(w.dim(0)?);
-    Ok(x.reshape((n, cols))?.matmul(&w.t()?)?.reshape(out_dims)?)
+    let y = crate::noise::linear_matmul(&x.reshape((n, cols))?, &w)?;
+    Ok(y.reshape(out_dims)?)
 }
 
 /// `Σ x_i · q_i`.
