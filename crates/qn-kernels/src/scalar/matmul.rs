@@ -31,8 +31,9 @@ use super::{dequantize, Granularity, QuantizedTensor};
 use crate::{Error, Result};
 
 /// Input rows up to which [`scalar_matmul`] works from the codes; above it, it dequantises the
-/// weight once and runs one dense matmul (measured with `examples/lut_gemv.rs`, BENCHMARKS.md).
-pub const SCALAR_MAX_ROWS: usize = 8;
+/// weight once and runs one dense matmul: measured with `examples/lut_gemv.rs` on a 3072 × 768
+/// layer, codes win up to 32 rows (1.33× at 32) and lose from 64 (0.68×; BENCHMARKS.md).
+pub const SCALAR_MAX_ROWS: usize = 32;
 
 /// Output rows per parallel task.
 const OUT_CHUNK: usize = 64;
