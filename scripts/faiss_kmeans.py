@@ -20,17 +20,26 @@ def make(path, rows, cols, seed):
     rng.normal(0.0, 0.02, size=(rows, cols)).astype("<f4").tofile(path)
 
 
-def run(path, rows, cols, d, k, iters):
+def kmeans(w, d, k, iters):
+    """faiss k-means of `w`'s PQ sub-vectors (column j = b*rows + o is W[o, b*d:(b+1)*d]), every
+    sub-vector, then the assignment of all; returns (seconds, relative MSE)."""
     import faiss
 
-    w = np.fromfile(path, dtype="<f4").reshape(rows, cols)
+    rows, cols = w.shape
     sub = np.ascontiguousarray(w.reshape(rows, cols // d, d).transpose(1, 0, 2).reshape(-1, d))
     start = time.perf_counter()
     km = faiss.Kmeans(d, k, niter=iters, seed=1234, max_points_per_centroid=sub.shape[0], verbose=False)
     km.train(sub)
     dist, _ = km.index.search(sub, 1)
     seconds = time.perf_counter() - start
-    rel = float(dist.sum(dtype=np.float64) / np.square(sub, dtype=np.float64).sum())
+    return seconds, float(dist.sum(dtype=np.float64) / np.square(sub, dtype=np.float64).sum())
+
+
+def run(path, rows, cols, d, k, iters):
+    import faiss
+
+    w = np.fromfile(path, dtype="<f4").reshape(rows, cols)
+    seconds, rel = kmeans(w, d, k, iters)
     print(json.dumps({"seconds": seconds, "relative_mse": rel, "threads": faiss.omp_get_max_threads()}))
 
 
