@@ -1,9 +1,12 @@
 //! The hot loop of k-means and of PQ noise: the nearest centroid of every point.
 //!
 //! [`assign_nearest`] is the CPU kernel: distances in the GEMM form `‖c‖² − 2x·c` (the `‖x‖²` term does
-//! not change the argmin) computed with the centroids transposed so that the inner loop runs over
-//! centroids, eight at a time with AVX2+FMA when the processor has them (detected at run time, so no
-//! `target-cpu` flag is needed) and with portable auto-vectorised code otherwise. Points are split into
+//! not change the argmin). With AVX-512 (detected at run time, so no `target-cpu` flag is needed)
+//! sixteen or thirty-two points sit in the lanes and every centroid is broadcast in turn, so no
+//! per-point reduction across lanes is left; with AVX2+FMA the centroids are transposed so that
+//! the inner loop runs over them eight at a time; portable auto-vectorised code otherwise. All
+//! SIMD kernels compute each distance with the same operations in the same order and break ties
+//! the same way, so their results are bit-identical. Points are split into
 //! fixed chunks run in parallel by rayon; each point's answer depends only on its own data, so results
 //! do not depend on the thread count.
 //!
@@ -158,9 +161,9 @@ fn chunk<const TOP2: bool>(
             // SAFETY: AVX-512F was just detected.
             unsafe {
                 match t.d {
-                    4 => avx512::nearest_top2::<4, TOP2>(points, t, index, dist, second),
-                    8 => avx512::nearest_top2::<8, TOP2>(points, t, index, dist, second),
-                    _ => avx512::nearest_top2::<16, TOP2>(points, t, index, dist, second),
+                    4 => avx512::nearest::<4, 2, TOP2>(points, t, index, dist, second),
+                    8 => avx512::nearest::<8, 2, TOP2>(points, t, index, dist, second),
+                    _ => avx512::nearest::<16, 1, TOP2>(points, t, index, dist, second),
                 }
             }
             return;
@@ -326,6 +329,115 @@ mod avx512 {
         best: __m512,
         best_k: __m512i,
         runner_up: __m512,
+    }
+
+    /// The AVX-512 kernel: [`by_points`] on whole groups of `16 * H` points, [`nearest_top2`] on
+    /// the rest; bit-identical to each other (and to the AVX2 kernel). `H` vectors of points per
+    /// step share each centroid's broadcasts; `H * D` of them must stay in registers (2 for
+    /// `D` ≤ 8, 1 for 16).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nearest<const D: usize, const H: usize, const TOP2: bool>(
+        points: &[f32],
+        t: &CentroidTable,
+        index: &mut [u32],
+        dist: &mut [f32],
+        second: &mut [f32],
+    ) {
+        let n = index.len();
+        let whole = n / (16 * H) * (16 * H);
+        // SAFETY: AVX-512F is enabled for this function, as for its callees.
+        unsafe {
+            by_points::<D, H, TOP2>(
+                &points[..whole * D],
+                t,
+                &mut index[..whole],
+                &mut dist[..whole],
+                if TOP2 { &mut second[..whole] } else { &mut [] },
+            );
+            nearest_top2::<D, TOP2>(
+                &points[whole * D..],
+                t,
+                &mut index[whole..],
+                &mut dist[whole..],
+                if TOP2 { &mut second[whole..] } else { &mut [] },
+            );
+        }
+    }
+
+    /// The nearest centroid of `16 * H` points at a time, one point per lane, against every
+    /// centroid in turn (its coordinates broadcast). Per point and centroid it is the same sequence
+    /// of operations as [`nearest_top2`] (the norm, FMAs alternating between two sums by
+    /// coordinate parity, their sum) and the running minimum visits centroids in increasing
+    /// order with a strict `<`, so ties go to the lowest index and every output is bit-identical.
+    /// Why: with points in lanes there is no per-point reduction across lanes, no padded
+    /// centroids and no index vector to build, which leaves the FMAs most of the work.
+    /// `points.len()` must be a multiple of `16 * H * D`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn by_points<const D: usize, const H: usize, const TOP2: bool>(
+        points: &[f32],
+        t: &CentroidTable,
+        index: &mut [u32],
+        dist: &mut [f32],
+        second: &mut [f32],
+    ) {
+        let norms = &t.norms[..t.k];
+        let ct = t.neg2_t.as_ptr();
+        let inf = _mm512_set1_ps(f32::INFINITY);
+        for (g, ((xs, i), out)) in points
+            .chunks_exact(16 * H * D)
+            .zip(index.chunks_exact_mut(16 * H))
+            .zip(dist.chunks_exact_mut(16 * H))
+            .enumerate()
+        {
+            // Coordinate j of the points of vector h, one point per lane.
+            let mut cols = [[[0f32; 16]; D]; H];
+            for (p, x) in xs.chunks_exact(D).enumerate() {
+                for (j, &v) in x.iter().enumerate() {
+                    cols[p / 16][j][p % 16] = v;
+                }
+            }
+            // SAFETY: each row holds 16 values.
+            let x: [[__m512; D]; H] = std::array::from_fn(|h| {
+                std::array::from_fn(|j| unsafe { _mm512_loadu_ps(cols[h][j].as_ptr()) })
+            });
+            let mut best = [inf; H];
+            let mut runner_up = [inf; H];
+            let mut best_k = [_mm512_setzero_si512(); H];
+            for (c, &norm) in norms.iter().enumerate() {
+                // SAFETY: c < k <= k_padded; coordinate j of centroid c is at this offset.
+                let col = unsafe { ct.add((c / 16) * D * 16 + c % 16) };
+                let cj: [__m512; D] =
+                    std::array::from_fn(|j| _mm512_set1_ps(unsafe { *col.add(j * 16) }));
+                let kv = _mm512_set1_epi32(c as i32);
+                for h in 0..H {
+                    let mut acc = [_mm512_set1_ps(norm), _mm512_setzero_ps()];
+                    for j in 0..D {
+                        acc[j % 2] = _mm512_fmadd_ps(x[h][j], cj[j], acc[j % 2]);
+                    }
+                    let v = _mm512_add_ps(acc[0], acc[1]);
+                    let lt = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, best[h]);
+                    if TOP2 {
+                        runner_up[h] =
+                            _mm512_mask_blend_ps(lt, _mm512_min_ps(runner_up[h], v), best[h]);
+                    }
+                    best[h] = _mm512_mask_blend_ps(lt, best[h], v);
+                    best_k[h] = _mm512_mask_blend_epi32(lt, best_k[h], kv);
+                }
+            }
+            for h in 0..H {
+                // SAFETY: each output chunk holds 16 * H values.
+                unsafe {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), best[h]);
+                    _mm512_storeu_si512(i.as_mut_ptr().add(16 * h).cast(), best_k[h]);
+                    if TOP2 {
+                        _mm512_storeu_ps(
+                            second.as_mut_ptr().add(g * 16 * H + 16 * h),
+                            runner_up[h],
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// [`super::avx2::nearest_top2`] sixteen centroids per step, in two independent chains (even
@@ -500,6 +612,19 @@ mod tests {
                         }
                     })
                 });
+                // The points-in-lanes kernel (whole groups of 32, then the per-point one).
+                let avx512_lanes = has("avx512f").then(|| {
+                    run(&|i, v, s| unsafe {
+                        match d {
+                            4 => avx512::nearest::<4, 2, true>(&points, &t, i, v, s),
+                            8 => avx512::nearest::<8, 2, true>(&points, &t, i, v, s),
+                            _ => avx512::nearest::<16, 1, true>(&points, &t, i, v, s),
+                        }
+                    })
+                });
+                if let (Some(a), Some(b)) = (&avx512, &avx512_lanes) {
+                    assert_eq!(a, b, "d {d}: AVX-512 by points and by centroids differ");
+                }
                 if let (Some(a), Some(b)) = (&avx2, &avx512) {
                     assert_eq!(a, b, "d {d}: AVX2 and AVX-512 differ");
                 }
