@@ -12,6 +12,6 @@ PY=${PY:-python3}
 cargo build --release --quiet -p qn-kernels --example lut_gemv
 for r in $(seq "$REPEATS"); do
   echo "== repeat $r"
-  target/release/examples/lut_gemv "$MB" "$ROUNDS"
+  "${CARGO_TARGET_DIR:-target}/release/examples/lut_gemv" "$MB" "$ROUNDS"
   "$PY" scripts/lut_gemv_numpy.py "$MB" "$ROUNDS"
 done

@@ -1000,7 +1000,8 @@ fn pq_layers_evaluate_from_their_codes() {
         .quantize_pq(8, &KMeansConfig::new(16).with_iters(3), CentroidGrad::Mean)
         .unwrap();
     let w = lin.qweight().stored().unwrap();
-    for rows in [1usize, 3, 20] {
+    // Up to `TABLE_MAX_ROWS` (32) rows the tables, above it decode + dense.
+    for rows in [1usize, 3, 20, 40] {
         let x = gaussian(&[rows, 48], 33);
         let y = lin.forward_t(&x, false).unwrap();
         let bias = lin.other_vars()[0].as_tensor().clone();
