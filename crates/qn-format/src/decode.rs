@@ -23,6 +23,22 @@ pub fn pq_gather<I: Copy + Into<usize> + Sync>(
     assignments: &[I],
     out: &mut [f32],
 ) {
+    // SAFETY: `pq_gather_uninit` only writes initialised values into the slice.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    pq_gather_uninit(centroids, d, rows, cols, assignments, out);
+}
+
+/// [`pq_gather`] into memory not yet initialised: every element of `out` is written, so a caller
+/// that allocates the weight may skip zeroing it (for a layer decoded at every call, the zeroing
+/// costs as much as the gather).
+pub fn pq_gather_uninit<I: Copy + Into<usize> + Sync>(
+    centroids: &[f32],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    assignments: &[I],
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
     assert_eq!(out.len(), rows * cols, "output size");
     assert_eq!(
         assignments.len() * d,
@@ -30,13 +46,42 @@ pub fn pq_gather<I: Copy + Into<usize> + Sync>(
         "one assignment per block"
     );
     let k = centroids.len() / d;
-    out.par_chunks_mut(cols).enumerate().for_each(|(o, row)| {
-        for (b, dst) in row.chunks_exact_mut(d).enumerate() {
-            let a: usize = assignments[b * rows + o].into();
-            assert!(a < k, "assignment out of range");
-            dst.copy_from_slice(&centroids[a * d..(a + 1) * d]);
-        }
-    });
+    out.par_chunks_mut(cols)
+        .enumerate()
+        .for_each(|(o, row)| match d {
+            // The paper's block sizes copied as fixed-size arrays (vector moves, not a memcpy call
+            // per block).
+            4 => gather_row::<I, 4>(centroids, k, rows, o, assignments, row),
+            8 => gather_row::<I, 8>(centroids, k, rows, o, assignments, row),
+            16 => gather_row::<I, 16>(centroids, k, rows, o, assignments, row),
+            _ => {
+                for (b, dst) in row.chunks_exact_mut(d).enumerate() {
+                    let a: usize = assignments[b * rows + o].into();
+                    assert!(a < k, "assignment out of range");
+                    for (t, &v) in dst.iter_mut().zip(&centroids[a * d..(a + 1) * d]) {
+                        t.write(v);
+                    }
+                }
+            }
+        });
+}
+
+#[inline(always)]
+fn gather_row<I: Copy + Into<usize>, const D: usize>(
+    centroids: &[f32],
+    k: usize,
+    rows: usize,
+    o: usize,
+    assignments: &[I],
+    row: &mut [std::mem::MaybeUninit<f32>],
+) {
+    for (b, dst) in row.chunks_exact_mut(D).enumerate() {
+        let a: usize = assignments[b * rows + o].into();
+        assert!(a < k, "assignment out of range");
+        let c: &[f32; D] = centroids[a * D..(a + 1) * D].try_into().expect("D values");
+        let dst: &mut [std::mem::MaybeUninit<f32>; D] = dst.try_into().expect("D slots");
+        *dst = c.map(std::mem::MaybeUninit::new);
+    }
 }
 
 /// Decodes a validated record (`encoding` and `shape` already checked against its length). Values

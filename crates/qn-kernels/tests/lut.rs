@@ -86,6 +86,18 @@ fn results_do_not_depend_on_the_thread_count() {
         y
     };
     assert_eq!(run(1), run(3));
+    // The tiled decode + GEMM path, on a batch of 40 rows.
+    let x: Vec<f32> = (0..40 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    let dense = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut y = vec![0f32; 40 * 1000];
+        pool.install(|| m.forward_dense(&x, 40, &mut y));
+        y
+    };
+    assert_eq!(dense(1), dense(3));
 }
 
 #[test]

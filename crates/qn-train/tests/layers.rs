@@ -1000,7 +1000,7 @@ fn pq_layers_evaluate_from_their_codes() {
         .quantize_pq(8, &KMeansConfig::new(16).with_iters(3), CentroidGrad::Mean)
         .unwrap();
     let w = lin.qweight().stored().unwrap();
-    // Up to `TABLE_MAX_ROWS` (32) rows the tables, above it decode + dense.
+    // Up to `TABLE_MAX_ROWS` (16) rows the tables, above it decode + dense.
     for rows in [1usize, 3, 20, 40] {
         let x = gaussian(&[rows, 48], 33);
         let y = lin.forward_t(&x, false).unwrap();
