@@ -297,6 +297,48 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
     let restored = dir.path().join("restored.safetensors");
     ok(&qn(&[&"decompress", &ipq, &"-o", &restored]));
     assert_eq!(eval(&restored), ipq_acc);
+    // `qn eval` and `qn predict` run a `.qnz` from its codes (convolutions and classifier are
+    // never decoded whole): the same probabilities as its decompressed file, PQ and int8.
+    let restored_int8 = dir.path().join("restored-int8.safetensors");
+    ok(&qn(&[&"decompress", &int8, &"-o", &restored_int8]));
+    assert_eq!(eval(&restored_int8), int8_acc);
+    let img = dir.path().join("pattern.png");
+    image::RgbImage::from_fn(20, 20, |x, y| {
+        image::Rgb([(x * 12) as u8, (y * 12) as u8, ((x + y) * 5) as u8])
+    })
+    .save(&img)
+    .unwrap();
+    let probs = |m: &std::path::Path| -> Vec<(i64, f64)> {
+        let out = qn(&[
+            &"predict",
+            &"--model",
+            &m,
+            &"--image",
+            &img,
+            &"--image-size",
+            &"32",
+            &"--json",
+        ]);
+        let j: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+        j["top5"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["label"].as_i64().unwrap(), t["prob"].as_f64().unwrap()))
+            .collect()
+    };
+    for (coded, dense) in [(&ipq, &restored), (&int8, &restored_int8)] {
+        let (a, b) = (probs(coded), probs(dense));
+        let mut common = 0;
+        for (label, p) in &a {
+            if let Some((_, q)) = b.iter().find(|(l, _)| l == label) {
+                common += 1;
+                assert!((p - q).abs() <= 1e-4, "{coded:?} label {label}: {p} vs {q}");
+            }
+        }
+        // Only a near-tie at the fifth place may swap a label in or out.
+        assert!(common >= 4, "{coded:?}: {a:?} vs {b:?}");
+    }
 }
 
 /// Writes `n` images per class of simple patterns (stripes one way or the other) under

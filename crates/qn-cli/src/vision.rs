@@ -8,8 +8,8 @@ use candle_core::{Device, D};
 use qn_models::vision::layout::{from_canonical, WeightLayout, STAGES_KEY};
 use qn_models::vision::{
     build_efficientnet, idx_images, image_folder, imagenet_classes, infer_variant,
-    load_efficientnet, load_image, read_image_weights_with_layout, scratch_efficientnet,
-    EfficientNetConfig, Normalization, LAYOUT_KEY,
+    load_efficientnet, load_efficientnet_with, load_image, read_image_weights_with_layout,
+    scratch_efficientnet, EfficientNetConfig, Normalization, LAYOUT_KEY,
 };
 use qn_train::data::Dataset;
 
@@ -25,7 +25,8 @@ pub fn predict_images(
     json: bool,
 ) -> Result<()> {
     let weights = weights_path(model)?;
-    let loaded = load_efficientnet(&weights, variant, None, 0, &Device::Cpu)?;
+    // Inference: a `.qnz` runs from its codes.
+    let loaded = load_efficientnet_with(&weights, variant, None, 0, &Device::Cpu, true)?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
@@ -317,7 +318,8 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
 pub fn eval_images(args: &crate::encoder::eval::EvalArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let weights = weights_path(&args.model.model)?;
-    let loaded = load_efficientnet(&weights, None, None, 0, &Device::Cpu)?;
+    // Inference: a `.qnz` runs from its codes.
+    let loaded = load_efficientnet_with(&weights, None, None, 0, &Device::Cpu, true)?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }

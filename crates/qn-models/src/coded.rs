@@ -57,6 +57,20 @@ impl CodedWeights {
         n
     }
 
+    /// The shape of every weight held, by name.
+    pub fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.lock()
+            .iter()
+            .map(|(n, e)| {
+                let dims = match &e.tensor {
+                    CodedTensor::Pq(c) => c.layout.shape().to_vec(),
+                    CodedTensor::Scalar(q) => q.codes.dims().to_vec(),
+                };
+                (n.clone(), dims)
+            })
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.entries.lock().expect("coded weights lock")
     }

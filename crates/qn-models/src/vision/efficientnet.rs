@@ -8,16 +8,21 @@ use std::sync::Mutex;
 
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use qn_train::kernels::layout::LayerKind;
 use qn_train::layers::{qconv2d, QConv2d, QLinear, QuantNoiseLayer};
 use qn_train::{NoiseStep, QuantModel};
 
 use super::batch_norm::BatchNorm2d;
 use super::config::{Act, BlockArgs, ConvPadding, EfficientNetConfig};
+use crate::coded::CodedWeights;
 use crate::encoder::ops::dropout;
 use crate::Result;
 
+/// A convolution named `name` under `vb`: from its codes when `coded` holds its weight (a `.qnz`
+/// loaded for inference), else from `vb`.
 #[allow(clippy::too_many_arguments)]
 fn conv(
+    coded: &CodedWeights,
     vb: VarBuilder,
     name: &str,
     (in_c, out_c): (usize, usize),
@@ -35,7 +40,25 @@ fn conv(
         groups,
         cudnn_fwd_algo: None,
     };
-    let c = qconv2d(in_c, out_c, k, bias, cfg, vb.pp(name))?;
+    let vb = vb.pp(name);
+    let shape = [out_c, in_c / groups, k, k];
+    let weight_name = format!("{}.weight", vb.prefix());
+    let c = match coded.take(&weight_name, LayerKind::Conv2d, &shape, vb.device())? {
+        Some(w) => {
+            let bound = 1.0 / ((in_c / groups * k * k) as f64).sqrt();
+            let init = candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            };
+            let b = if bias {
+                Some(Var::from_tensor(&vb.get_with_hints(out_c, "bias", init)?)?)
+            } else {
+                None
+            };
+            QConv2d::from_weight(w, b, cfg)
+        }
+        None => qconv2d(in_c, out_c, k, bias, cfg, vb)?,
+    };
     Ok(if symmetric { c } else { c.with_same_padding() })
 }
 
@@ -72,6 +95,7 @@ impl MbConv {
         cfg: &EfficientNetConfig,
         drop_connect: f64,
         vb: VarBuilder,
+        coded: &CodedWeights,
     ) -> Result<Self> {
         let (eps, m) = (cfg.bn_eps, cfg.bn_momentum);
         let pad = cfg.padding;
@@ -79,6 +103,7 @@ impl MbConv {
         let expand = if args.expand != 1 {
             Some((
                 conv(
+                    coded,
                     vb.clone(),
                     "_expand_conv",
                     (args.input, mid),
@@ -94,6 +119,7 @@ impl MbConv {
             None
         };
         let depthwise = conv(
+            coded,
             vb.clone(),
             "_depthwise_conv",
             (mid, mid),
@@ -108,6 +134,7 @@ impl MbConv {
             let squeezed = ((args.input as f64 * args.se_ratio) as usize).max(1);
             Some(SqueezeExcite {
                 reduce: conv(
+                    coded,
                     vb.clone(),
                     "_se_reduce",
                     (mid, squeezed),
@@ -118,6 +145,7 @@ impl MbConv {
                     pad,
                 )?,
                 expand: conv(
+                    coded,
                     vb.clone(),
                     "_se_expand",
                     (squeezed, mid),
@@ -132,6 +160,7 @@ impl MbConv {
             None
         };
         let project = conv(
+            coded,
             vb.clone(),
             "_project_conv",
             (mid, args.output),
@@ -251,10 +280,32 @@ impl EfficientNet {
     /// Builds the network of `config` from `vb` (EfficientNet-PyTorch names); `seed` keys dropout
     /// and stochastic depth.
     pub fn new(config: &EfficientNetConfig, seed: u64, vb: VarBuilder) -> Result<Self> {
+        Self::new_coded(config, seed, vb, &CodedWeights::default())
+    }
+
+    /// [`Self::new`], with the convolutions and classifier whose weights `coded` holds built
+    /// from their codes (no float copy: a `.qnz` run for inference); `coded` keeps what did not
+    /// fit (its `take_mismatched` names the shapes) and what was not asked for.
+    pub fn new_coded(
+        config: &EfficientNetConfig,
+        seed: u64,
+        vb: VarBuilder,
+        coded: &CodedWeights,
+    ) -> Result<Self> {
         let (eps, m) = (config.bn_eps, config.bn_momentum);
         let pad = config.padding;
         let stem_c = config.stem_channels();
-        let stem = conv(vb.clone(), "_conv_stem", (3, stem_c), 3, 2, 1, false, pad)?;
+        let stem = conv(
+            coded,
+            vb.clone(),
+            "_conv_stem",
+            (3, stem_c),
+            3,
+            2,
+            1,
+            false,
+            pad,
+        )?;
         let bn0 = BatchNorm2d::new(stem_c, eps, m, vb.pp("_bn0"))?;
         let args = config.blocks();
         let n = args.len();
@@ -266,11 +317,13 @@ impl EfficientNet {
                 config,
                 rate,
                 vb.pp(format!("_blocks.{i}")),
+                coded,
             )?);
         }
         let last = args.last().map(|a| a.output).unwrap_or(stem_c);
         let head_c = config.head_channels();
         let head = conv(
+            coded,
             vb.clone(),
             "_conv_head",
             (last, head_c),
@@ -287,10 +340,22 @@ impl EfficientNet {
             lo: -bound,
             up: bound,
         };
-        let w =
-            Var::from_tensor(&fcb.get_with_hints((config.num_classes, head_c), "weight", init)?)?;
-        let b = Var::from_tensor(&fcb.get_with_hints(config.num_classes, "bias", init)?)?;
-        let fc = QLinear::new("_fc", w, Some(b))?;
+        let fc_shape = [config.num_classes, head_c];
+        let fc = match coded.take("_fc.weight", LayerKind::Linear, &fc_shape, vb.device())? {
+            Some(w) => {
+                let b = Var::from_tensor(&fcb.get_with_hints(config.num_classes, "bias", init)?)?;
+                QLinear::from_weight(w, Some(b))
+            }
+            None => {
+                let w = Var::from_tensor(&fcb.get_with_hints(
+                    (config.num_classes, head_c),
+                    "weight",
+                    init,
+                )?)?;
+                let b = Var::from_tensor(&fcb.get_with_hints(config.num_classes, "bias", init)?)?;
+                QLinear::new("_fc", w, Some(b))?
+            }
+        };
         Ok(Self {
             config: config.clone(),
             stem,

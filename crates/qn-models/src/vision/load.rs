@@ -12,6 +12,7 @@ use rand_distr::{Distribution, Uniform};
 use super::config::EfficientNetConfig;
 use super::efficientnet::EfficientNet;
 use super::layout::{self, WeightLayout};
+use crate::coded::CodedWeights;
 use crate::recording::{listed, name_hash, recording_vb, take, InitFn};
 use crate::{Error, Result};
 
@@ -118,6 +119,17 @@ fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 }
 
 fn read_qnz(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, WeightLayout)> {
+    let (tensors, layout, _) = read_qnz_coded(path, device, false)?;
+    Ok((tensors, layout))
+}
+
+/// A `.qnz`'s tensors; with `keep_codes`, the quantized convolution and classifier weights stay
+/// coded (returned apart, never decoded) and everything else is decoded.
+fn read_qnz_coded(
+    path: &Path,
+    device: &Device,
+    keep_codes: bool,
+) -> Result<(HashMap<String, Tensor>, WeightLayout, CodedWeights)> {
     let reader = qn_format::Reader::open(path).map_err(|e| {
         let text = e.to_string();
         let prefix = format!("{}: ", path.display());
@@ -133,30 +145,51 @@ fn read_qnz(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, We
         })?,
     };
     let mut out = HashMap::new();
+    let coded = CodedWeights::default();
     for view in reader.views() {
         let name = &view.entry.name;
         if reader.is_exact_row_companion(name) {
             continue;
         }
+        let shape = view.entry.shape.clone();
+        if keep_codes && matches!(shape.len(), 2 | 4) && name.ends_with(".weight") {
+            let codes = view.codes().map_err(|e| Error::file(path, e))?;
+            let tensor = qn_train::kernels::import::coded_tensor(name, &shape, codes, device)
+                .map_err(|e| Error::file(path, e))?;
+            if let Some(tensor) = tensor {
+                coded.insert(name.clone(), tensor, None);
+                continue;
+            }
+        }
         let values = view.decode_f32().map_err(|e| Error::file(path, e))?;
-        out.insert(
-            name.clone(),
-            Tensor::from_vec(values, view.entry.shape.clone(), device)?,
-        );
+        out.insert(name.clone(), Tensor::from_vec(values, shape, device)?);
     }
-    Ok((out, layout))
+    Ok((out, layout, coded))
+}
+
+/// Every tensor's shape by name: the float ones and the coded ones.
+fn shapes_of(
+    tensors: &HashMap<String, Tensor>,
+    coded: &CodedWeights,
+) -> HashMap<String, Vec<usize>> {
+    let mut shapes: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    shapes.extend(coded.shapes());
+    shapes
 }
 
 /// A width and depth multiplier (0.05 to 4, in steps of 0.05 and 0.01) whose network has exactly
 /// these tensors' shapes: checkpoints of scaled-down models (torchvision's and timm's
 /// `width_mult` / `channel_multiplier`). Any match is the same architecture.
 fn infer_custom(
-    tensors: &HashMap<String, Tensor>,
+    shapes: &HashMap<String, Vec<usize>>,
     classes: usize,
     lite: bool,
     blocks: usize,
 ) -> Option<EfficientNetConfig> {
-    let dims = |n: String| tensors.get(&n).map(|t| t.dims().to_vec());
+    let dims = |n: String| shapes.get(&n).cloned();
     let stem = dims("_conv_stem.weight".into())?;
     for wi in 1..=80 {
         let width = wi as f64 * 0.05;
@@ -189,6 +222,15 @@ fn infer_custom(
 /// The variant whose architecture the tensors describe: Lite when there is no squeeze-and-excitation,
 /// then the one with the same number of blocks and the same head and block shapes.
 pub fn infer_variant(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<EfficientNetConfig> {
+    infer_variant_of(&shapes_of(tensors, &CodedWeights::default()), path)
+}
+
+/// [`infer_variant`] from the tensors' shapes alone.
+fn infer_variant_of(
+    shapes: &HashMap<String, Vec<usize>>,
+    path: &Path,
+) -> Result<EfficientNetConfig> {
+    let tensors = shapes;
     let fc = tensors.get("_fc.weight").ok_or_else(|| {
         let sample: Vec<String> = {
             let mut k: Vec<String> = tensors.keys().cloned().collect();
@@ -203,12 +245,12 @@ pub fn infer_variant(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<E
             ),
         )
     })?;
-    let classes = fc.dim(0)?;
+    let classes = fc[0];
     let lite = !tensors.keys().any(|k| k.contains("_se_reduce"));
     let blocks = (0..)
         .take_while(|i| tensors.contains_key(&format!("_blocks.{i}._depthwise_conv.weight")))
         .count();
-    let dims = |n: &str| tensors.get(n).map(|t| t.dims().to_vec());
+    let dims = |n: &str| tensors.get(n).cloned();
     let candidates: &[&str] = if lite {
         &["lite0", "lite1", "lite2", "lite3", "lite4"]
     } else {
@@ -281,12 +323,29 @@ pub fn build_efficientnet(
     seed: u64,
     device: &Device,
 ) -> Result<LoadedImageModel> {
+    build_efficientnet_coded(config, tensors, CodedWeights::default(), path, seed, device)
+}
+
+/// [`build_efficientnet`] with some weights still coded (layers built from their codes); a coded
+/// weight is checked by name and shape like a float one.
+pub fn build_efficientnet_coded(
+    config: &EfficientNetConfig,
+    tensors: HashMap<String, Tensor>,
+    coded: CodedWeights,
+    path: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<LoadedImageModel> {
     let names: Vec<String> = tensors.keys().cloned().collect();
     let init = pytorch_init(seed);
     let (vb, record) = recording_vb(tensors, init, device);
-    let model = EfficientNet::new(config, seed, vb)?;
-    let rec = take(&record);
+    let model = EfficientNet::new_coded(config, seed, vb, &coded)?;
+    let mut rec = take(&record);
     let is_head = |n: &str| n.starts_with("_fc.") || n.starts_with("`_fc.");
+    // Coded weights the network did not take: of the wrong shape, or not part of it.
+    rec.mismatched
+        .extend(coded.take_mismatched().into_iter().map(|(_, why)| why));
+    let coded_unexpected = coded.names();
     let body_missing: Vec<String> = rec
         .missing
         .iter()
@@ -327,6 +386,7 @@ pub fn build_efficientnet(
     }
     let used: HashSet<&String> = rec.used.iter().collect();
     let mut unexpected: Vec<String> = names.into_iter().filter(|n| !used.contains(n)).collect();
+    unexpected.extend(coded_unexpected);
     unexpected.sort();
     if !unexpected.is_empty() {
         return Err(Error::weights(
@@ -354,7 +414,28 @@ pub fn load_efficientnet(
     seed: u64,
     device: &Device,
 ) -> Result<LoadedImageModel> {
-    let (tensors, mut layout) = read_image_weights_with_layout(path, device)?;
+    load_efficientnet_with(path, variant, num_classes, seed, device, false)
+}
+
+/// [`load_efficientnet`]; with `keep_codes`, a `.qnz`'s quantized convolutions and classifier
+/// run from their codes (inference: `qn eval`, `qn predict`) instead of being decoded to float
+/// (training and compression need the float weights).
+pub fn load_efficientnet_with(
+    path: &Path,
+    variant: Option<&str>,
+    num_classes: Option<usize>,
+    seed: u64,
+    device: &Device,
+    keep_codes: bool,
+) -> Result<LoadedImageModel> {
+    let (tensors, mut layout, coded) = if keep_codes && path.extension().is_some_and(|e| e == "qnz")
+    {
+        read_qnz_coded(path, device, true)?
+    } else {
+        let (t, l) = read_image_weights_with_layout(path, device)?;
+        (t, l, CodedWeights::default())
+    };
+    let shapes = shapes_of(&tensors, &coded);
     if let (WeightLayout::Timm { .. }, Some(v)) = (layout, variant) {
         // timm's names are the same for its `tf_` variants, which keep TensorFlow's conventions.
         layout = WeightLayout::Timm {
@@ -363,14 +444,10 @@ pub fn load_efficientnet(
     }
     let mut cfg = match variant {
         Some(v) => {
-            let classes = tensors
-                .get("_fc.weight")
-                .map(|t| t.dim(0))
-                .transpose()?
-                .unwrap_or(1000);
+            let classes = shapes.get("_fc.weight").map(|s| s[0]).unwrap_or(1000);
             EfficientNetConfig::variant(v, classes)?
         }
-        None => infer_variant(&tensors, path)?,
+        None => infer_variant_of(&shapes, path)?,
     };
     if let Some(n) = num_classes {
         cfg = EfficientNetConfig {
@@ -379,7 +456,7 @@ pub fn load_efficientnet(
         };
     }
     let cfg = layout.conventions(cfg);
-    let mut loaded = build_efficientnet(&cfg, tensors, path, seed, device)?;
+    let mut loaded = build_efficientnet_coded(&cfg, tensors, coded, path, seed, device)?;
     loaded.layout = layout;
     Ok(loaded)
 }

@@ -30,8 +30,9 @@ pub use data::{idx_images, image_folder};
 pub use efficientnet::EfficientNet;
 pub use image::{image_to_tensor, load_image, Normalization};
 pub use load::{
-    build_efficientnet, infer_variant, load_efficientnet, read_image_weights,
-    read_image_weights_with_layout, scratch_efficientnet, LoadedImageModel, LAYOUT_KEY,
+    build_efficientnet, build_efficientnet_coded, infer_variant, load_efficientnet,
+    load_efficientnet_with, read_image_weights, read_image_weights_with_layout,
+    scratch_efficientnet, LoadedImageModel, LAYOUT_KEY,
 };
 
 /// The 1,000 ImageNet-1k class names, line `i` = class `i` (torchvision's list; a copy of

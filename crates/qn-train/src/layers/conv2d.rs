@@ -31,6 +31,18 @@ impl QConv2d {
         })
     }
 
+    /// From a weight already built (e.g. [`QWeight::from_coded`]: a layer that runs from its codes,
+    /// with no float variable), an optional bias `(out)` and the convolution settings.
+    pub fn from_weight(weight: QWeight, bias: Option<Var>, config: Conv2dConfig) -> Self {
+        Self {
+            weight,
+            bias,
+            config,
+            same_padding: false,
+            act_quant: None,
+        }
+    }
+
     /// Pads like TensorFlow's "SAME" (computed per input size, asymmetric for even strides) instead
     /// of `config.padding` on every side: what weights trained in TensorFlow expect.
     pub fn with_same_padding(mut self) -> Self {
