@@ -45,12 +45,43 @@ pub fn pq_gather_uninit<I: Copy + Into<usize> + Sync>(
         rows * cols,
         "one assignment per block"
     );
-    let k = centroids.len() / d;
     out.par_chunks_mut(cols)
         .enumerate()
-        .for_each(|(o, row)| match d {
-            // The paper's block sizes copied as fixed-size arrays (vector moves, not a memcpy call
-            // per block).
+        .for_each(|(o, row)| gather_rows(centroids, d, rows, cols, assignments, o, row));
+}
+
+/// Rows `o0 .. o0 + out.len() / cols` of the PQ weight of [`pq_gather`] into `out`, on this
+/// thread: what a caller that multiplies a few rows at a time decodes (tiles of a matmul).
+pub fn pq_gather_rows<I: Copy + Into<usize>>(
+    centroids: &[f32],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    assignments: &[I],
+    o0: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len() % cols.max(1), 0, "whole rows");
+    assert!(o0 + out.len() / cols.max(1) <= rows, "rows in range");
+    // SAFETY: `gather_rows` only writes initialised values into the slice.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    gather_rows(centroids, d, rows, cols, assignments, o0, out);
+}
+
+/// The rows from `o0` that `out` holds. The paper's block sizes are copied as fixed-size arrays
+/// (vector moves, not a `memcpy` call per block).
+fn gather_rows<I: Copy + Into<usize>>(
+    centroids: &[f32],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    assignments: &[I],
+    o0: usize,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let k = centroids.len() / d;
+    for (o, row) in (o0..).zip(out.chunks_exact_mut(cols)) {
+        match d {
             4 => gather_row::<I, 4>(centroids, k, rows, o, assignments, row),
             8 => gather_row::<I, 8>(centroids, k, rows, o, assignments, row),
             16 => gather_row::<I, 16>(centroids, k, rows, o, assignments, row),
@@ -63,7 +94,8 @@ pub fn pq_gather_uninit<I: Copy + Into<usize> + Sync>(
                     }
                 }
             }
-        });
+        }
+    }
 }
 
 #[inline(always)]

@@ -63,6 +63,15 @@ fn table_matmul_equals_decode_then_matmul() {
     }
 }
 
+/// `f` run in a pool of `threads` threads.
+fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     let w = Tensor::randn(0f32, 0.05, (1000, 256), &Device::Cpu).unwrap();
@@ -77,24 +86,16 @@ fn results_do_not_depend_on_the_thread_count() {
     let m = PqMatmul::new(&codes).unwrap();
     let x: Vec<f32> = (0..2 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
         let mut y = vec![0f32; 2 * 1000];
-        pool.install(|| m.forward_slice(&x, 2, &mut y));
+        in_pool(threads, || m.forward_slice(&x, 2, &mut y));
         y
     };
     assert_eq!(run(1), run(3));
     // The tiled decode + GEMM path, on a batch of 40 rows.
     let x: Vec<f32> = (0..40 * 256).map(|i| (i as f32 * 0.37).sin()).collect();
     let dense = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
         let mut y = vec![0f32; 40 * 1000];
-        pool.install(|| m.forward_dense(&x, 40, &mut y));
+        in_pool(threads, || m.forward_dense(&x, 40, &mut y));
         y
     };
     assert_eq!(dense(1), dense(3));

@@ -210,7 +210,7 @@ impl PqMatmul {
             let o0 = t * DENSE_TILE_ROWS;
             let o1 = (o0 + DENSE_TILE_ROWS).min(rows);
             let run = |buf: &mut [f32]| {
-                self.decode_rows(o0, o1, buf);
+                self.decode_rows(o0, buf);
                 // SAFETY: `x` is n × cols, `buf` (o1 - o0) × cols row-major (column j of the
                 // right-hand side is row o0 + j of W), and the destination is columns
                 // o0..o1 of the n × rows `y`, which no other task writes.
@@ -238,38 +238,16 @@ impl PqMatmul {
                     );
                 }
             };
-            let need = (o1 - o0) * cols;
-            TILE.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut kept) => {
-                    if kept.len() < need {
-                        kept.resize(need, 0.0);
-                    }
-                    run(&mut kept[..need]);
-                }
-                Err(_) => run(&mut vec![0f32; need]),
-            });
+            with_scratch(&TILE, (o1 - o0) * cols, run);
         });
     }
 
-    /// Rows `o0..o1` of the dense weight into `out` (`(o1 - o0) × cols`).
-    fn decode_rows(&self, o0: usize, o1: usize, out: &mut [f32]) {
-        let (c, rows, cols) = (&self.centroids[..], self.rows, self.cols);
-        match (&*self.assignments, self.d) {
-            (Assignments::U8(a), 8) => decode_rows_of::<u8, 8>(c, a, rows, cols, o0, o1, out),
-            (Assignments::U8(a), 4) => decode_rows_of::<u8, 4>(c, a, rows, cols, o0, o1, out),
-            (Assignments::U16(a), 8) => decode_rows_of::<u16, 8>(c, a, rows, cols, o0, o1, out),
-            (Assignments::U16(a), 4) => decode_rows_of::<u16, 4>(c, a, rows, cols, o0, o1, out),
-            (assignments, d) => {
-                for (o, row) in (o0..o1).zip(out.chunks_exact_mut(cols)) {
-                    for (b, dst) in row.chunks_exact_mut(d).enumerate() {
-                        let a = match assignments {
-                            Assignments::U8(a) => a[b * rows + o] as usize,
-                            Assignments::U16(a) => a[b * rows + o] as usize,
-                        };
-                        dst.copy_from_slice(&c[a * d..(a + 1) * d]);
-                    }
-                }
-            }
+    /// Rows `o0 ..` of the dense weight, as many as `out` holds (whole rows of `cols`).
+    fn decode_rows(&self, o0: usize, out: &mut [f32]) {
+        let (c, d, rows, cols) = (&self.centroids[..], self.d, self.rows, self.cols);
+        match &*self.assignments {
+            Assignments::U8(a) => qn_format::decode::pq_gather_rows(c, d, rows, cols, a, o0, out),
+            Assignments::U16(a) => qn_format::decode::pq_gather_rows(c, d, rows, cols, a, o0, out),
         }
     }
 
@@ -333,21 +311,11 @@ impl PqMatmul {
             return;
         }
         let plan = Plan::new(self.cols / self.d, self.rows, self.k);
-        // The scratch is reused between calls on a thread: a fresh 512 KB buffer each call costs
-        // page faults and zeroing comparable to the whole GEMV. Every entry is written before
-        // it is read. A call nested in another on the same thread (rayon work stealing) gets a
-        // buffer of its own.
         thread_local! {
             static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut kept) => {
-                if kept.len() < plan.scratch {
-                    kept.resize(plan.scratch, 0.0);
-                }
-                self.forward_rows(&plan, x, y, &mut kept[..plan.scratch]);
-            }
-            Err(_) => self.forward_rows(&plan, x, y, &mut vec![0f32; plan.scratch]),
+        with_scratch(&SCRATCH, plan.scratch, |scratch| {
+            self.forward_rows(&plan, x, y, scratch)
         });
     }
 
@@ -407,25 +375,25 @@ impl PqMatmul {
     }
 }
 
-/// [`PqMatmul::decode_rows`] for a block size known at compile time (the paper's 4 and 8):
-/// fixed-size copies instead of a `memcpy` call per block.
-fn decode_rows_of<C: Code, const D: usize>(
-    centroids: &[f32],
-    codes: &[C],
-    rows: usize,
-    cols: usize,
-    o0: usize,
-    o1: usize,
-    out: &mut [f32],
-) {
-    for (o, row) in (o0..o1).zip(out.chunks_exact_mut(cols)) {
-        for (b, dst) in row.chunks_exact_mut(D).enumerate() {
-            let a = codes[b * rows + o].index();
-            let c: &[f32; D] = centroids[a * D..(a + 1) * D].try_into().expect("D values");
-            let dst: &mut [f32; D] = dst.try_into().expect("D slots");
-            *dst = *c;
+/// Runs `f` on `len` floats of this thread's buffer in `cell`, grown as needed and kept between
+/// calls: a fresh buffer each call (512 KB of tables for a 4096-wide layer) costs page faults and
+/// zeroing comparable to a whole GEMV. The contents are whatever the last call left: `f` writes
+/// before it reads. A call nested in another on the same thread (rayon work stealing) gets a
+/// buffer of its own.
+fn with_scratch<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    cell.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut kept) => {
+            if kept.len() < len {
+                kept.resize(len, 0.0);
+            }
+            f(&mut kept[..len])
         }
-    }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
 }
 
 /// Output rows per tile of [`PqMatmul::forward_dense`]: 64 rows of a 3072-wide weight are

@@ -230,10 +230,9 @@ fn infer_variant_of(
     shapes: &HashMap<String, Vec<usize>>,
     path: &Path,
 ) -> Result<EfficientNetConfig> {
-    let tensors = shapes;
-    let fc = tensors.get("_fc.weight").ok_or_else(|| {
+    let fc = shapes.get("_fc.weight").ok_or_else(|| {
         let sample: Vec<String> = {
-            let mut k: Vec<String> = tensors.keys().cloned().collect();
+            let mut k: Vec<String> = shapes.keys().cloned().collect();
             k.sort();
             k.into_iter().take(4).collect()
         };
@@ -246,11 +245,11 @@ fn infer_variant_of(
         )
     })?;
     let classes = fc[0];
-    let lite = !tensors.keys().any(|k| k.contains("_se_reduce"));
+    let lite = !shapes.keys().any(|k| k.contains("_se_reduce"));
     let blocks = (0..)
-        .take_while(|i| tensors.contains_key(&format!("_blocks.{i}._depthwise_conv.weight")))
+        .take_while(|i| shapes.contains_key(&format!("_blocks.{i}._depthwise_conv.weight")))
         .count();
-    let dims = |n: &str| tensors.get(n).cloned();
+    let dims = |n: &str| shapes.get(n).cloned();
     let candidates: &[&str] = if lite {
         &["lite0", "lite1", "lite2", "lite3", "lite4"]
     } else {
@@ -269,13 +268,13 @@ fn infer_variant_of(
             return Ok(cfg);
         }
     }
-    if let Some(cfg) = infer_custom(tensors, classes, lite, blocks) {
+    if let Some(cfg) = infer_custom(shapes, classes, lite, blocks) {
         return Ok(cfg);
     }
     Err(Error::weights(
         path,
         format!(
-            "{blocks} blocks{} match no EfficientNet {} variant; pass --variant to see which tensors differ",
+            "{blocks} blocks{} match no EfficientNet {} variant; pass --variant to see which shapes differ",
             if lite { " without squeeze-excitation" } else { "" },
             if lite { "Lite" } else { "B" }
         ),
