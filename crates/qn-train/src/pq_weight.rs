@@ -123,6 +123,21 @@ impl PqWeight {
         )?)
     }
 
+    /// [`Self::matmul`] for a 1x1 convolution: its weight `(out, in, 1, 1)` cut into runs of input
+    /// channels numbers its blocks exactly as the linear weight `(out, in)` does, so the same codes
+    /// multiply the pixels' channel vectors. `None` for any other shape.
+    pub fn pointwise_matmul(&self) -> Result<Option<PqMatmul>> {
+        let &[out, cin, 1, 1] = self.layout.shape() else {
+            return Ok(None);
+        };
+        let matrix = BlockLayout::linear("1x1 conv", &[out, cin], self.layout.block_size())?;
+        Ok(Some(PqMatmul::from_parts(
+            &self.centroids.as_tensor().detach(),
+            self.assignments.clone(),
+            &matrix,
+        )?))
+    }
+
     /// The weight: each block is its centroid. With [`CentroidGrad::Mean`] the value is unchanged
     /// but each block's gradient reaches its centroid scaled by `1 / count`.
     pub fn weight(&self) -> Result<Tensor> {

@@ -337,6 +337,38 @@ impl QWeight {
         }
     }
 
+    /// How a 1x1 convolution (weight `(out, in, 1, 1)`) in evaluation on the CPU multiplies its
+    /// pixels' channel vectors from the codes: `Codes` or `Scalar` over the `(out, in)` matrix the
+    /// codes describe. `None` for a float weight, in training, or for any other shape: the caller
+    /// convolves with [`Self::weight_t`].
+    pub(crate) fn pointwise_plan(&self, train: bool) -> Result<Option<LinearPlan>> {
+        let &[out, cin, 1, 1] = self.layout.shape() else {
+            return Ok(None);
+        };
+        if train || self.frozen_row.is_some() {
+            return Ok(None);
+        }
+        match &self.state {
+            WeightState::Pq(p) if p.centroids().device().is_cpu() => {
+                Ok(p.pointwise_matmul()?.map(LinearPlan::Codes))
+            }
+            WeightState::Scalar(q) if q.codes.device().is_cpu() => {
+                let granularity = q.params.config.granularity;
+                let view =
+                    qn_kernels::scalar::ParamView::new(&self.name, &[out, cin], granularity)?;
+                // The same (scale, zero point) slots must cover the same elements in both shapes.
+                if view.view() != q.params.view.view() || view.param() != q.params.view.param() {
+                    return Ok(None);
+                }
+                let mut matrix = q.clone();
+                matrix.codes = q.codes.reshape((out, cin))?;
+                matrix.params.view = view;
+                Ok(Some(LinearPlan::Scalar(matrix)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Replaces the float weight by PQ codes learned with k-means; the float variable stops being
     /// trainable and the centroids start.
     pub fn quantize_pq(

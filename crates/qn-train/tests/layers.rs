@@ -1038,3 +1038,90 @@ fn pq_layers_evaluate_from_their_codes() {
     let err = emb.forward_t(&bad, false).unwrap_err().to_string();
     assert!(err.contains("40"), "{err}");
 }
+
+/// A coded 1x1 convolution evaluates as a matmul over pixels from its codes (PQ tables for a few
+/// pixels, tiled decode for many; int-N dequantised inside the dot products) and gives what the
+/// decoded weight gives; other geometries convolve with the rebuilt weight.
+#[test]
+fn pointwise_convs_evaluate_from_their_codes() {
+    let conv = |seed: u64, config: Conv2dConfig| {
+        QConv2d::new(
+            "blocks.3._project_conv",
+            var(&[24, 32, 1, 1], seed),
+            Some(var(&[24], seed + 1)),
+            config,
+        )
+        .unwrap()
+    };
+    let check = |layer: &QConv2d, x: &Tensor, what: &str| {
+        let c = Conv2dConfig {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        };
+        let w = layer.qweight().stored().unwrap();
+        let bias = layer.other_vars()[0]
+            .as_tensor()
+            .reshape((1, 24, 1, 1))
+            .unwrap();
+        let want = x
+            .conv2d(&w, c.padding, c.stride, c.dilation, c.groups)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let got = layer.forward_t(x, false).unwrap();
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let scale = values(&want).iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = values(&(got - want).unwrap())
+            .iter()
+            .fold(0f64, |m, v| m.max(v.abs()));
+        assert!(diff <= 1e-5 * scale, "{what}: {diff} of {scale}");
+    };
+    // One pixel (the tables, e.g. squeeze-and-excitation), a few, and a feature map (tiled decode).
+    let inputs = [
+        gaussian(&[1, 32, 1, 1], 61),
+        gaussian(&[2, 32, 2, 3], 62),
+        gaussian(&[2, 32, 7, 9], 63),
+    ];
+    let plain = Conv2dConfig::default();
+    let mut pq = conv(64, plain);
+    assert!(!pq.evaluates_from_codes(), "a float weight has no codes");
+    pq.qweight_mut()
+        .quantize_pq(4, &KMeansConfig::new(16).with_iters(3), CentroidGrad::Mean)
+        .unwrap();
+    assert!(pq.evaluates_from_codes());
+    for (i, x) in inputs.iter().enumerate() {
+        check(&pq, x, &format!("pq, input {i}"));
+    }
+    for (bits, cfg) in [
+        (8, qn_train::kernels::scalar::ScalarConfig::int8()),
+        (4, qn_train::kernels::scalar::ScalarConfig::int4()),
+    ] {
+        let mut q = conv(66, plain).with_same_padding();
+        q.qweight_mut()
+            .quantize_scalar(&cfg.with_granularity(Granularity::PerChannel { axis: 0 }))
+            .unwrap();
+        assert!(q.evaluates_from_codes(), "int{bits}");
+        for (i, x) in inputs.iter().enumerate() {
+            check(&q, x, &format!("int{bits}, input {i}"));
+        }
+    }
+    // A strided 1x1 convolution is not a per-pixel matmul: it convolves with the rebuilt weight.
+    let mut strided = conv(68, Conv2dConfig { stride: 2, ..plain });
+    strided
+        .qweight_mut()
+        .quantize_pq(4, &KMeansConfig::new(8).with_iters(2), CentroidGrad::Mean)
+        .unwrap();
+    assert!(!strided.evaluates_from_codes());
+    let x = gaussian(&[1, 32, 6, 6], 69);
+    let y = strided.forward_t(&x, false).unwrap();
+    assert_eq!(y.dims(), &[1, 24, 3, 3]);
+    // Training rebuilds the weight (its centroids take gradients).
+    let y = pq.forward_t(&inputs[1], true).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let vars: Vec<(String, Var)> = pq.vars().into_iter().map(|v| ("v".into(), v)).collect();
+    assert_eq!(vars.len(), 2, "centroids and bias");
+    assert!(vars_without_gradient(&grads, &vars).is_empty());
+}

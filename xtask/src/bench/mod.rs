@@ -11,9 +11,15 @@
 //! cargo xtask bench --suite minilm-sst2          # the full comparison for one model
 //! cargo xtask bench --methods ptq,qn-block --seeds 3
 //! cargo xtask bench --model ./my-model --task tsv --train train.tsv --eval dev.tsv
+//! cargo xtask bench --suite minilm-sst2 --seeds 3 --reuse docs/bench/all-MiniLM-L6-v2-sst2.json
 //! ```
+//!
+//! `--reuse FILE` takes finished rows from an earlier run's JSON (same model, task and budget) in
+//! place of running them again; the seeds summary is rewritten after every row, so a seeds run cut
+//! off on one machine goes on from its committed summary on another.
 
 mod plot;
+mod recorded;
 mod report;
 mod runner;
 mod suite;
@@ -30,7 +36,7 @@ use suite::{Budget, Compress, Kind, Method, Suite};
 const USAGE: &str = "usage: cargo xtask bench [--quick] [--suite minilm-sst2|lite0-fmnist]... \
 [--model <dir|hub-id> --task <sst2|rte|tsv|idx|imagefolder> --train <path> --eval <path>] \
 [--methods id,prefix,...] [--seeds N] [--steps N] [--train-examples N] [--eval-examples N] \
-[--threads N] [--data-dir DIR] [--out DIR]";
+[--threads N] [--data-dir DIR] [--out DIR] [--reuse FILE]...";
 
 /// Parsed command line.
 #[derive(Debug, Default)]
@@ -49,6 +55,7 @@ struct Options {
     threads: Option<usize>,
     data_dir: Option<PathBuf>,
     out: Option<PathBuf>,
+    reuse: Vec<PathBuf>,
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -96,6 +103,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--threads" => o.threads = Some(positive("--threads", value("--threads")?)?),
             "--data-dir" => o.data_dir = Some(value("--data-dir")?.into()),
             "--out" => o.out = Some(value("--out")?.into()),
+            "--reuse" => o.reuse.push(value("--reuse")?.into()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -222,7 +230,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     let date = report::today();
     let mut failures = Vec::new();
     for s in &suites {
-        let rows = run_suite(&runner, s, &methods, &[0])?;
+        let recorded = recorded::load(&o.reuse, s)?;
+        let rows = run_suite(&runner, s, &methods, &[0], &recorded, &mut |_| Ok(()))?;
         failures.extend(rows.iter().filter_map(|r| {
             r.error
                 .as_ref()
@@ -261,19 +270,27 @@ pub fn bench(args: &[String]) -> Result<()> {
         if o.seeds > 1 {
             let headline: Vec<Method> = methods.iter().filter(|m| m.headline).copied().collect();
             let seeds: Vec<u64> = (0..o.seeds).collect();
-            let rows = run_suite(&runner, s, &headline, &seeds)?;
+            // Written after every row (a partial summary says how many runs it holds), so that
+            // a run cut off keeps what it finished: `--reuse` the JSON to go on.
+            let write_summary = |rows: &[Row]| -> Result<String> {
+                let (md, j) =
+                    report::seeds_summary(s, &date, rows, o.seeds, headline.len() * seeds.len());
+                write_atomic(&out_dir.join(format!("{stem}-seeds.md")), md.as_bytes())?;
+                write_atomic(
+                    &out_dir.join(format!("{stem}-seeds.json")),
+                    serde_json::to_string_pretty(&j)?.as_bytes(),
+                )?;
+                Ok(md)
+            };
+            let rows = run_suite(&runner, s, &headline, &seeds, &recorded, &mut |rows| {
+                write_summary(rows).map(|_| ())
+            })?;
             failures.extend(rows.iter().filter_map(|r| {
                 r.error
                     .as_ref()
                     .map(|e| format!("{} {} seed {}: {e}", s.name, r.method.id, r.seed))
             }));
-            let (md, j) = report::seeds_summary(s, &date, &rows, o.seeds);
-            println!("{md}");
-            write_atomic(&out_dir.join(format!("{stem}-seeds.md")), md.as_bytes())?;
-            write_atomic(
-                &out_dir.join(format!("{stem}-seeds.json")),
-                serde_json::to_string_pretty(&j)?.as_bytes(),
-            )?;
+            println!("{}", write_summary(&rows)?);
         }
     }
     if !failures.is_empty() {
@@ -287,7 +304,14 @@ pub fn bench(args: &[String]) -> Result<()> {
 }
 
 /// Every method of `methods` for every seed; a failed job fails its row, not the bench.
-fn run_suite(runner: &Runner, s: &Suite, methods: &[Method], seeds: &[u64]) -> Result<Vec<Row>> {
+fn run_suite(
+    runner: &Runner,
+    s: &Suite,
+    methods: &[Method],
+    seeds: &[u64],
+    recorded: &[(Row, PathBuf)],
+    after_row: &mut dyn FnMut(&[Row]) -> Result<()>,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let total = methods.len() * seeds.len();
     for &seed in seeds {
@@ -299,6 +323,18 @@ fn run_suite(runner: &Runner, s: &Suite, methods: &[Method], seeds: &[u64]) -> R
                 m.id
             );
             let noise = m.noise_spec(&s.budget);
+            if let Some((row, from)) = recorded::find(recorded, m.id, &noise, seed) {
+                eprintln!(
+                    "bench: {} {} seed {seed}: recorded in {} ({:.2} %)",
+                    s.name,
+                    m.id,
+                    from.display(),
+                    row.accuracy.unwrap_or(f64::NAN) * 100.0
+                );
+                rows.push(row.clone());
+                after_row(&rows)?;
+                continue;
+            }
             let mut row = Row {
                 method: *m,
                 noise: noise.clone(),
@@ -315,6 +351,7 @@ fn run_suite(runner: &Runner, s: &Suite, methods: &[Method], seeds: &[u64]) -> R
                 row.error = Some(format!("{e:#}"));
             }
             rows.push(row);
+            after_row(&rows)?;
         }
     }
     Ok(rows)

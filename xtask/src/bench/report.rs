@@ -244,29 +244,6 @@ fn format_seconds(s: f64) -> String {
 
 /// The same rows as JSON, with the files named and sized.
 pub fn to_json(suite: &Suite, preset: &str, date: &str, rows: &[Row]) -> Value {
-    let rows: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            let (ratio, delta) = relative(rows, r);
-            json!({
-                "method": r.method.id,
-                "family": r.method.family,
-                "label": r.method.label,
-                "noise": r.noise,
-                "compression": r.compression_name(),
-                "seed": r.seed,
-                "file": r.file.as_ref().map(|p| p.display().to_string()),
-                "bytes": r.bytes,
-                "size_mb": r.bytes.map(|b| b as f64 / 1e6),
-                "compression_ratio": ratio,
-                "accuracy": r.accuracy,
-                "examples": r.examples,
-                "delta_points": delta,
-                "wall_s": r.seconds,
-                "error": r.error,
-            })
-        })
-        .collect();
     json!({
         "model": suite.model_name,
         "model_source": suite.model,
@@ -274,7 +251,29 @@ pub fn to_json(suite: &Suite, preset: &str, date: &str, rows: &[Row]) -> Value {
         "preset": preset,
         "date": date,
         "budget": suite.budget.describe(suite.kind),
-        "rows": rows,
+        "rows": rows.iter().map(|r| row_json(rows, r)).collect::<Vec<_>>(),
+    })
+}
+
+/// One row as JSON, as a table and a seeds summary record it (and `--reuse` reads it back).
+fn row_json(rows: &[Row], r: &Row) -> Value {
+    let (ratio, delta) = relative(rows, r);
+    json!({
+        "method": r.method.id,
+        "family": r.method.family,
+        "label": r.method.label,
+        "noise": r.noise,
+        "compression": r.compression_name(),
+        "seed": r.seed,
+        "file": r.file.as_ref().map(|p| p.display().to_string()),
+        "bytes": r.bytes,
+        "size_mb": r.bytes.map(|b| b as f64 / 1e6),
+        "compression_ratio": ratio,
+        "accuracy": r.accuracy,
+        "examples": r.examples,
+        "delta_points": delta,
+        "wall_s": r.seconds,
+        "error": r.error,
     })
 }
 
@@ -290,8 +289,16 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Per-seed accuracies of the headline rows with their mean ± standard deviation (markdown, JSON).
-pub fn seeds_summary(suite: &Suite, date: &str, rows: &[Row], seeds: u64) -> (String, Value) {
+/// Per-seed accuracies of the headline rows with their mean ± standard deviation (markdown, JSON);
+/// `expected` runs make it whole, fewer make it a partial summary that says so. The JSON keeps every
+/// run under `runs` for `--reuse`.
+pub fn seeds_summary(
+    suite: &Suite,
+    date: &str,
+    rows: &[Row],
+    seeds: u64,
+    expected: usize,
+) -> (String, Value) {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -299,6 +306,14 @@ pub fn seeds_summary(suite: &Suite, date: &str, rows: &[Row], seeds: u64) -> (St
         suite.model_name, suite.task_name
     );
     let _ = writeln!(s, "Budget: {}.\n", suite.budget.describe(suite.kind));
+    if rows.len() < expected {
+        let _ = writeln!(
+            s,
+            "**Partial: {} of {expected} runs finished** (rerun with `--reuse` of this summary's \
+             JSON to go on).\n",
+            rows.len()
+        );
+    }
     let _ = writeln!(
         s,
         "| method | size MB | accuracy % per seed | mean ± std | Δ mean vs fp32 |"
@@ -354,8 +369,11 @@ pub fn seeds_summary(suite: &Suite, date: &str, rows: &[Row], seeds: u64) -> (St
         "model": suite.model_name,
         "task": suite.task_name,
         "date": date,
+        "budget": suite.budget.describe(suite.kind),
         "seeds": seeds,
+        "complete": rows.len() >= expected,
         "rows": out,
+        "runs": rows.iter().map(|r| row_json(rows, r)).collect::<Vec<_>>(),
     });
     (s, j)
 }
@@ -420,6 +438,37 @@ mod tests {
         // A method that did not run is said so.
         let text = claims(&rows[..3]);
         assert!(text.contains("cannot be checked"), "{text}");
+    }
+
+    #[test]
+    fn a_partial_seeds_summary_says_so_and_keeps_its_runs() {
+        use crate::bench::suite::{Budget, Kind};
+        let suite = Suite {
+            name: "m-t".into(),
+            model_name: "M".into(),
+            task_name: "T".into(),
+            model: "m".into(),
+            task: "sst2".into(),
+            train: "train.tsv".into(),
+            eval: "dev.tsv".into(),
+            kind: Kind::Text,
+            budget: Budget::preset(Kind::Text, true),
+        };
+        let mut second = row("fp32", 0.80, 90_000_000);
+        second.seed = 1;
+        let rows = vec![row("fp32", 0.90, 90_000_000), second];
+        let (md, j) = seeds_summary(&suite, "2026-01-01", &rows, 3, 3);
+        assert!(md.contains("Partial: 2 of 3 runs"), "{md}");
+        assert!(
+            md.contains("90.00, 80.00") && md.contains("85.00 ± 7.07"),
+            "{md}"
+        );
+        assert_eq!(j["complete"], false);
+        assert_eq!(j["runs"].as_array().unwrap().len(), 2);
+        assert_eq!(j["runs"][1]["seed"], 1);
+        let (md, j) = seeds_summary(&suite, "2026-01-01", &rows, 2, 2);
+        assert!(!md.contains("Partial"), "{md}");
+        assert_eq!(j["complete"], true);
     }
 
     #[test]

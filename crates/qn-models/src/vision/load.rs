@@ -341,9 +341,12 @@ pub fn build_efficientnet_coded(
     let model = EfficientNet::new_coded(config, seed, vb, &coded)?;
     let mut rec = take(&record);
     let is_head = |n: &str| n.starts_with("_fc.") || n.starts_with("`_fc.");
-    // Coded weights the network did not take: of the wrong shape, or not part of it.
-    rec.mismatched
-        .extend(coded.take_mismatched().into_iter().map(|(_, why)| why));
+    // Coded weights the network did not take: of the wrong shape (which the network then also
+    // found missing as a float tensor: the shape is the error to report), or not part of it.
+    for (name, why) in coded.take_mismatched() {
+        rec.missing.retain(|n| *n != name);
+        rec.mismatched.push(why);
+    }
     let coded_unexpected = coded.names();
     let body_missing: Vec<String> = rec
         .missing

@@ -6,7 +6,10 @@ use qn_kernels::conv::{depthwise_conv2d, Padding2d};
 use qn_kernels::layout::LayerKind;
 
 use super::QuantNoiseLayer;
-use crate::{qweight::QWeight, ActQuant, ActQuantConfig, Result};
+use crate::{
+    qweight::{LinearPlan, QWeight},
+    ActQuant, ActQuantConfig, Result,
+};
 
 /// A convolution with weight `(out, in/groups, kh, kw)`. Noise blocks follow
 /// [`qn_kernels::layout`]: whole kernels for k x k, runs of input channels for 1x1, depthwise alike.
@@ -92,26 +95,81 @@ pub fn qconv2d(
     QConv2d::new(&vb.prefix(), Var::from_tensor(&w)?, b, config)
 }
 
-impl ModuleT for QConv2d {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let w = self.weight.weight_t(train)?;
+/// A 1x1 convolution (stride 1, no padding, one group) as a matmul over pixels from the codes:
+/// `x` `(n, in, h, w)` becomes `(n·h·w, in)` rows, so PQ tables serve a few pixels and tiled decode
+/// many, and int-N codes are dequantised inside the dot products; `None` for any other plan.
+fn pointwise_from_codes(x: &Tensor, plan: LinearPlan) -> candle_core::Result<Option<Tensor>> {
+    let (n, cin, h, w) = x.dims4()?;
+    let rows = x
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((n * h * w, cin))?;
+    let y = match plan {
+        LinearPlan::Codes(m) => m.forward(&rows).map_err(crate::Error::from)?,
+        LinearPlan::Scalar(q) => {
+            qn_kernels::scalar::scalar_matmul(&rows, &q).map_err(crate::Error::from)?
+        }
+        _ => return Ok(None),
+    };
+    let out = y.dim(1)?;
+    Ok(Some(
+        y.reshape((n, h, w, out))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?,
+    ))
+}
+
+impl QConv2d {
+    /// One group, stride 1 and no padding (TensorFlow's "SAME" pads a 1x1 kernel by nothing at
+    /// stride 1): a 1x1 kernel then maps each pixel's channels alone.
+    fn pointwise_geometry(&self) -> bool {
+        let c = &self.config;
+        c.groups == 1 && c.stride == 1 && (self.same_padding || c.padding == 0)
+    }
+
+    /// True when evaluation multiplies by the codes themselves (a product-quantized or int-N 1x1
+    /// convolution on the CPU) instead of rebuilding the float weight each forward.
+    pub fn evaluates_from_codes(&self) -> bool {
+        self.pointwise_geometry() && matches!(self.weight.pointwise_plan(false), Ok(Some(_)))
+    }
+
+    /// The convolution's output before bias, from the codes where the weight allows it (a 1x1
+    /// convolution in evaluation), else with the weight [`QWeight::weight_t`] builds: a k x k or
+    /// depthwise kernel is at most a few hundred KB (EfficientNet's largest, 1152x1x5x5, is 115 KB),
+    /// small next to the activations it convolves.
+    fn convolve(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (_, _, h, wd) = x.dims4()?;
-        let k = w.dim(2)?;
+        let shape = self.weight.layout().shape();
+        let k = shape[2];
         let pad = if self.same_padding && c.dilation == 1 {
             Padding2d::same(h, wd, k, c.stride)
         } else {
             Padding2d::symmetric(c.padding)
         };
-        let y = if self.is_depthwise() && c.dilation == 1 {
-            depthwise_conv2d(x, &w, c.stride, pad).map_err(candle_core::Error::wrap)?
+        if self.pointwise_geometry() {
+            if let Some(plan) = self.weight.pointwise_plan(train)? {
+                if let Some(y) = pointwise_from_codes(x, plan)? {
+                    return Ok(y);
+                }
+            }
+        }
+        let w = self.weight.weight_t(train)?;
+        if self.is_depthwise() && c.dilation == 1 {
+            depthwise_conv2d(x, &w, c.stride, pad).map_err(candle_core::Error::wrap)
         } else if pad == Padding2d::symmetric(pad.top) {
-            x.conv2d(&w, pad.top, c.stride, c.dilation, c.groups)?
+            x.conv2d(&w, pad.top, c.stride, c.dilation, c.groups)
         } else {
             x.pad_with_zeros(2, pad.top, pad.bottom)?
                 .pad_with_zeros(3, pad.left, pad.right)?
-                .conv2d(&w, 0, c.stride, c.dilation, c.groups)?
-        };
+                .conv2d(&w, 0, c.stride, c.dilation, c.groups)
+        }
+    }
+}
+
+impl ModuleT for QConv2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.convolve(x, train)?;
         let y = match &self.bias {
             None => y,
             Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?,
