@@ -140,6 +140,10 @@ fn finetune_compress_eval_predict_embed_decompress() {
         &"-o",
         &qnz,
     ]));
+    assert!(
+        !tmp.path().join("model.qnz.work").exists(),
+        "the default stage checkpoints go once the file is written"
+    );
     // The file carries the tokenizer too: the weights alone must be far smaller than fp32.
     let size = std::fs::metadata(&qnz).unwrap().len() - tokenizer_bytes();
     assert!(
@@ -728,6 +732,28 @@ fn bench_flags_eval_subset_pq_noise_codebook_and_kmeans_iters() {
     };
     let (f16, int8) = (tmp.path().join("f16.qnz"), tmp.path().join("int8.qnz"));
     ok(&compress("f16", "3", &f16));
+    // A work directory the user names is kept, with the stage checkpoints a rerun resumes from.
+    let work = tmp.path().join("stages");
+    ok(&qn(&[
+        &"compress",
+        &"--model",
+        &run,
+        &"--train",
+        &asset("text/sst2-train-200.tsv"),
+        &"--task",
+        &"sst2",
+        &"--steps",
+        &"1",
+        &"--batch-size",
+        &"8",
+        &"--max-len",
+        &"32",
+        &"--work-dir",
+        &work,
+        &"-o",
+        &tmp.path().join("kept.qnz"),
+    ]));
+    assert!(work.join("latest.json").exists());
     ok(&compress("int8", "3", &int8));
     let size = |p: &Path| std::fs::metadata(p).unwrap().len();
     // Same codes, centroids of 2 bytes against 1: the f16 file is the larger.

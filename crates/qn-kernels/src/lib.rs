@@ -10,7 +10,9 @@
 //! - [`layout`]: how Linear, Embedding and Conv2d weights are cut into blocks (the paper's order).
 //! - [`noise`]: block drop, scalar noise and PQ noise masks used while training.
 //! - [`bias`]: a bias add over rows with a fast backward.
-//! - [`conv`]: a fused depthwise convolution (candle runs it one channel at a time).
+//! - [`conv`]: a fused depthwise convolution (candle runs it one channel at a time) and 1x1
+//!   convolutions from PQ or int-N codes.
+//! - [`tiled`]: decode-then-GEMM a tile of weight rows at a time, the dense path of coded weights.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -38,6 +40,7 @@ pub mod layout;
 pub mod noise;
 pub mod pq;
 pub mod scalar;
+pub mod tiled;
 
 pub use error::{Error, Result};
 

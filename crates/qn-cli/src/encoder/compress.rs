@@ -1,8 +1,8 @@
 //! `qn compress`: an encoder to a self-contained `.qnz` — by default iterative PQ with centroid
 //! fine-tuning on the task data (the paper's RoBERTa schedule), or post-training int8/int4.
 //!
-//! The iPQ stages checkpoint into `--work-dir` (default `<output>.work`), so an interrupted
-//! compression resumes when rerun. The `.qnz` carries the config, label map and tokenizer files.
+//! The iPQ stages checkpoint into `--work-dir` (default `<output>.work`, removed once the file is
+//! written), so an interrupted compression resumes when rerun. The `.qnz` carries the config, label map and tokenizer files.
 
 use std::path::PathBuf;
 
@@ -94,7 +94,8 @@ pub struct CompressArgs {
     /// Scalar observer (int8/int4): minmax or histogram.
     #[arg(long, default_value = "minmax", value_parser = parse_observer)]
     pub(crate) observer: ObserverKind,
-    /// Where the iPQ stages checkpoint (default: `<output>.work`).
+    /// Where the iPQ stages checkpoint (default: `<output>.work`, removed after success; a
+    /// directory named here is kept).
     #[arg(long)]
     pub(crate) work_dir: Option<PathBuf>,
     /// Seed of k-means, batches and dropout.
@@ -301,6 +302,16 @@ pub(crate) fn ipq_stages_and_export(
         CodebookKind::F16
     };
     let bytes = export_qnz_with(&*model, &args.output, codebook, metadata)?;
+    // The default checkpoints only serve a rerun of an unfinished compression; a `--work-dir`
+    // the user named is theirs to keep.
+    if args.work_dir.is_none() {
+        if let Err(e) = std::fs::remove_dir_all(&work) {
+            eprintln!(
+                "qn: warning: could not remove the stage checkpoints `{}`: {e}",
+                work.display()
+            );
+        }
+    }
     println!(
         "compressed with {} stages ({} steps); accuracy after each stage {:?}; wrote {} ({bytes} bytes)",
         plan.stages.len(),

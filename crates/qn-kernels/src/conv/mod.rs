@@ -1,4 +1,4 @@
-//! Convolution kernels that candle lacks at training speed.
+//! Convolution kernels that candle lacks at training speed, and 1x1 convolutions from codes.
 //!
 //! candle runs a grouped convolution as one convolution per group, so a depthwise convolution
 //! (`groups = channels`, the core of MobileNet/EfficientNet blocks) costs as many small
@@ -6,6 +6,10 @@
 //! (rayon over channel planes) with a hand-written backward; [`depthwise_conv2d_reference`] is its
 //! plain-tensor twin (zero padding, then candle's grouped `conv2d`), which it is tested against and
 //! which runs on other devices.
+//!
+//! [`pointwise_conv_pq`] and [`pointwise_conv_scalar`] run a product-quantized or int-N 1x1
+//! convolution from its codes, a tile of decoded output channels at a time, on the activations as
+//! they lie (channels first); [`pointwise_conv_reference`] is their twin.
 //!
 //! Padding is explicit per side because TensorFlow-trained weights expect "SAME" padding, which is
 //! asymmetric for even strides ([`same_padding`]).
@@ -27,8 +31,10 @@
 //! ```
 
 mod depthwise;
+mod pointwise;
 
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
+pub use pointwise::{pointwise_conv_pq, pointwise_conv_reference, pointwise_conv_scalar};
 
 /// Zero padding on each side of an image, in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

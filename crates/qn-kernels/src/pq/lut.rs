@@ -186,64 +186,16 @@ impl PqMatmul {
         Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())?)
     }
 
-    /// `y (n × rows) = x (n × cols) · Wᵀ` on slices by decode + GEMM, tile by tile: each task
-    /// decodes [`DENSE_TILE_ROWS`] rows of `W` into a per-thread buffer (a few hundred KB, so it
-    /// stays in cache) and multiplies it into its columns of `y`. Why tiles: decoding the whole
-    /// weight writes it to memory and the GEMM reads it back, which for a batch of a few hundred
-    /// rows cost ~8 % over a float layer; the tiled form never leaves the cache and never holds
-    /// more than a tile per thread. Tiles are fixed by the shape and each GEMM is single-threaded,
-    /// so the result does not depend on the thread count.
+    /// `y (n × rows) = x (n × cols) · Wᵀ` on slices by decode + GEMM a tile of rows at a time
+    /// ([`crate::tiled::matmul_t`]): never more than a tile of the weight per thread.
     pub fn forward_dense(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        assert_eq!(x.len(), n * self.cols, "x is n x cols");
-        assert_eq!(y.len(), n * self.rows, "y is n x rows");
-        if n == 0 || self.rows == 0 {
-            return;
-        }
-        let (rows, cols) = (self.rows, self.cols);
-        thread_local! {
-            static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        }
-        // Raw address: tasks write disjoint column ranges of `y` (row stride `rows`).
-        let y_at = y.as_mut_ptr() as usize;
-        let tiles = rows.div_ceil(DENSE_TILE_ROWS);
-        (0..tiles).into_par_iter().for_each(|t| {
-            let o0 = t * DENSE_TILE_ROWS;
-            let o1 = (o0 + DENSE_TILE_ROWS).min(rows);
-            let run = |buf: &mut [f32]| {
-                self.decode_rows(o0, buf);
-                // SAFETY: `x` is n × cols, `buf` (o1 - o0) × cols row-major (column j of the
-                // right-hand side is row o0 + j of W), and the destination is columns
-                // o0..o1 of the n × rows `y`, which no other task writes.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        o1 - o0,
-                        cols,
-                        (y_at as *mut f32).add(o0),
-                        1,
-                        rows as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        cols as isize,
-                        buf.as_ptr(),
-                        cols as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            };
-            with_scratch(&TILE, (o1 - o0) * cols, run);
+        crate::tiled::matmul_t(x, n, self.rows, self.cols, y, &|o0, out| {
+            self.decode_rows(o0, out)
         });
     }
 
     /// Rows `o0 ..` of the dense weight, as many as `out` holds (whole rows of `cols`).
-    fn decode_rows(&self, o0: usize, out: &mut [f32]) {
+    pub fn decode_rows(&self, o0: usize, out: &mut [f32]) {
         let (c, d, rows, cols) = (&self.centroids[..], self.d, self.rows, self.cols);
         match &*self.assignments {
             Assignments::U8(a) => qn_format::decode::pq_gather_rows(c, d, rows, cols, a, o0, out),
@@ -314,7 +266,7 @@ impl PqMatmul {
         thread_local! {
             static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
-        with_scratch(&SCRATCH, plan.scratch, |scratch| {
+        crate::tiled::with_scratch(&SCRATCH, plan.scratch, |scratch| {
             self.forward_rows(&plan, x, y, scratch)
         });
     }
@@ -374,31 +326,6 @@ impl PqMatmul {
         fill_rows::<false, 32>(x, ct, d, k, table);
     }
 }
-
-/// Runs `f` on `len` floats of this thread's buffer in `cell`, grown as needed and kept between
-/// calls: a fresh buffer each call (512 KB of tables for a 4096-wide layer) costs page faults and
-/// zeroing comparable to a whole GEMV. The contents are whatever the last call left: `f` writes
-/// before it reads. A call nested in another on the same thread (rayon work stealing) gets a
-/// buffer of its own.
-fn with_scratch<R>(
-    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    cell.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut kept) => {
-            if kept.len() < len {
-                kept.resize(len, 0.0);
-            }
-            f(&mut kept[..len])
-        }
-        Err(_) => f(&mut vec![0f32; len]),
-    })
-}
-
-/// Output rows per tile of [`PqMatmul::forward_dense`]: 64 rows of a 3072-wide weight are
-/// 768 KB, which stays in the cache of the core that decodes and multiplies it.
-const DENSE_TILE_ROWS: usize = 64;
 
 /// Blocks per group: the unit of table filling and of the partial sums of [`PqMatmul`]'s
 /// lookups. Fixed (never from the thread count), so a result does not depend on the threads.

@@ -8,7 +8,8 @@
 //! The dot products run eight codes at a time with AVX2+FMA when the processor has them (detected
 //! at run time), portable code otherwise; output rows are split in fixed chunks over rayon.
 //! Parameters per input channel (`PerChannel { axis: 1 }`) and inputs of more than
-//! [`SCALAR_MAX_ROWS`] rows take the dense path: dequantise, then one matmul.
+//! [`SCALAR_MAX_ROWS`] rows take the dense path: dequantise a tile of weight rows at a time and
+//! multiply it ([`crate::tiled`]), so no dense copy of the whole weight exists there either.
 //! [`scalar_matmul_reference`] is the plain twin (dequantise, then matmul).
 //!
 //! ```
@@ -71,8 +72,20 @@ pub fn scalar_matmul_with(x: &Tensor, q: &QuantizedTensor, max_rows: usize) -> R
         Granularity::PerGroup { size } => Some(size),
         Granularity::PerChannel { .. } => None,
     };
-    let (Some(group), true, true) = (group, x.device().is_cpu(), n <= max_rows) else {
+    if !x.device().is_cpu() || !q.codes.device().is_cpu() {
         return scalar_matmul_reference(x, q);
+    }
+    let (Some(group), true) = (group, n <= max_rows) else {
+        // Many rows (or parameters per input channel): dequantise a tile of weight rows at a
+        // time and multiply it (`tiled::matmul_t`), never the whole weight at once.
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; n * rows];
+        with_row_decoder(q, |decode| {
+            crate::tiled::matmul_t(&xs, n, rows, cols, &mut y, decode)
+        })?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(rows);
+        return Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?.to_dtype(x.dtype())?);
     };
     let per_tensor = q.params.config.granularity == Granularity::PerTensor;
     let scales = q.params.scale.flatten_all()?.to_vec1::<f32>()?;
@@ -126,22 +139,48 @@ pub fn scalar_matmul_with(x: &Tensor, q: &QuantizedTensor, max_rows: usize) -> R
 /// Rows `ids` of a scalar-coded matrix `(rows, cols)` (an embedding lookup), dequantised from
 /// their codes only: `ids.len() × cols` values. An id past the last row is an error naming it.
 pub fn scalar_gather_rows(q: &QuantizedTensor, ids: &[u32]) -> Result<Vec<f32>> {
-    let (rows, cols) = q.codes.dims2().map_err(|_| {
-        Error::shape(
-            "scalar gather",
-            format!("codes of shape {:?} are not a matrix", q.codes.dims()),
-        )
-    })?;
+    let (rows, cols) = matrix_dims(q, "scalar gather")?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= rows) {
         return Err(Error::shape(
             "ids",
             format!("id {bad} is out of range for {rows} rows"),
         ));
     }
+    let mut out = vec![0f32; ids.len() * cols];
+    if !q.codes.device().is_cpu() {
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), q.codes.device())?;
+        let picked = dequantize(q)?.index_select(&idx, 0)?;
+        return Ok(picked.flatten_all()?.to_vec1::<f32>()?);
+    }
+    with_row_decoder(q, |decode| {
+        for (dst, &id) in out.chunks_exact_mut(cols).zip(ids) {
+            decode(id as usize, dst);
+        }
+    })?;
+    Ok(out)
+}
+
+fn matrix_dims(q: &QuantizedTensor, what: &str) -> Result<(usize, usize)> {
+    q.codes.dims2().map_err(|_| {
+        Error::shape(
+            what,
+            format!("codes of shape {:?} are not a matrix", q.codes.dims()),
+        )
+    })
+}
+
+/// Calls `f` with a decoder of whole rows of the int-N matrix `q` `(rows, cols)` on the CPU:
+/// `decode(o0, out)` dequantises rows `o0 ..` (as many as `out` holds) from their codes, so that
+/// a caller can rebuild a tile of rows at a time instead of the whole weight.
+pub(crate) fn with_row_decoder<R>(
+    q: &QuantizedTensor,
+    f: impl FnOnce(&(dyn Fn(usize, &mut [f32]) + Sync)) -> R,
+) -> Result<R> {
+    let (rows, cols) = matrix_dims(q, "scalar rows")?;
     let scales = q.params.scale.flatten_all()?.to_vec1::<f32>()?;
     let zps = q.params.zero_point.flatten_all()?.to_vec1::<f32>()?;
     let granularity = q.params.config.granularity;
-    let param = |o: usize, i: usize| match granularity {
+    let param = move |o: usize, i: usize| match granularity {
         Granularity::PerTensor => 0,
         Granularity::PerChannel { axis: 0 } => o,
         Granularity::PerChannel { .. } => i,
@@ -149,31 +188,25 @@ pub fn scalar_gather_rows(q: &QuantizedTensor, ids: &[u32]) -> Result<Vec<f32>> 
     };
     let codes = q.codes.contiguous()?;
     let (storage, layout) = codes.storage_and_layout();
-    let mut out = vec![0f32; ids.len() * cols];
-    match &*storage {
-        Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<u8>()?;
-            let codes = &all[layout.start_offset()..layout.start_offset() + rows * cols];
-            for (dst, &id) in out.chunks_exact_mut(cols).zip(ids) {
-                let o = id as usize;
-                for (i, (v, &c)) in dst
-                    .iter_mut()
-                    .zip(&codes[o * cols..(o + 1) * cols])
-                    .enumerate()
-                {
-                    let p = param(o, i);
-                    *v = (c as f32 - zps[p]) * scales[p];
-                }
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::shape("scalar rows", "the codes are not on the CPU"));
+    };
+    let all = cpu.as_slice::<u8>()?;
+    let codes = &all[layout.start_offset()..layout.start_offset() + rows * cols];
+    let decode = |o0: usize, out: &mut [f32]| {
+        for (k, dst) in out.chunks_exact_mut(cols).enumerate() {
+            let o = o0 + k;
+            for (i, (v, &c)) in dst
+                .iter_mut()
+                .zip(&codes[o * cols..(o + 1) * cols])
+                .enumerate()
+            {
+                let p = param(o, i);
+                *v = (c as f32 - zps[p]) * scales[p];
             }
         }
-        _ => {
-            drop(storage);
-            let idx = Tensor::from_vec(ids.to_vec(), ids.len(), q.codes.device())?;
-            let picked = dequantize(q)?.index_select(&idx, 0)?;
-            out = picked.flatten_all()?.to_vec1::<f32>()?;
-        }
-    }
-    Ok(out)
+    };
+    Ok(f(&decode))
 }
 
 /// The twin of [`scalar_matmul`]: dequantise, then matmul.

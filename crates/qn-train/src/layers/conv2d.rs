@@ -2,7 +2,7 @@
 
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use qn_kernels::conv::{depthwise_conv2d, Padding2d};
+use qn_kernels::conv::{depthwise_conv2d, pointwise_conv_pq, pointwise_conv_scalar, Padding2d};
 use qn_kernels::layout::LayerKind;
 
 use super::QuantNoiseLayer;
@@ -95,28 +95,16 @@ pub fn qconv2d(
     QConv2d::new(&vb.prefix(), Var::from_tensor(&w)?, b, config)
 }
 
-/// A 1x1 convolution (stride 1, no padding, one group) as a matmul over pixels from the codes:
-/// `x` `(n, in, h, w)` becomes `(n·h·w, in)` rows, so PQ tables serve a few pixels and tiled decode
-/// many, and int-N codes are dequantised inside the dot products; `None` for any other plan.
+/// A 1x1 convolution (stride 1, no padding, one group) from the codes, on the activations as they
+/// lie: a tile of decoded output channels at a time, PQ tables or int-N dot products for a
+/// one-pixel map; `None` for any other plan.
 fn pointwise_from_codes(x: &Tensor, plan: LinearPlan) -> candle_core::Result<Option<Tensor>> {
-    let (n, cin, h, w) = x.dims4()?;
-    let rows = x
-        .permute((0, 2, 3, 1))?
-        .contiguous()?
-        .reshape((n * h * w, cin))?;
     let y = match plan {
-        LinearPlan::Codes(m) => m.forward(&rows).map_err(crate::Error::from)?,
-        LinearPlan::Scalar(q) => {
-            qn_kernels::scalar::scalar_matmul(&rows, &q).map_err(crate::Error::from)?
-        }
+        LinearPlan::Codes(m) => pointwise_conv_pq(x, &m),
+        LinearPlan::Scalar(q) => pointwise_conv_scalar(x, &q),
         _ => return Ok(None),
     };
-    let out = y.dim(1)?;
-    Ok(Some(
-        y.reshape((n, h, w, out))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?,
-    ))
+    Ok(Some(y.map_err(crate::Error::from)?))
 }
 
 impl QConv2d {
