@@ -5,7 +5,8 @@
 //! and again) is printed too. Then the crossover of `PqMatmul::forward`: tables against decode +
 //! dense matmul for 1 to 2,048 input rows (32 sentences × 64 tokens). The same two measurements
 //! for int8 codes (per output channel) through `scalar_matmul` (dequantisation inside the dot
-//! products) follow, on lines marked `int8`. `scripts/lut_gemv.sh` runs this beside numpy's BLAS.
+//! products) follow, on lines marked `int8`, with the whole-weight dequantise-then-matmul the
+//! tiled dense path replaced. `scripts/lut_gemv.sh` runs this beside numpy's BLAS.
 //!
 //! ```text
 //! cargo run --release -p qn-kernels --example lut_gemv -- [MB] [ROUNDS]
@@ -19,8 +20,8 @@ use candle_core::{Device, Tensor};
 use qn_kernels::layout::BlockLayout;
 use qn_kernels::pq::{Assignments, PqCodes, PqMatmul};
 use qn_kernels::scalar::{
-    observe, quantize, scalar_matmul, scalar_matmul_with, Granularity, QuantizedTensor,
-    ScalarConfig,
+    observe, quantize, scalar_matmul, scalar_matmul_reference, scalar_matmul_with, Granularity,
+    QuantizedTensor, ScalarConfig,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -156,8 +157,12 @@ fn main() {
         let dec = time(rounds, reps, |_| {
             black_box(scalar_matmul_with(&x, &q, 0).unwrap());
         });
+        // The whole weight dequantised, then candle's matmul: what the tiled dense path replaced.
+        let whole = time(rounds, reps, |_| {
+            black_box(scalar_matmul_reference(&x, &q).unwrap());
+        });
         println!(
-            "{rows}x{cols} int8-rows{n} codes {ours:.1} dequantize+dense {dec:.1} {:.2}",
+            "{rows}x{cols} int8-rows{n} codes {ours:.1} dequantize+dense {dec:.1} {:.2} whole-dequantize+matmul {whole:.1}",
             dec / ours
         );
     }
