@@ -224,9 +224,11 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
     // Read once: the variant (inferred from the tensors) fixes the normalisation of the data, and
     // the data fixes the number of classes of the head the network is then built with.
     let source = image_source(&args.model.model)?;
-    let verb = match source {
-        ImageSource::Scratch(_) => "trained",
-        ImageSource::Weights(_) => "fine-tuned",
+    let from_scratch = matches!(source, ImageSource::Scratch(_));
+    let verb = if from_scratch {
+        "trained"
+    } else {
+        "fine-tuned"
     };
     let (variant, tensors, weights, layout) = match source {
         ImageSource::Weights(weights) => {
@@ -283,7 +285,10 @@ pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<
         }
         _ => scratch_efficientnet(&config, args.seed, &Device::Cpu)?,
     };
-    let cfg = noise_and_config(args, &pattern, &model, &plan, train.len(), None)?;
+    let mut cfg = noise_and_config(args, &pattern, &model, &plan, train.len(), None)?;
+    // From scratch, the running statistics lag the network by hundreds of steps: re-estimate
+    // them at the end of every stage (`--bn-recalibrate` batches), not only after noise.
+    cfg.recalibrate_always = from_scratch;
     let Some(report) = train_or_pause(args, &mut model, &train, &eval, &plan, &cfg)? else {
         return Ok(());
     };

@@ -218,7 +218,7 @@ fn trainer_recalibrates_batch_norm_without_noise_after_a_noisy_stage() {
     use qn_train::{named_vars, NoiseSpec};
     let dev = Device::Cpu;
     let cfg = EfficientNetConfig::custom(0.1, 0.25, true, 3).unwrap();
-    let build = || {
+    let build = |noisy: bool| {
         let vm = candle_nn::VarMap::new();
         let m = EfficientNet::new(
             &cfg,
@@ -234,24 +234,27 @@ fn trainer_recalibrates_batch_norm_without_noise_after_a_noisy_stage() {
             v.set(&Tensor::from_vec(vals, v.dims(), &dev).unwrap())
                 .unwrap();
         }
-        let spec: NoiseSpec = "block:p=0.2".parse().unwrap();
-        qn_train::apply_noise_spec(
-            &m.layers(),
-            &regex::Regex::new(".").unwrap(),
-            |n, l| spec.resolve(n, l),
-            0,
-        )
-        .unwrap();
+        if noisy {
+            let spec: NoiseSpec = "block:p=0.2".parse().unwrap();
+            qn_train::apply_noise_spec(
+                &m.layers(),
+                &regex::Regex::new(".").unwrap(),
+                |n, l| spec.resolve(n, l),
+                0,
+            )
+            .unwrap();
+        }
         m
     };
     let x = Tensor::randn(0f32, 1.0, (24, 3, 32, 32), &dev).unwrap();
     let y = Tensor::from_vec((0..24u32).map(|i| i % 3).collect(), 24, &dev).unwrap();
     let data = Dataset { x, y };
-    let train = |recal: usize| {
-        let mut m = build();
+    let train_with = |recal: usize, noisy: bool, always: bool| {
+        let mut m = build(noisy);
         let tc = TrainConfig {
             batch_size: 8,
             recalibrate_batches: recal,
+            recalibrate_always: always,
             progress: false,
             ..TrainConfig::default()
         };
@@ -266,6 +269,7 @@ fn trainer_recalibrates_batch_norm_without_noise_after_a_noisy_stage() {
         .unwrap();
         m
     };
+    let train = |recal: usize| train_with(recal, true, false);
     let plain = train(0);
     let recal = train(5);
     let buffers = |m: &EfficientNet| -> Vec<Vec<f32>> {
@@ -322,4 +326,8 @@ fn trainer_recalibrates_batch_norm_without_noise_after_a_noisy_stage() {
         .layers()
         .iter()
         .all(|l| !l.qweight().noises().is_empty()));
+    // Without noise the statistics are left alone, unless asked (a network trained from scratch).
+    let quiet = buffers(&train_with(0, false, false));
+    assert_eq!(buffers(&train_with(5, false, false)), quiet);
+    assert_ne!(buffers(&train_with(5, false, true)), quiet);
 }

@@ -40,6 +40,10 @@ pub fn fingerprint(
     put("kmeans_iters", cfg.kmeans_iters.to_string());
     put("frozen", format!("{:?}", cfg.frozen));
     put("recalibrate_batches", cfg.recalibrate_batches.to_string());
+    // Only when set, so that the checkpoints of runs from before the option still resume.
+    if cfg.recalibrate_always {
+        put("recalibrate_always", "true".to_string());
+    }
     put("train_examples", n_train.to_string());
     let layers = model.layers();
     put(

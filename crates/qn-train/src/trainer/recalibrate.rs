@@ -4,7 +4,9 @@
 //! noised activations (a tenth of the blocks zeroed, the rest scaled by 1/0.9), while evaluation
 //! and the exported model run without noise. On EfficientNet-Lite0 that cost more than half of the
 //! noise model's accuracy gap (BENCHMARKS.md); re-estimating the statistics with the noise off
-//! recovers it. Weights do not change: there is no backward.
+//! recovers it. A network trained from scratch needs the same after any stage
+//! (`TrainConfig::recalibrate_always`): with momentum 0.01 its statistics still carry its first
+//! steps' activations. Weights do not change: there is no backward.
 
 use candle_core::Tensor;
 
@@ -17,7 +19,7 @@ use crate::{NoiseStep, QuantModel, Result};
 const FIRST_BATCH: usize = 1 << 30;
 
 /// Runs `cfg.recalibrate_batches` noise-free training-mode forward passes when the model has
-/// buffers and some layer has noise; returns whether it did. Each layer's noise (with its caches)
+/// buffers and some layer has noise (or `cfg.recalibrate_always`); returns whether it did. Each layer's noise (with its caches)
 /// is set aside and put back, so later stages see it unchanged.
 pub(crate) fn recalibrate(
     model: &dyn QuantModel,
@@ -29,7 +31,7 @@ pub(crate) fn recalibrate(
         return Ok(false);
     }
     let layers = model.layers();
-    if layers.iter().all(|l| l.qweight().noises().is_empty()) {
+    if !cfg.recalibrate_always && layers.iter().all(|l| l.qweight().noises().is_empty()) {
         return Ok(false);
     }
     let saved: Vec<_> = layers.iter().map(|l| l.qweight().take_noise()).collect();
