@@ -707,52 +707,45 @@ fn bench_flags_eval_subset_pq_noise_codebook_and_kmeans_iters() {
         err.contains("token_type_embeddings") && err.contains("gets no PQ noise"),
         "{err}"
     );
-    let compress = |codebook: &str, iters: &str, out: &Path| {
-        qn(&[
-            &"compress",
-            &"--model",
-            &run,
-            &"--train",
-            &asset("text/sst2-train-200.tsv"),
-            &"--task",
-            &"sst2",
-            &"--steps",
-            &"1",
-            &"--batch-size",
-            &"8",
-            &"--max-len",
-            &"32",
-            &"--codebook",
-            &codebook,
-            &"--kmeans-iters",
-            &iters,
-            &"-o",
-            &out,
-        ])
-    };
+    let compress_with =
+        |codebook: &str, iters: &str, out: &Path, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
+            let train = asset("text/sst2-train-200.tsv");
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+                &"compress",
+                &"--model",
+                &run,
+                &"--train",
+                &train,
+                &"--task",
+                &"sst2",
+                &"--steps",
+                &"1",
+                &"--batch-size",
+                &"8",
+                &"--max-len",
+                &"32",
+                &"--codebook",
+                &codebook,
+                &"--kmeans-iters",
+                &iters,
+                &"-o",
+                &out,
+            ];
+            args.extend_from_slice(extra);
+            qn(&args)
+        };
+    let compress =
+        |codebook: &str, iters: &str, out: &Path| compress_with(codebook, iters, out, &[]);
     let (f16, int8) = (tmp.path().join("f16.qnz"), tmp.path().join("int8.qnz"));
     ok(&compress("f16", "3", &f16));
     // A work directory the user names is kept, with the stage checkpoints a rerun resumes from.
     let work = tmp.path().join("stages");
-    ok(&qn(&[
-        &"compress",
-        &"--model",
-        &run,
-        &"--train",
-        &asset("text/sst2-train-200.tsv"),
-        &"--task",
-        &"sst2",
-        &"--steps",
-        &"1",
-        &"--batch-size",
-        &"8",
-        &"--max-len",
-        &"32",
-        &"--work-dir",
-        &work,
-        &"-o",
+    ok(&compress_with(
+        "f16",
+        "3",
         &tmp.path().join("kept.qnz"),
-    ]));
+        &[&"--work-dir", &work],
+    ));
     assert!(work.join("latest.json").exists());
     ok(&compress("int8", "3", &int8));
     let size = |p: &Path| std::fs::metadata(p).unwrap().len();

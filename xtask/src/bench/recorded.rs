@@ -100,25 +100,11 @@ pub fn find<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::suite::{Budget, Kind};
-
-    fn suite() -> Suite {
-        Suite {
-            name: "m-t".into(),
-            model_name: "M".into(),
-            task_name: "T".into(),
-            model: "m".into(),
-            task: "sst2".into(),
-            train: "train.tsv".into(),
-            eval: "dev.tsv".into(),
-            kind: Kind::Text,
-            budget: Budget::preset(Kind::Text, true),
-        }
-    }
+    use crate::bench::suite::test_suite;
 
     #[test]
     fn only_finished_rows_of_the_same_suite_and_budget_are_reused() {
-        let s = suite();
+        let s = test_suite();
         let budget = s.budget.describe(s.kind);
         let dir = std::env::temp_dir().join(format!("qn-recorded-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

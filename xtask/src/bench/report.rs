@@ -442,18 +442,7 @@ mod tests {
 
     #[test]
     fn a_partial_seeds_summary_says_so_and_keeps_its_runs() {
-        use crate::bench::suite::{Budget, Kind};
-        let suite = Suite {
-            name: "m-t".into(),
-            model_name: "M".into(),
-            task_name: "T".into(),
-            model: "m".into(),
-            task: "sst2".into(),
-            train: "train.tsv".into(),
-            eval: "dev.tsv".into(),
-            kind: Kind::Text,
-            budget: Budget::preset(Kind::Text, true),
-        };
+        let suite = crate::bench::suite::test_suite();
         let mut second = row("fp32", 0.80, 90_000_000);
         second.seed = 1;
         let rows = vec![row("fp32", 0.90, 90_000_000), second];

@@ -146,6 +146,22 @@ pub struct Suite {
     pub budget: Budget,
 }
 
+/// A quick-budget text suite of made-up paths, for the report and reuse tests.
+#[cfg(test)]
+pub fn test_suite() -> Suite {
+    Suite {
+        name: "m-t".into(),
+        model_name: "M".into(),
+        task_name: "T".into(),
+        model: "m".into(),
+        task: "sst2".into(),
+        train: "train.tsv".into(),
+        eval: "dev.tsv".into(),
+        kind: Kind::Text,
+        budget: Budget::preset(Kind::Text, true),
+    }
+}
+
 /// How a fine-tuned model becomes a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compress {

@@ -2,7 +2,8 @@
 //! fine-tuning on the task data (the paper's RoBERTa schedule), or post-training int8/int4.
 //!
 //! The iPQ stages checkpoint into `--work-dir` (default `<output>.work`, removed once the file is
-//! written), so an interrupted compression resumes when rerun. The `.qnz` carries the config, label map and tokenizer files.
+//! written), so an interrupted compression resumes when rerun. The `.qnz` carries the config,
+//! label map and tokenizer files.
 
 use std::path::PathBuf;
 

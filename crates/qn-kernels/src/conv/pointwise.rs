@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::pq::PqMatmul;
-use crate::scalar::{scalar_matmul, with_row_decoder, QuantizedTensor};
+use crate::scalar::{matrix_dims, scalar_matmul, with_row_decoder, QuantizedTensor};
 use crate::tiled::{matmul_channels, DecodeRows};
 use crate::{Error, Result};
 
@@ -24,15 +24,7 @@ pub fn pointwise_conv_pq(x: &Tensor, m: &PqMatmul) -> Result<Tensor> {
 
 /// `x (n, in, h, w)` convolved with the int-N coded 1x1 weight `q` (codes `(out, in)`).
 pub fn pointwise_conv_scalar(x: &Tensor, q: &QuantizedTensor) -> Result<Tensor> {
-    let (rows, cols) = q.codes.dims2().map_err(|_| {
-        Error::shape(
-            "pointwise conv",
-            format!(
-                "codes of shape {:?} are not an (out, in) matrix",
-                q.codes.dims()
-            ),
-        )
-    })?;
+    let (rows, cols) = matrix_dims(q, "pointwise conv")?;
     let (n, _, h, w) = check(x, cols)?;
     if h * w == 1 {
         let y = scalar_matmul(&x.reshape((n, cols))?, q)?;

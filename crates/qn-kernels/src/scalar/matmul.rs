@@ -146,12 +146,12 @@ pub fn scalar_gather_rows(q: &QuantizedTensor, ids: &[u32]) -> Result<Vec<f32>> 
             format!("id {bad} is out of range for {rows} rows"),
         ));
     }
-    let mut out = vec![0f32; ids.len() * cols];
     if !q.codes.device().is_cpu() {
         let idx = Tensor::from_vec(ids.to_vec(), ids.len(), q.codes.device())?;
         let picked = dequantize(q)?.index_select(&idx, 0)?;
         return Ok(picked.flatten_all()?.to_vec1::<f32>()?);
     }
+    let mut out = vec![0f32; ids.len() * cols];
     with_row_decoder(q, |decode| {
         for (dst, &id) in out.chunks_exact_mut(cols).zip(ids) {
             decode(id as usize, dst);
@@ -160,7 +160,8 @@ pub fn scalar_gather_rows(q: &QuantizedTensor, ids: &[u32]) -> Result<Vec<f32>> 
     Ok(out)
 }
 
-fn matrix_dims(q: &QuantizedTensor, what: &str) -> Result<(usize, usize)> {
+/// `(rows, cols)` of int-N codes that must be a matrix; the error names `what`.
+pub(crate) fn matrix_dims(q: &QuantizedTensor, what: &str) -> Result<(usize, usize)> {
     q.codes.dims2().map_err(|_| {
         Error::shape(
             what,

@@ -28,7 +28,7 @@ mod params;
 
 pub use config::{Granularity, ObserverKind, ScalarConfig, Scheme};
 pub use histogram::{histogram_range, Histogram};
-pub(crate) use matmul::with_row_decoder;
+pub(crate) use matmul::{matrix_dims, with_row_decoder};
 pub use matmul::{
     scalar_gather_rows, scalar_matmul, scalar_matmul_reference, scalar_matmul_with, SCALAR_MAX_ROWS,
 };

@@ -19,8 +19,8 @@ use crate::{NoiseStep, QuantModel, Result};
 const FIRST_BATCH: usize = 1 << 30;
 
 /// Runs `cfg.recalibrate_batches` noise-free training-mode forward passes when the model has
-/// buffers and some layer has noise (or `cfg.recalibrate_always`); returns whether it did. Each layer's noise (with its caches)
-/// is set aside and put back, so later stages see it unchanged.
+/// buffers and some layer has noise (or `cfg.recalibrate_always`); returns whether it did. Each
+/// layer's noise (with its caches) is set aside and put back, so later stages see it unchanged.
 pub(crate) fn recalibrate(
     model: &dyn QuantModel,
     train: &Dataset,
