@@ -217,10 +217,12 @@ fn bench_scalar_matmul(c: &mut Criterion) {
 }
 
 /// Depthwise convolution forward + backward on one of EfficientNet-Lite0's shapes (8 x 144 x 56²,
-/// k3): the fused op against candle's grouped conv2d.
+/// k3): the fused op's two CPU kernels against candle's grouped conv2d.
 fn bench_depthwise(c: &mut Criterion) {
     use candle_core::Var;
-    use qn_kernels::conv::{depthwise_conv2d, depthwise_conv2d_reference, Padding2d};
+    use qn_kernels::conv::{
+        depthwise_conv2d_reference, depthwise_conv2d_with, DepthwiseKernel, Padding2d,
+    };
     let dev = candle_core::Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 144, 56, 56), &dev).unwrap()).unwrap();
     let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (144, 1, 3, 3), &dev).unwrap()).unwrap();
@@ -232,7 +234,11 @@ fn bench_depthwise(c: &mut Criterion) {
         let y = conv(&x, &w, 1, pad).unwrap();
         y.sum_all().unwrap().backward().unwrap()
     };
-    g.bench_function("fused", |b| b.iter(|| run(depthwise_conv2d)));
+    let blocks: Conv =
+        |x, w, s, p| depthwise_conv2d_with(x, w, s, p, DepthwiseKernel::ChannelBlocks);
+    let rows: Conv = |x, w, s, p| depthwise_conv2d_with(x, w, s, p, DepthwiseKernel::Rows);
+    g.bench_function("fused, channel blocks", |b| b.iter(|| run(blocks)));
+    g.bench_function("fused, rows", |b| b.iter(|| run(rows)));
     g.bench_function("candle conv2d groups=C", |b| {
         b.iter(|| run(depthwise_conv2d_reference))
     });

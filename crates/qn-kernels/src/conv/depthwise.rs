@@ -1,24 +1,68 @@
 //! Depthwise 2-D convolution (`groups = channels`, one `k x k` kernel per channel) as a fused CPU op.
 //!
-//! Every `(image, channel)` plane is independent, so the forward and the input gradient run one
-//! plane per rayon task, and the kernel gradient one channel per task (summing over the batch).
-//! Rows are walked so that, for stride 1, the innermost loop is a contiguous multiply-add over a
-//! row segment that the compiler vectorises; the valid segment of each kernel column is computed
-//! once, so there is no bounds test per pixel.
+//! Two CPU kernels share the op, its shape checks and its backward wiring ([`DepthwiseKernel`]):
+//! channel blocks (`depthwise_blocked`: 16 channels channels-last per task, the default from 8
+//! channels on) and the row kernel here, for fewer channels than half a block.
+//!
+//! Row kernel: every `(image, channel)` plane is independent, so the forward and the input
+//! gradient run one plane per rayon task, and the kernel gradient one channel per task (summing
+//! over the batch). Rows are walked so that, for stride 1, the innermost loop is a contiguous
+//! multiply-add over a row segment that the compiler vectorises; the valid segment of each kernel
+//! column is computed once, so there is no bounds test per pixel.
 
 use std::ops::{Add, AddAssign, Mul};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::depthwise_blocked::{self, Scratch};
 use super::{out_len, Padding2d};
 use crate::{Error, Result};
 
 /// `y = depthwise(x, w)` for `x (n, c, h, w)` and `w (c, 1, k, k)`: channel `i` of `y` is channel `i`
 /// of `x` convolved (cross-correlated, as in PyTorch) with kernel `i`, with `pad` zeros around the
-/// image and `stride` in both directions. CPU f32/f64 run the fused op with its exact backward;
-/// anything else runs [`depthwise_conv2d_reference`].
+/// image and `stride` in both directions. CPU f32/f64 run the fused op with its exact backward
+/// (the kernel [`DepthwiseKernel::Auto`] picks for the shape); anything else runs
+/// [`depthwise_conv2d_reference`].
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Padding2d) -> Result<Tensor> {
+    depthwise_conv2d_with(x, w, stride, pad, DepthwiseKernel::Auto)
+}
+
+/// Which CPU kernel [`depthwise_conv2d_with`] runs. Both compute the same thing (tested against
+/// the reference on the same cases); they differ in speed by shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DepthwiseKernel {
+    /// [`DepthwiseKernel::ChannelBlocks`] from 8 channels on (at least half a block's lanes do
+    /// work), [`DepthwiseKernel::Rows`] below. On every EfficientNet-Lite0 depthwise shape the
+    /// channel blocks are as fast or faster, 1.5–3.6× on the stride-2 and small-plane ones
+    /// (BENCHMARKS.md, "Depthwise convolution").
+    #[default]
+    Auto,
+    /// One image plane per task, vectorised along each output row.
+    Rows,
+    /// 16 channels of one image per task, copied channels-last into a padded buffer, vectorised
+    /// across the channels (`depthwise_blocked`).
+    ChannelBlocks,
+}
+
+impl DepthwiseKernel {
+    fn blocked(self, g: &Geometry) -> bool {
+        match self {
+            Self::Auto => g.c >= depthwise_blocked::LANES / 2,
+            Self::Rows => false,
+            Self::ChannelBlocks => true,
+        }
+    }
+}
+
+/// [`depthwise_conv2d`] with the CPU kernel chosen by the caller (benchmarks and tests).
+pub fn depthwise_conv2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: Padding2d,
+    kernel: DepthwiseKernel,
+) -> Result<Tensor> {
     let geo = Geometry::new(x, w, stride, pad)?;
     if !x.device().is_cpu()
         || !matches!(x.dtype(), DType::F32 | DType::F64)
@@ -26,8 +70,9 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Padding2d) -
     {
         return depthwise_conv2d_reference(x, w, stride, pad);
     }
+    let blocked = kernel.blocked(&geo);
     Ok(x.contiguous()?
-        .apply_op2(&w.contiguous()?, DepthwiseOp { geo })?)
+        .apply_op2(&w.contiguous()?, DepthwiseOp { geo, blocked })?)
 }
 
 /// The plain-tensor twin of [`depthwise_conv2d`]: explicit zero padding, then candle's
@@ -47,16 +92,16 @@ pub fn depthwise_conv2d_reference(
 
 /// Shapes of one depthwise convolution, checked once.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: Padding2d,
-    ho: usize,
-    wo: usize,
+pub(super) struct Geometry {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: Padding2d,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
 }
 
 /// The output columns `lo..hi` that kernel column `kx` reaches inside the image, and the input
@@ -145,7 +190,10 @@ impl Geometry {
     }
 }
 
-trait Elem: Copy + Send + Sync + Default + Add<Output = Self> + Mul<Output = Self> + AddAssign {}
+pub(super) trait Elem:
+    Copy + Send + Sync + Default + Add<Output = Self> + Mul<Output = Self> + AddAssign
+{
+}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
@@ -253,11 +301,15 @@ macro_rules! dispatch2 {
 #[derive(Debug, Clone, Copy)]
 struct DepthwiseOp {
     geo: Geometry,
+    blocked: bool,
 }
 
 impl DepthwiseOp {
-    fn forward<T: Elem>(&self, x: &[T], kern: &[T]) -> Vec<T> {
+    fn forward<T: Scratch>(&self, x: &[T], kern: &[T]) -> Vec<T> {
         let g = &self.geo;
+        if self.blocked {
+            return depthwise_blocked::forward(g, x, kern);
+        }
         let spans = g.spans();
         let (plane_in, plane_out, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
         let mut y = vec![T::default(); g.n * g.c * plane_out];
@@ -305,9 +357,63 @@ impl CustomOp2 for DepthwiseOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let g = &self.geo;
+        if self.blocked {
+            let both = x.apply_op3_no_bwd(&grad, w, &BlockedBackwardOp { geo: self.geo })?;
+            let dx_len = g.n * g.c * g.h * g.w;
+            let dx = both.narrow(0, 0, dx_len)?.reshape((g.n, g.c, g.h, g.w))?;
+            let dw = both
+                .narrow(0, dx_len, g.c * g.k * g.k)?
+                .reshape((g.c, 1, g.k, g.k))?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let dx = grad.apply_op2_no_bwd(w, &InputGradOp { geo: self.geo })?;
         let dw = x.apply_op2_no_bwd(&grad, &WeightGradOp { geo: self.geo })?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx` and `dw` from `(input, grad, kernel)` in one pass ([`depthwise_blocked::backward`]),
+/// flattened back to back.
+#[derive(Debug, Clone, Copy)]
+struct BlockedBackwardOp {
+    geo: Geometry,
+}
+
+impl BlockedBackwardOp {
+    fn run<T: Scratch>(&self, x: &[T], gy: &[T], kern: &[T]) -> Vec<T> {
+        depthwise_blocked::backward(&self.geo, x, gy, kern)
+    }
+}
+
+impl CustomOp3 for BlockedBackwardOp {
+    fn name(&self) -> &'static str {
+        "qn-depthwise-conv2d-blocked-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice("input", xs, xl)?;
+        let gy = slice("gradient", gs, gl)?;
+        let w = slice("kernel", ws, wl)?;
+        let g = &self.geo;
+        let out = match (x, gy, w) {
+            (Storage::F32(x), Storage::F32(gy), Storage::F32(w)) => {
+                CpuStorage::F32(self.run(x, gy, w))
+            }
+            (Storage::F64(x), Storage::F64(gy), Storage::F64(w)) => {
+                CpuStorage::F64(self.run(x, gy, w))
+            }
+            _ => candle_core::bail!("depthwise conv: input, gradient and kernel dtypes differ"),
+        };
+        Ok((out, Shape::from(g.n * g.c * g.h * g.w + g.c * g.k * g.k)))
     }
 }
 

@@ -3,9 +3,10 @@
 //! candle runs a grouped convolution as one convolution per group, so a depthwise convolution
 //! (`groups = channels`, the core of MobileNet/EfficientNet blocks) costs as many small
 //! convolutions as it has channels, forward and backward. [`depthwise_conv2d`] is one fused CPU op
-//! (rayon over channel planes) with a hand-written backward; [`depthwise_conv2d_reference`] is its
-//! plain-tensor twin (zero padding, then candle's grouped `conv2d`), which it is tested against and
-//! which runs on other devices.
+//! (rayon over blocks of 16 channels laid out channels-last, so every tap is one vector
+//! multiply-add whatever the plane size or stride) with a hand-written backward that computes both
+//! gradients in one pass; [`depthwise_conv2d_reference`] is its plain-tensor twin (zero padding,
+//! then candle's grouped `conv2d`), which it is tested against and which runs on other devices.
 //!
 //! [`pointwise_conv_pq`] and [`pointwise_conv_scalar`] run a product-quantized or int-N 1x1
 //! convolution from its codes, a tile of decoded output channels at a time, on the activations as
@@ -31,9 +32,12 @@
 //! ```
 
 mod depthwise;
+mod depthwise_blocked;
 mod pointwise;
 
-pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
+pub use depthwise::{
+    depthwise_conv2d, depthwise_conv2d_reference, depthwise_conv2d_with, DepthwiseKernel,
+};
 pub use pointwise::{pointwise_conv_pq, pointwise_conv_reference, pointwise_conv_scalar};
 
 /// Zero padding on each side of an image, in pixels.
