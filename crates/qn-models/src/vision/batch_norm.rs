@@ -2,13 +2,15 @@
 //! `BatchNorm2d`: training normalises with the batch's statistics and updates the running ones
 //! (`running = (1 - momentum) · running + momentum · batch`, the variance unbiased); evaluation uses
 //! the running ones. Scale and shift are trainable; the running statistics are buffers that are
-//! saved and exported with the weights.
+//! saved and exported with the weights. Training on the CPU runs a fused op (`batch_norm_op`).
 
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
+use super::batch_norm_op::{channel_stats, BatchNormTrainOp};
+use crate::encoder::fused::fused_ok;
 use crate::Result;
 
 /// A `BatchNorm2d` layer (PyTorch names: `weight`, `bias`, `running_mean`, `running_var`).
@@ -89,25 +91,57 @@ impl BatchNorm2d {
         Ok(true)
     }
 
-    /// Normalises `x (n, c, h, w)`.
+    /// Normalises `x (n, c, h, w)`: in training with the batch's statistics (updating the running
+    /// ones), in evaluation with the running ones. Training on the CPU in f32 runs the fused op
+    /// of `batch_norm_op`; everything else runs [`BatchNorm2d::forward_t_reference`].
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train && fused_ok(x) && self.weight.dtype() == DType::F32 && x.rank() == 4 {
+            return self.forward_train_fused(x);
+        }
+        self.forward_t_reference(x, train)
+    }
+
+    fn forward_train_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let (mean, var) = channel_stats(x)?;
+        let eps = self.eps as f32;
+        let rstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        let dev = x.device();
+        self.update_running(
+            &Tensor::from_slice(&mean, c, dev)?,
+            &Tensor::from_slice(&var, c, dev)?,
+            (n * h * w) as f64,
+        )?;
+        x.contiguous()?.apply_op3(
+            self.weight.as_tensor(),
+            self.bias.as_tensor(),
+            BatchNormTrainOp { mean, rstd },
+        )
+    }
+
+    /// `running = (1 - momentum) · running + momentum · batch`, the batch variance made unbiased.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: f64) -> candle_core::Result<()> {
+        let mut r = self.running.lock().expect("running stats lock");
+        let m = self.momentum;
+        let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
+        let new_mean = ((&r.0 * (1.0 - m))? + (mean.detach() * m)?)?;
+        let new_var = ((&r.1 * (1.0 - m))? + (unbiased * m)?)?;
+        *r = (new_mean, new_var);
+        Ok(())
+    }
+
+    /// The plain-op twin of [`BatchNorm2d::forward_t`] (candle derives its backward): statistics
+    /// by `mean` over a transposed copy, then a broadcast scale and shift.
+    pub fn forward_t_reference(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let c = x.dim(1)?;
         let (mean, var) = if train {
             let (n, _, h, w) = x.dims4()?;
-            let count = (n * h * w) as f64;
             // Per-channel statistics as (c) vectors: the mean over the batch and the pixels.
             let flat = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
             let mean = flat.mean(D::Minus1)?;
             let centred = flat.broadcast_sub(&mean.unsqueeze(1)?)?;
             let var = centred.sqr()?.mean(D::Minus1)?;
-            {
-                let mut r = self.running.lock().expect("running stats lock");
-                let m = self.momentum;
-                let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
-                let new_mean = ((&r.0 * (1.0 - m))? + (mean.detach() * m)?)?;
-                let new_var = ((&r.1 * (1.0 - m))? + (unbiased * m)?)?;
-                *r = (new_mean, new_var);
-            }
+            self.update_running(&mean, &var, (n * h * w) as f64)?;
             (mean, var)
         } else {
             let r = self.running.lock().expect("running stats lock");

@@ -12,6 +12,7 @@ use qn_train::kernels::layout::LayerKind;
 use qn_train::layers::{qconv2d, QConv2d, QLinear, QuantNoiseLayer};
 use qn_train::{NoiseStep, QuantModel};
 
+use super::activation;
 use super::batch_norm::BatchNorm2d;
 use super::config::{Act, BlockArgs, ConvPadding, EfficientNetConfig};
 use crate::coded::CodedWeights;
@@ -64,8 +65,8 @@ fn conv(
 
 fn activate(x: &Tensor, act: Act) -> candle_core::Result<Tensor> {
     match act {
-        Act::Swish => x.silu(),
-        Act::Relu6 => x.clamp(0f32, 6f32),
+        Act::Swish => activation::swish(x),
+        Act::Relu6 => activation::relu6(x),
     }
 }
 
@@ -197,7 +198,7 @@ impl MbConv {
         )?;
         if let Some(se) = &self.se {
             let s = h.mean_keepdim(3)?.mean_keepdim(2)?;
-            let s = se.reduce.forward_t(&s, train)?.silu()?;
+            let s = activation::swish(&se.reduce.forward_t(&s, train)?)?;
             let s = se.expand.forward_t(&s, train)?;
             h = h.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)?;
         }

@@ -16,7 +16,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod activation;
 mod batch_norm;
+mod batch_norm_op;
 mod config;
 mod data;
 mod efficientnet;

@@ -1,0 +1,160 @@
+//! EfficientNet's activations as fused CPU ops with a one-pass backward: ReLU6 (Lite) and swish /
+//! SiLU (B). candle builds `clamp(0, 6)` from `maximum` and `minimum`, whose backward compares the
+//! output with each input, converts the masks and divides (~20 % of a Lite0 training step), and
+//! derives SiLU's from several elementwise nodes. Each here is one node forward and one pass
+//! backward; [`relu6_reference`] / [`swish_reference`] are the plain-op twins the tests compare
+//! against, and run off the CPU.
+//!
+//! ReLU6's gradient follows PyTorch's `hardtanh`: 1 strictly inside (0, 6), 0 elsewhere (candle's
+//! `maximum` would split it at a tie).
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use qn_models::vision::activation::{relu6, swish, swish_reference};
+//!
+//! let x = Tensor::new(&[-1f32, 0.5, 7.0], &Device::Cpu)?;
+//! assert_eq!(relu6(&x)?.to_vec1::<f32>()?, [0.0, 0.5, 6.0]);
+//! let d = (swish(&x)? - swish_reference(&x)?)?.abs()?.max(0)?.to_scalar::<f32>()?;
+//! assert!(d < 1e-5);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::encoder::fused::{exp, f32s, fused_ok};
+
+/// Elements per parallel task.
+const CHUNK: usize = 16_384;
+
+/// `min(max(x, 0), 6)`.
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(Relu6Op)
+    } else {
+        relu6_reference(x)
+    }
+}
+
+/// The plain-op twin of [`relu6`].
+pub fn relu6_reference(x: &Tensor) -> Result<Tensor> {
+    x.clamp(0f32, 6f32)
+}
+
+/// `x · sigmoid(x)` (swish, SiLU).
+pub fn swish(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(SwishOp)
+    } else {
+        swish_reference(x)
+    }
+}
+
+/// The plain-op twin of [`swish`].
+pub fn swish_reference(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `out[i] = f(x[i])` in parallel chunks.
+fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v)));
+    y
+}
+
+/// `out[i] = f(x[i], dy[i])` in parallel chunks.
+fn map2(x: &[f32], dy: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(o, (x, dy))| {
+            for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
+                *o = f(v, g);
+            }
+        });
+    dx
+}
+
+struct Relu6Op;
+
+impl CustomOp1 for Relu6Op {
+    fn name(&self) -> &'static str {
+        "qn-relu6"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        Ok((
+            CpuStorage::F32(map1(x, |v| v.clamp(0.0, 6.0))),
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &Relu6GradOp)?))
+    }
+}
+
+struct Relu6GradOp;
+
+impl CustomOp2 for Relu6GradOp {
+    fn name(&self) -> &'static str {
+        "qn-relu6-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let dx = map2(x, dy, |v, g| if v > 0.0 && v < 6.0 { g } else { 0.0 });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+struct SwishOp;
+
+impl CustomOp1 for SwishOp {
+    fn name(&self) -> &'static str {
+        "qn-swish"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        Ok((
+            CpuStorage::F32(map1(x, |v| v * sigmoid(v))),
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &SwishGradOp)?))
+    }
+}
+
+struct SwishGradOp;
+
+impl CustomOp2 for SwishGradOp {
+    fn name(&self) -> &'static str {
+        "qn-swish-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let dx = map2(x, dy, |v, g| {
+            let s = sigmoid(v);
+            g * s * (1.0 + v * (1.0 - s))
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
