@@ -1125,3 +1125,67 @@ fn pointwise_convs_evaluate_from_their_codes() {
     assert_eq!(vars.len(), 2, "centroids and bias");
     assert!(vars_without_gradient(&grads, &vars).is_empty());
 }
+
+/// In training a 1x1 convolution runs as one matmul over the batch's pixels; its output and the
+/// gradients of its input, weight and bias are candle's `conv2d` (whose backward candle derives).
+#[test]
+fn pointwise_convs_train_as_a_matmul_with_the_gradients_of_conv2d() {
+    let max_abs = |t: &Tensor| values(t).iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (shape, seed) in [([3usize, 32, 5, 7], 71u64), ([2, 32, 1, 1], 72)] {
+        let (w, b) = (var(&[24, 32, 1, 1], seed), var(&[24], seed + 1));
+        let layer = QConv2d::new(
+            "blocks.0._expand_conv",
+            w.clone(),
+            Some(b.clone()),
+            Conv2dConfig::default(),
+        )
+        .unwrap();
+        let probe = gaussian(&[shape[0], 24, shape[2], shape[3]], seed + 2);
+        let x = Var::from_tensor(&gaussian(&shape, seed + 3)).unwrap();
+        let y = layer.forward_t(x.as_tensor(), true).unwrap();
+        let g = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = x
+            .as_tensor()
+            .conv2d(w.as_tensor(), 0, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((1, 24, 1, 1)).unwrap())
+            .unwrap();
+        let gw = (&want * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let pairs = [
+            ("output", y.clone(), want.clone()),
+            (
+                "input gradient",
+                g.get(&x).unwrap().clone(),
+                gw.get(&x).unwrap().clone(),
+            ),
+            (
+                "weight gradient",
+                g.get(&w).unwrap().clone(),
+                gw.get(&w).unwrap().clone(),
+            ),
+            (
+                "bias gradient",
+                g.get(&b).unwrap().clone(),
+                gw.get(&b).unwrap().clone(),
+            ),
+        ];
+        for (what, got, want) in pairs {
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let diff = max_abs(&(&got - &want).unwrap());
+            assert!(
+                diff <= 1e-4 * (1.0 + max_abs(&want)),
+                "{what} {shape:?}: {diff}"
+            );
+        }
+    }
+}
