@@ -3,8 +3,12 @@
 //! the classifier, interleaved A-B / B-A so that machine drift hits both alike. Prints each
 //! variant's median step, the median of the paired ratios and each variant's fastest step.
 //!
+//! With a fifth argument `none` or `block`, runs only that variant for `rounds` steps and prints
+//! its median: separate processes, run alternately, are the second estimator of the overhead
+//! (no switching of the layers' noise between steps).
+//!
 //! ```text
-//! cargo run --release -p qn-models --example image_step_time -- [variant] [image size] [batch] [rounds]
+//! cargo run --release -p qn-models --example image_step_time -- [variant] [image size] [batch] [rounds] [none|block]
 //! cargo run --release -p qn-models --example image_step_time -- lite0 64 32 8
 //! ```
 
@@ -52,6 +56,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     step(&none, 0)?;
     step(&block, 0)?;
+    if let Some(only) = arg(5) {
+        let spec = match only.as_str() {
+            "none" => &none,
+            "block" => &block,
+            other => return Err(format!("fifth argument: `none` or `block`, not `{other}`").into()),
+        };
+        let steps: Vec<f64> = (0..rounds as u64)
+            .map(|r| step(spec, r))
+            .collect::<Result<_, _>>()?;
+        println!(
+            "EfficientNet-{variant} at {size} px, batch {batch}, {} threads, {only} only: median {:.3} s/step over {rounds} steps",
+            rayon::current_num_threads(),
+            median(steps)
+        );
+        return Ok(());
+    }
     let (mut plain, mut noisy, mut ratios) = (vec![], vec![], vec![]);
     for r in 0..rounds as u64 {
         let (a, b) = if r % 2 == 0 {

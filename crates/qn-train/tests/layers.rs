@@ -1126,12 +1126,19 @@ fn pointwise_convs_evaluate_from_their_codes() {
     assert!(vars_without_gradient(&grads, &vars).is_empty());
 }
 
-/// In training a 1x1 convolution runs as one matmul over the batch's pixels; its output and the
-/// gradients of its input, weight and bias are candle's `conv2d` (whose backward candle derives).
+/// In training a 1x1 convolution runs as a linear layer over the batch's pixels (block drop fused
+/// into the matmul); its output and the gradients of its input, weight and bias are candle's
+/// `conv2d` with the weight `weight_t` builds for the same step (whose backward candle derives
+/// through the block-drop op), without noise and with block drop.
 #[test]
 fn pointwise_convs_train_as_a_matmul_with_the_gradients_of_conv2d() {
     let max_abs = |t: &Tensor| values(t).iter().fold(0f64, |m, v| m.max(v.abs()));
-    for (shape, seed) in [([3usize, 32, 5, 7], 71u64), ([2, 32, 1, 1], 72)] {
+    let cases = [
+        ([3usize, 32, 5, 7], 71u64, None),
+        ([2, 32, 1, 1], 72, None),
+        ([2, 32, 4, 3], 73, Some(0.3)),
+    ];
+    for (shape, seed, drop) in cases {
         let (w, b) = (var(&[24, 32, 1, 1], seed), var(&[24], seed + 1));
         let layer = QConv2d::new(
             "blocks.0._expand_conv",
@@ -1140,6 +1147,12 @@ fn pointwise_convs_train_as_a_matmul_with_the_gradients_of_conv2d() {
             Conv2dConfig::default(),
         )
         .unwrap();
+        if let Some(p) = drop {
+            layer
+                .set_noise(NoiseConfig::BlockDrop { p, block_size: 4 }, 5)
+                .unwrap();
+            layer.qweight().set_noise_step(at(3));
+        }
         let probe = gaussian(&[shape[0], 24, shape[2], shape[3]], seed + 2);
         let x = Var::from_tensor(&gaussian(&shape, seed + 3)).unwrap();
         let y = layer.forward_t(x.as_tensor(), true).unwrap();
@@ -1149,9 +1162,17 @@ fn pointwise_convs_train_as_a_matmul_with_the_gradients_of_conv2d() {
             .unwrap()
             .backward()
             .unwrap();
+        let built = layer.qweight().weight_t(true).unwrap();
+        if drop.is_some() {
+            let zeros = values(&built).iter().filter(|v| **v == 0.0).count();
+            assert!(
+                zeros > 0 && zeros % 4 == 0,
+                "the step drops whole blocks: {zeros} zeros"
+            );
+        }
         let want = x
             .as_tensor()
-            .conv2d(w.as_tensor(), 0, 1, 1, 1)
+            .conv2d(&built, 0, 1, 1, 1)
             .unwrap()
             .broadcast_add(&b.as_tensor().reshape((1, 24, 1, 1)).unwrap())
             .unwrap();
@@ -1184,7 +1205,7 @@ fn pointwise_convs_train_as_a_matmul_with_the_gradients_of_conv2d() {
             let diff = max_abs(&(&got - &want).unwrap());
             assert!(
                 diff <= 1e-4 * (1.0 + max_abs(&want)),
-                "{what} {shape:?}: {diff}"
+                "{what} {shape:?} {drop:?}: {diff}"
             );
         }
     }

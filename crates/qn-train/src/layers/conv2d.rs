@@ -3,7 +3,8 @@
 use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use qn_kernels::conv::{depthwise_conv2d, pointwise_conv_pq, pointwise_conv_scalar, Padding2d};
-use qn_kernels::layout::LayerKind;
+use qn_kernels::layout::{BlockLayout, LayerKind};
+use qn_kernels::noise::{block_drop_matmul, linear_matmul, BlockMask};
 
 use super::QuantNoiseLayer;
 use crate::{
@@ -107,21 +108,40 @@ fn pointwise_from_codes(x: &Tensor, plan: LinearPlan) -> candle_core::Result<Opt
     Ok(Some(y.map_err(crate::Error::from)?))
 }
 
-/// A 1x1 convolution (one group, stride 1, no padding) as one matmul `W (out, in) · X (in, batch
-/// · pixels)`: candle derives a convolution's kernel gradient from a convolution whose "kernel" is
-/// the whole output gradient, run as one dot product per output (~15 % of an EfficientNet-Lite0
-/// training step); a matmul's backward is two GEMMs. The channels-first transposes cost a copy each.
-fn pointwise_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// A 1x1 convolution (one group, stride 1, no padding) in training, as a linear layer over the
+/// batch's pixels: `x` laid out pixel-major `(batch · pixels, in)`, then the plan a `QLinear` runs
+/// (block drop fused into the matmul, the same kernel without it, or the built weight). candle
+/// derives a convolution's kernel gradient from a convolution whose "kernel" is the whole output
+/// gradient, run as one dot product per output (~15 % of an EfficientNet-Lite0 training step); a
+/// matmul's backward is two GEMMs, and the fused plans keep the noisy and the noise-free step the
+/// same but for the mask. The layout changes cost a transpose copy each way.
+fn pointwise_train(x: &Tensor, weight: &QWeight) -> candle_core::Result<Tensor> {
     let (n, cin, h, wd) = x.dims4()?;
-    let cout = w.dim(0)?;
-    let xt = x
+    let cout = weight.layout().rows();
+    let pixels = x
         .reshape((n, cin, h * wd))?
-        .transpose(0, 1)?
+        .transpose(1, 2)?
         .contiguous()?
-        .reshape((cin, n * h * wd))?;
-    let y = w.reshape((cout, cin))?.matmul(&xt)?;
-    y.reshape((cout, n, h * wd))?
-        .transpose(0, 1)?
+        .reshape((n * h * wd, cin))?;
+    let matrix = |w: &Tensor| w.reshape((cout, cin));
+    let y = match weight.linear_plan(true)? {
+        LinearPlan::BlockDrop(w, mask, p) => {
+            let layout =
+                BlockLayout::linear(weight.name(), &[cout, cin], mask.layout().block_size())
+                    .map_err(crate::Error::from)?;
+            let mask =
+                BlockMask::from_vec(&layout, mask.noised().to_vec()).map_err(crate::Error::from)?;
+            block_drop_matmul(&pixels, &matrix(&w)?, &mask, p).map_err(crate::Error::from)?
+        }
+        LinearPlan::Exact(w) => linear_matmul(&pixels, &matrix(&w)?).map_err(crate::Error::from)?,
+        LinearPlan::Generic(w) => pixels.matmul(&matrix(&w)?.t()?)?,
+        // Codes are an evaluation plan; training never gets one, but the built weight is exact.
+        LinearPlan::Codes(_) | LinearPlan::Scalar(_) => {
+            pixels.matmul(&matrix(&weight.weight_t(true)?)?.t()?)?
+        }
+    };
+    y.reshape((n, h * wd, cout))?
+        .transpose(1, 2)?
         .contiguous()?
         .reshape((n, cout, h, wd))
 }
@@ -161,10 +181,10 @@ impl QConv2d {
                 }
             }
         }
-        let w = self.weight.weight_t(train)?;
         if self.pointwise_geometry() && k == 1 && train {
-            return pointwise_matmul(x, &w);
+            return pointwise_train(x, &self.weight);
         }
+        let w = self.weight.weight_t(train)?;
         if self.is_depthwise() && c.dilation == 1 {
             depthwise_conv2d(x, &w, c.stride, pad).map_err(candle_core::Error::wrap)
         } else if pad == Padding2d::symmetric(pad.top) {
