@@ -225,6 +225,7 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
         .unwrap()
         .len();
     let ipq = dir.path().join("ipq.qnz");
+    let work = dir.path().join("ipq-work");
     let text = ok(&qn(&[
         &"compress",
         &"--model",
@@ -241,10 +242,21 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
         &"8",
         &"--max-examples",
         &"32",
+        &"--bn-recalibrate",
+        &"2",
+        &"--work-dir",
+        &work,
         &"-o",
         &ipq,
     ]));
     assert!(text.contains("compressed with 3 stages"), "{text}");
+    // Every stage ends with the batch-norm statistics re-estimated (the stages' metrics say so).
+    let metrics = std::fs::read_to_string(work.join("metrics.jsonl")).unwrap();
+    let recalibrated = metrics
+        .lines()
+        .filter(|l| l.contains("\"recalibrated_batches\":2"))
+        .count();
+    assert_eq!(recalibrated, 3, "{metrics}");
     let int8 = dir.path().join("int8.qnz");
     ok(&qn(&[
         &"compress",

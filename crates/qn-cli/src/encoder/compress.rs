@@ -74,6 +74,12 @@ pub struct CompressArgs {
     /// k-means iterations when a stage quantizes a layer (iPQ).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000), allow_negative_numbers = true)]
     pub(crate) kmeans_iters: u64,
+    /// Image models: after every iPQ stage, this many noise-free training-mode batches re-estimate
+    /// the batch-norm statistics, which the stage's quantization shifted and its few fine-tuning
+    /// steps (momentum 0.01) only partly refresh (0: off, the default; models without batch norm
+    /// are never touched).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000), allow_negative_numbers = true)]
+    pub(crate) bn_recalibrate: u64,
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
@@ -280,6 +286,8 @@ pub(crate) fn ipq_stages_and_export(
         progress: true,
         checkpoint_every: 50,
         kmeans_iters: args.kmeans_iters as usize,
+        recalibrate_batches: args.bn_recalibrate as usize,
+        recalibrate_always: args.bn_recalibrate > 0,
         ..TrainConfig::default()
     };
     cfg.validate()?;
