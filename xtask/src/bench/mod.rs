@@ -458,6 +458,9 @@ fn run_row(
                 ]),
                 Compress::None => unreachable!("handled above"),
             }
+            if s.kind == Kind::Image && matches!(c, Compress::Ipq { .. }) {
+                args.extend(["--bn-recalibrate".into(), b.bn_recalibrate.to_string()]);
+            }
             args.extend(input_args(s));
             let out = runner.output_path(&format!("{}-{}-s{seed}", s.name, m.id), &args, ".qnz");
             let done = runner.job(&format!("{} compress", m.id), &out, &args, Some("-o"))?;

@@ -40,7 +40,8 @@ pub struct Budget {
     /// Steps between refreshes of the noise's quantizer: the k-means of PQ noise and the ranges
     /// of scalar noise (fairseq refreshes its int-N ranges every 1,000-3,000 updates).
     pub pq_every: usize,
-    /// Images: batch-norm recalibration batches after a noisy fine-tune.
+    /// Images: batch-norm recalibration batches at the end of the fine-tune and of every iPQ
+    /// stage (`--bn-recalibrate` of `qn finetune` and `qn compress`).
     pub bn_recalibrate: usize,
 }
 
@@ -85,7 +86,7 @@ impl Budget {
                 max_len: 0,
                 image_size: 64,
                 pq_every: 50,
-                bn_recalibrate: 100,
+                bn_recalibrate: 200,
             },
             (Kind::Image, true) => Budget {
                 train_examples: 256,
@@ -114,10 +115,20 @@ impl Budget {
             (Some(n), Kind::Image) => format!("the first {n} evaluation images"),
             (None, _) => "the whole evaluation set".into(),
         };
+        // Part of the text that `--reuse` matches: rows from before the recalibration after every
+        // image stage (their text lacks it) are not taken for rows with it.
+        let bn = match kind {
+            Kind::Image => format!(
+                "; batch-norm statistics re-estimated by {} noise-free batches after the \
+                 fine-tune and after every iPQ stage",
+                self.bn_recalibrate
+            ),
+            Kind::Text => String::new(),
+        };
         format!(
             "fine-tuning {} steps of {} on {} training rows at lr {}, {input}; iPQ: K = 256, {} \
-             k-means iterations, {} centroid fine-tuning steps per stage; accuracy by `qn eval` \
-             on {eval}",
+             k-means iterations, {} centroid fine-tuning steps per stage{bn}; accuracy by `qn \
+             eval` on {eval}",
             self.steps, self.batch, self.train_examples, self.lr, self.kmeans_iters, self.ipq_steps
         )
     }

@@ -34,10 +34,10 @@ pub struct FinetuneArgs {
     /// Image models: input resolution (default 64 for idx).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..=1024), allow_negative_numbers = true)]
     pub(crate) image_size: u64,
-    /// Image models: at the end of a fine-tune with noise, or of any training from scratch, this
-    /// many noise-free training-mode batches re-estimate the batch-norm statistics, which were
-    /// gathered on noised activations or on the first steps' (0: off; models without batch norm
-    /// are never touched).
+    /// Image models: at the end of every fine-tuning stage this many noise-free training-mode
+    /// batches re-estimate the batch-norm statistics, which lag the network (gathered on noised
+    /// activations, on the first steps', or still partly the pretrained data's: momentum 0.01)
+    /// (0: off; models without batch norm are never touched).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1_000_000), allow_negative_numbers = true)]
     pub(crate) bn_recalibrate: u64,
     /// Noise: none, block:p=0.1[,bs=8], pq:p=0.1[,bs=8,k=256], scalar:bits=8,p=0.5 (block sizes
