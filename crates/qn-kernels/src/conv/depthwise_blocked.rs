@@ -279,19 +279,36 @@ impl Isa {
     }
 }
 
-/// Generates an entry point per instruction set: the portable copy and, on x86-64, copies
-/// compiled with AVX2 + FMA and AVX-512F + FMA (selected at run time by [`Isa::detect`]).
+/// Generates an entry point per instruction set: the portable copy and, on x86-64, copies of the
+/// same body compiled with AVX2 + FMA and AVX-512F + FMA (selected at run time by
+/// [`Isa::detect`]). The body must be `#[inline(always)]` so that each copy gets its features.
 macro_rules! compiled_for {
     ($name:ident, $inner:ident, ($($arg:ident : $ty:ty),*)) => {
         #[allow(clippy::too_many_arguments)]
         fn $name<T: Scratch>(isa: Isa, $($arg: $ty),*) {
+            /// # Safety
+            /// AVX2 and FMA must be present.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2<T: Scratch>($($arg: $ty),*) {
+                $inner::<T, true>($($arg),*)
+            }
+            /// # Safety
+            /// AVX-512F and FMA must be present.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512<T: Scratch>($($arg: $ty),*) {
+                $inner::<T, true>($($arg),*)
+            }
             match isa {
                 Isa::Portable => $inner::<T, false>($($arg),*),
                 // SAFETY: `Isa::detect` chose these only where the features are present.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::$name::<T>($($arg),*) },
+                Isa::Avx2 => unsafe { avx2::<T>($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512::$name::<T>($($arg),*) },
+                Isa::Avx512 => unsafe { avx512::<T>($($arg),*) },
             }
         }
     };
@@ -299,82 +316,6 @@ macro_rules! compiled_for {
 
 compiled_for!(forward_task, forward_block, (g: &Geometry, x: &[T], wk: &[Lanes<T>], cv: usize, y: &mut [T], xp: &mut [Lanes<T>], yb: &mut [Lanes<T>]));
 compiled_for!(backward_task, backward_block, (g: &Geometry, x: &[T], gy: &[T], wk: &[Lanes<T>], cv: usize, dx: &mut [T], dw: &mut [Lanes<T>], bufs: BackwardScratch<'_, T>));
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-
-    /// # Safety
-    /// AVX2 and FMA must be present.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn forward_task<T: Scratch>(
-        g: &Geometry,
-        x: &[T],
-        wk: &[Lanes<T>],
-        cv: usize,
-        y: &mut [T],
-        xp: &mut [Lanes<T>],
-        yb: &mut [Lanes<T>],
-    ) {
-        forward_block::<T, true>(g, x, wk, cv, y, xp, yb)
-    }
-
-    /// # Safety
-    /// AVX2 and FMA must be present.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn backward_task<T: Scratch>(
-        g: &Geometry,
-        x: &[T],
-        gy: &[T],
-        wk: &[Lanes<T>],
-        cv: usize,
-        dx: &mut [T],
-        dw: &mut [Lanes<T>],
-        bufs: BackwardScratch<'_, T>,
-    ) {
-        backward_block::<T, true>(g, x, gy, wk, cv, dx, dw, bufs)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::*;
-
-    /// # Safety
-    /// AVX-512F and FMA must be present.
-    #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn forward_task<T: Scratch>(
-        g: &Geometry,
-        x: &[T],
-        wk: &[Lanes<T>],
-        cv: usize,
-        y: &mut [T],
-        xp: &mut [Lanes<T>],
-        yb: &mut [Lanes<T>],
-    ) {
-        forward_block::<T, true>(g, x, wk, cv, y, xp, yb)
-    }
-
-    /// # Safety
-    /// AVX-512F and FMA must be present.
-    #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn backward_task<T: Scratch>(
-        g: &Geometry,
-        x: &[T],
-        gy: &[T],
-        wk: &[Lanes<T>],
-        cv: usize,
-        dx: &mut [T],
-        dw: &mut [Lanes<T>],
-        bufs: BackwardScratch<'_, T>,
-    ) {
-        backward_block::<T, true>(g, x, gy, wk, cv, dx, dw, bufs)
-    }
-}
 
 /// `y (n, c, ho, wo)` from `x (n, c, h, w)` and the kernels `(c, k*k)`.
 pub(super) fn forward<T: Scratch>(g: &Geometry, x: &[T], kern: &[T]) -> Vec<T> {

@@ -30,7 +30,7 @@ const CHUNK: usize = 16_384;
 /// `min(max(x, 0), 6)`.
 pub fn relu6(x: &Tensor) -> Result<Tensor> {
     if fused_ok(x) {
-        x.contiguous()?.apply_op1(Relu6Op)
+        x.contiguous()?.apply_op1(Pointwise(Relu6))
     } else {
         relu6_reference(x)
     }
@@ -44,7 +44,7 @@ pub fn relu6_reference(x: &Tensor) -> Result<Tensor> {
 /// `x · sigmoid(x)` (swish, SiLU).
 pub fn swish(x: &Tensor) -> Result<Tensor> {
     if fused_ok(x) {
-        x.contiguous()?.apply_op1(SwishOp)
+        x.contiguous()?.apply_op1(Pointwise(Swish))
     } else {
         swish_reference(x)
     }
@@ -55,56 +55,82 @@ pub fn swish_reference(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// An elementwise function and its derivative, inlined into the ops' loops.
+trait Activation: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    const GRAD_NAME: &'static str;
+    fn value(x: f32) -> f32;
+    /// `dy · f'(x)`.
+    fn grad(x: f32, dy: f32) -> f32;
+}
+
+#[derive(Clone, Copy)]
+struct Relu6;
+
+impl Activation for Relu6 {
+    const NAME: &'static str = "qn-relu6";
+    const GRAD_NAME: &'static str = "qn-relu6-grad";
+    fn value(x: f32) -> f32 {
+        x.clamp(0.0, 6.0)
+    }
+    fn grad(x: f32, dy: f32) -> f32 {
+        if x > 0.0 && x < 6.0 {
+            dy
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Swish;
+
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// `out[i] = f(x[i])` in parallel chunks.
-fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v)));
-    y
+impl Activation for Swish {
+    const NAME: &'static str = "qn-swish";
+    const GRAD_NAME: &'static str = "qn-swish-grad";
+    fn value(x: f32) -> f32 {
+        x * sigmoid(x)
+    }
+    fn grad(x: f32, dy: f32) -> f32 {
+        let s = sigmoid(x);
+        dy * s * (1.0 + x * (1.0 - s))
+    }
 }
 
-/// `out[i] = f(x[i], dy[i])` in parallel chunks.
-fn map2(x: &[f32], dy: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(o, (x, dy))| {
-            for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
-                *o = f(v, g);
-            }
-        });
-    dx
-}
+/// `y = f(x)`, in parallel chunks.
+struct Pointwise<A>(A);
 
-struct Relu6Op;
-
-impl CustomOp1 for Relu6Op {
+impl<A: Activation> CustomOp1 for Pointwise<A> {
     fn name(&self) -> &'static str {
-        "qn-relu6"
+        A::NAME
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
-        Ok((
-            CpuStorage::F32(map1(x, |v| v.clamp(0.0, 6.0))),
-            l.shape().clone(),
-        ))
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = A::value(v)));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &Relu6GradOp)?))
+        Ok(Some(x.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &PointwiseGrad(self.0),
+        )?))
     }
 }
 
-struct Relu6GradOp;
+/// `dx = dy · f'(x)` from `(x, dy)`, in parallel chunks.
+struct PointwiseGrad<A>(A);
 
-impl CustomOp2 for Relu6GradOp {
+impl<A: Activation> CustomOp2 for PointwiseGrad<A> {
     fn name(&self) -> &'static str {
-        "qn-relu6-grad"
+        A::GRAD_NAME
     }
     fn cpu_fwd(
         &self,
@@ -114,47 +140,14 @@ impl CustomOp2 for Relu6GradOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let dx = map2(x, dy, |v, g| if v > 0.0 && v < 6.0 { g } else { 0.0 });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-struct SwishOp;
-
-impl CustomOp1 for SwishOp {
-    fn name(&self) -> &'static str {
-        "qn-swish"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, self.name())?;
-        Ok((
-            CpuStorage::F32(map1(x, |v| v * sigmoid(v))),
-            l.shape().clone(),
-        ))
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &SwishGradOp)?))
-    }
-}
-
-struct SwishGradOp;
-
-impl CustomOp2 for SwishGradOp {
-    fn name(&self) -> &'static str {
-        "qn-swish-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let dx = map2(x, dy, |v, g| {
-            let s = sigmoid(v);
-            g * s * (1.0 + v * (1.0 - s))
-        });
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(o, (x, dy))| {
+                for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
+                    *o = A::grad(v, g);
+                }
+            });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
