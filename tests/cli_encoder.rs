@@ -270,6 +270,31 @@ fn a_paused_finetune_resumes_to_the_same_model_and_logs_each_step_once() {
 }
 
 #[test]
+fn noise_goes_to_the_encoder_layers_projections_unless_told_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    // tiny-roberta: 3 embeddings, 2 layers x 6 projections, a 2-Linear head = 17 layers.
+    for (i, (extra, said)) in [
+        (vec![], "noise on 12 of 17 layers"),
+        (vec!["--noise-layers", "."], "noise on 17 of 17 layers"),
+        (
+            vec!["--noise-layers", r"\.intermediate\.dense$"],
+            "noise on 2 of 17 layers",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(format!("run{i}"));
+        let mut args = vec!["--noise", "block:p=0.1", "--stop-at", "1"];
+        args.extend(extra.iter().copied());
+        let o = finetune(&out, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{extra:?}: {err}");
+        assert!(err.contains(said), "{extra:?}: wanted `{said}` in {err}");
+    }
+}
+
+#[test]
 fn int8_and_int4_files_evaluate_and_shrink() {
     let tmp = tempfile::tempdir().unwrap();
     let mut sizes = Vec::new();

@@ -220,7 +220,7 @@ fn in_layout(
 /// with `metrics.jsonl` and resumable checkpoints in the output directory.
 pub fn finetune_images(args: &crate::encoder::finetune::FinetuneArgs) -> Result<()> {
     use crate::encoder::finetune::{check, noise_and_config, train_or_pause};
-    let (pattern, plan) = check(args)?;
+    let (pattern, plan) = check(args, ".")?;
     // Read once: the variant (inferred from the tensors) fixes the normalisation of the data, and
     // the data fixes the number of classes of the head the network is then built with.
     let source = image_source(&args.model.model)?;

@@ -402,6 +402,11 @@ fn run_row(
     if let Some(n) = b.eval_examples {
         ft.extend(["--max-eval-examples".into(), n.to_string()]);
     }
+    if s.kind == Kind::Text && noise != "none" {
+        // The recorded tables put the noise on every layer, embeddings and head included (the
+        // fine-tune's default before it moved to the encoder layers' projections).
+        ft.extend(["--noise-layers".into(), ".".into()]);
+    }
     if s.kind == Kind::Image {
         ft.extend(["--bn-recalibrate".into(), b.bn_recalibrate.to_string()]);
     }

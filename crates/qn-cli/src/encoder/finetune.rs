@@ -44,9 +44,11 @@ pub struct FinetuneArgs {
     /// default to the paper's per layer kind).
     #[arg(long, default_value = "none", value_parser = parse_probability_or_spec, allow_negative_numbers = true)]
     pub(crate) noise: NoiseSpec,
-    /// Regex of the layers that get the noise (default: every Linear and Embedding).
-    #[arg(long, default_value = ".")]
-    pub(crate) noise_layers: String,
+    /// Regex of the layers that get the noise (default: encoders — the attention and FFN
+    /// projections of every encoder layer, as fairseq's RoBERTa; image models — every
+    /// convolution and Linear; `.` — every layer, embeddings and head included).
+    #[arg(long)]
+    pub(crate) noise_layers: Option<String>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-4, value_parser = parse_positive_f64, allow_negative_numbers = true)]
     pub(crate) lr: f64,
@@ -121,7 +123,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         AnyTask::Text(t) => t,
         AnyTask::Idx | AnyTask::ImageFolder => return crate::vision::finetune_images(args),
     };
-    let (pattern, plan) = check(args)?;
+    let (pattern, plan) = check(args, qn_models::encoder::DEFAULT_NOISE_LAYERS)?;
     let train_rows = read_data(
         &args.train,
         task,
@@ -159,10 +161,15 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-/// The checks every fine-tune makes before reading data: the `--noise-layers` regex, the output
-/// path, and the run's length as a one-stage float plan.
-pub(crate) fn check(args: &FinetuneArgs) -> Result<(regex::Regex, StagePlan)> {
-    let pattern = regex::Regex::new(&args.noise_layers).context("--noise-layers")?;
+/// The checks every fine-tune makes before reading data: the `--noise-layers` regex (the model
+/// kind's `default_layers` when not given), the output path, and the run's length as a one-stage
+/// float plan.
+pub(crate) fn check(
+    args: &FinetuneArgs,
+    default_layers: &str,
+) -> Result<(regex::Regex, StagePlan)> {
+    let layers = args.noise_layers.as_deref().unwrap_or(default_layers);
+    let pattern = regex::Regex::new(layers).context("--noise-layers")?;
     if args.output.exists() && !args.output.is_dir() {
         bail!(
             "--output `{}` exists and is not a directory",
@@ -195,8 +202,16 @@ pub(crate) fn noise_and_config(
     let touched =
         qn_train::apply_noise_spec(&layers, pattern, |n, l| args.noise.resolve(n, l), args.seed)
             .context("--noise")?;
-    if !matches!(args.noise, NoiseSpec::None) && touched.is_empty() {
-        bail!("--noise-layers `{}` matches no layer", args.noise_layers);
+    if !matches!(args.noise, NoiseSpec::None) {
+        if touched.is_empty() {
+            bail!("--noise-layers `{}` matches no layer", pattern.as_str());
+        }
+        eprintln!(
+            "qn: noise on {} of {} layers (--noise-layers `{}`)",
+            touched.len(),
+            layers.len(),
+            pattern.as_str()
+        );
     }
     let per_step = (args.batch_size * args.grad_accum) as usize;
     let total = plan.stages[0].total_steps(train_len, per_step)?;
