@@ -723,6 +723,9 @@ fn bench_flags_eval_subset_pq_noise_codebook_and_kmeans_iters() {
             "20",
             "--noise",
             "pq:p=1,k=16,every=3",
+            // As the bench: every layer, embeddings included.
+            "--noise-layers",
+            ".",
         ],
     );
     let stdout = ok(&out);
