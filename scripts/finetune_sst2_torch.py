@@ -8,8 +8,8 @@ fairseq's in-place `weight.data` overwrite), so our gap can be compared with PyT
 Recipe (as `qn finetune`): all-MiniLM-L6-v2 + a seeded classification head, a seeded subset of
 `--max-examples` training rows, batches of 32, <= 64 tokens with dynamic padding, AdamW (lr 1e-4,
 weight decay 0.01 on weights only, eps 1e-8), linear warm-up over 6 % then linear decay to zero,
-gradient clipping at global norm 1.0, dropout as configured (0.1). Noise: blocks of 8 consecutive
-input features of one output row, each dropped with probability p, kept ones scaled by 1 / (1 - p),
+gradient clipping at global norm 1.0, dropout as configured (0.1). Noise: blocks of consecutive
+input features of one output row (4 in attention projections, 8 in the FFN: our defaults), each dropped with probability p, kept ones scaled by 1 / (1 - p),
 a fresh mask each forward, on the six projections of every encoder layer (attention query / key /
 value / output, FFN in / out); no noise at evaluation. The subset and batch order are drawn by
 Python's RNG, so they are not the rows `qn` draws for the same seed.
@@ -62,7 +62,7 @@ def main():
     ap.add_argument("data_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, default=0.0, help="block-drop rate (0: fp32)")
-    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--bs", type=int, default=0, help="block size (0: 4 in attention, 8 in the FFN)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--max-examples", type=int, default=48000)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -86,7 +86,8 @@ def main():
             for child_name, child in list(mod.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
                 if isinstance(child, torch.nn.Linear) and NOISE_LAYERS.search(full):
-                    setattr(mod, child_name, BlockDrop(child, a.noise, a.bs))
+                    bs = a.bs or (4 if ".attention." in full else 8)
+                    setattr(mod, child_name, BlockDrop(child, a.noise, bs))
                     noised += 1
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
