@@ -429,6 +429,49 @@ fn bad_input_is_one_line_naming_what_is_wrong() {
             );
         }
     }
+    // --input: an empty file, three fields on a line, an empty pair or text: file and line named.
+    let inputs = tmp.path().join("inputs.txt");
+    for (body, what, needles) in [
+        ("\n \n", "empty input file", vec!["inputs.txt", "no text"]),
+        (
+            "good\na\tb\tc\n",
+            "three fields",
+            vec!["inputs.txt", "line 2", "3 tab-separated"],
+        ),
+        (
+            "good\tfine\nbad\t \n",
+            "empty pair",
+            vec!["inputs.txt", "line 2", "empty text"],
+        ),
+    ] {
+        std::fs::write(&inputs, body).unwrap();
+        for cmd in ["predict", "embed"] {
+            refused(
+                &qn(&[
+                    &cmd,
+                    &"--model",
+                    &asset("tiny-roberta"),
+                    &"--input",
+                    &inputs,
+                ]),
+                &format!("{cmd}: {what}"),
+                &needles,
+            );
+        }
+    }
+    refused(
+        &qn(&[
+            &"predict",
+            &"--model",
+            &asset("tiny-roberta"),
+            &"--text",
+            &"good",
+            &"--text-pair",
+            &"",
+        ]),
+        "empty --text-pair",
+        &["--text 1", "empty"],
+    );
     // A malformed row names the file and line; a label outside the map names it.
     let bad = tmp.path().join("bad.tsv");
     std::fs::write(&bad, "sentence\tlabel\ngood\t1\nno label here\n").unwrap();

@@ -169,23 +169,44 @@ pub fn texts(
         .enumerate()
         .map(|(i, t)| (t.clone(), pair.get(i).cloned()))
         .collect();
+    if let Some(i) = out
+        .iter()
+        .position(|(t, p)| t.trim().is_empty() || p.as_ref().is_some_and(|p| p.trim().is_empty()))
+    {
+        bail!("--text {}: empty text (or --text-pair)", i + 1);
+    }
     if let Some(f) = input {
         let body = std::fs::read_to_string(f).with_context(|| format!("file `{}`", f.display()))?;
-        for line in body.lines().filter(|l| !l.trim().is_empty()) {
-            let mut parts = line.splitn(2, '\t');
-            let a = parts.next().unwrap_or_default().to_string();
-            out.push((a, parts.next().map(str::to_string)));
+        let before = out.len();
+        for (n, line) in body.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            // One text, or a pair split by one tab: a second tab would silently glue two fields
+            // into the pair's text.
+            let fields: Vec<&str> = line.split('\t').collect();
+            let at = || format!("file `{}`: line {}", f.display(), n + 1);
+            if fields.len() > 2 {
+                bail!(
+                    "{}: {} tab-separated fields, expected a text or a pair (text<TAB>pair)",
+                    at(),
+                    fields.len()
+                );
+            }
+            if fields.iter().any(|t| t.trim().is_empty()) {
+                bail!("{}: empty text", at());
+            }
+            out.push((fields[0].to_string(), fields.get(1).map(|t| t.to_string())));
+        }
+        if out.len() == before {
+            bail!(
+                "file `{}`: no text in it (one text per line, a tab separating a pair)",
+                f.display()
+            );
         }
     }
     if out.is_empty() {
         bail!("no input: give --text (one or more) or --input FILE");
-    }
-    if let Some((i, _)) = out
-        .iter()
-        .enumerate()
-        .find(|(_, (t, _))| t.trim().is_empty())
-    {
-        bail!("input {}: empty text", i + 1);
     }
     Ok(out)
 }
