@@ -313,6 +313,27 @@ fn int8_and_int4_files_evaluate_and_shrink() {
         assert_eq!(e["examples"], 100);
         sizes.push(std::fs::metadata(&f).unwrap().len() - tokenizer_bytes());
     }
+    // Post-training int-N reads no data: a --train given anyway is named as unread, not used.
+    let f = tmp.path().join("with-train.qnz");
+    let o = qn(&[
+        &"compress",
+        &"--model",
+        &asset("tiny-roberta"),
+        &"--method",
+        &"int8",
+        &"--train",
+        &asset("text/sst2-validation-100.tsv"),
+        &"--task",
+        &"sst2",
+        &"-o",
+        &f,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("--train is not read by --method int8"),
+        "{err}"
+    );
     let fp32 = std::fs::metadata(asset("tiny-roberta/model.safetensors"))
         .unwrap()
         .len();

@@ -189,6 +189,15 @@ pub(crate) fn quantize_scalar_layers(
 
 fn scalar(args: &CompressArgs, bits: u8) -> Result<()> {
     let cfg = scalar_config(args, bits)?;
+    // Post-training int-N reads the weights alone: say so rather than let a data file look used.
+    for (flag, given) in [
+        ("--train", args.train.is_some()),
+        ("--eval", args.eval.is_some()),
+    ] {
+        if given {
+            eprintln!("qn: warning: {flag} is not read by --method int{bits} (it quantizes the weights alone)");
+        }
+    }
     let mut bundle = args.model.load(None, args.seed, false)?;
     let kept = quantize_scalar_layers(&mut bundle.model, &cfg);
     let bytes = export_qnz_with(
