@@ -321,6 +321,61 @@ fn fused_f32_block_drop_gradient_matches_f64_finite_differences() {
     );
 }
 
+/// The fused op's input gradient is taken through the dropped weight of the same step, not the
+/// stored one: a noisy layer's backward must see the weight its forward used.
+#[test]
+fn fused_f32_block_drop_input_gradient_matches_f64_finite_differences() {
+    let (w, x0, g) = (
+        gaussian(&[6, 16], 73),
+        gaussian(&[5, 16], 74),
+        gaussian(&[5, 6], 75),
+    );
+    let cfg = NoiseConfig::BlockDrop {
+        p: 0.3,
+        block_size: 4,
+    };
+    let layer = |w: &Tensor| {
+        let fc = QLinear::new("fc", Var::from_tensor(w).unwrap(), None).unwrap();
+        fc.set_noise(cfg, 9).unwrap();
+        fc.qweight().set_noise_step(at(5));
+        fc
+    };
+    let fc = layer(&w);
+    let x = Var::from_tensor(&x0).unwrap();
+    let y = fc.forward_t(x.as_tensor(), true).unwrap();
+    let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = values(grads.get(x.as_tensor()).unwrap());
+    let fc64 = layer(&w.to_dtype(DType::F64).unwrap());
+    let loss64 = |x: &[f64]| -> f64 {
+        let t = Tensor::from_vec(x.to_vec(), (5, 16), &Device::Cpu).unwrap();
+        let y = fc64.forward_t(&t, true).unwrap();
+        values(
+            &(y * g.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+        )[0]
+    };
+    let base = values(&x0);
+    // Against the noise-free weight the gradient would be g · w: it must differ from that.
+    let clean = values(&g.matmul(&w).unwrap());
+    let mut differs = false;
+    for i in 0..base.len() {
+        let mut up = base.clone();
+        let mut down = base.clone();
+        up[i] += 1e-4;
+        down[i] -= 1e-4;
+        let fd = (loss64(&up) - loss64(&down)) / 2e-4;
+        assert!(
+            (grad[i] - fd).abs() <= 1e-4 * (1.0 + fd.abs()),
+            "x element {i}: f32 autograd {} vs f64 finite difference {fd}",
+            grad[i]
+        );
+        differs |= (clean[i] - fd).abs() > 1e-3;
+    }
+    assert!(differs, "the mask dropped nothing at p = 0.3");
+}
+
 #[test]
 fn scalar_noise_at_p_one_is_quantization_aware_training() {
     let fc = QLinear::new("fc", var(&[8, 32], 15), None).unwrap();
