@@ -10,8 +10,9 @@ Recipe (as `qn finetune`): all-MiniLM-L6-v2 + a seeded classification head, a se
 weight decay 0.01 on weights only, eps 1e-8), linear warm-up over 6 % then linear decay to zero,
 gradient clipping at global norm 1.0, dropout as configured (0.1). Noise: blocks of consecutive
 input features of one output row (4 in attention projections, 8 in the FFN: our defaults), each
-dropped with probability p, kept ones scaled by 1 / (1 - p), a fresh mask each forward, on the six projections of every encoder layer (attention query / key /
-value / output, FFN in / out); no noise at evaluation. The subset and batch order are drawn by
+dropped with probability p, kept ones scaled by 1 / (1 - p), a fresh mask each forward, on the six
+projections of every encoder layer (attention query / key / value / output, FFN in / out); no
+noise at evaluation. The subset and batch order are drawn by
 Python's RNG, so they are not the rows `qn` draws for the same seed.
 
 Run:  <venv with torch, transformers>/bin/python scripts/finetune_sst2_torch.py $QN_DATA_DIR \

@@ -263,6 +263,41 @@ fn block_drop_gradient_through_a_layer_matches_finite_differences() {
     }
 }
 
+/// `sum(y ⊙ g)` in f64: the scalar loss whose gradients the finite-difference tests check.
+fn loss_against(y: &Tensor, g: &Tensor) -> f64 {
+    values(
+        &(y * g.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap(),
+    )[0]
+}
+
+/// Asserts that `grad` (f32 autograd) matches central differences of `loss` around `base`, and
+/// returns the differences.
+fn assert_matches_finite_differences(
+    what: &str,
+    grad: &[f64],
+    base: &[f64],
+    loss: impl Fn(&[f64]) -> f64,
+) -> Vec<f64> {
+    (0..base.len())
+        .map(|i| {
+            let mut up = base.to_vec();
+            let mut down = base.to_vec();
+            up[i] += 1e-4;
+            down[i] -= 1e-4;
+            let fd = (loss(&up) - loss(&down)) / 2e-4;
+            assert!(
+                (grad[i] - fd).abs() <= 1e-4 * (1.0 + fd.abs()),
+                "{what} element {i}: f32 autograd {} vs f64 finite difference {fd}",
+                grad[i]
+            );
+            fd
+        })
+        .collect()
+}
+
 /// The production path — f32, block drop fused into the matmul (`block_drop_matmul`) — against
 /// finite differences computed in f64 on the same masks (masks depend only on seed and step).
 #[test]
@@ -293,30 +328,12 @@ fn fused_f32_block_drop_gradient_matches_f64_finite_differences() {
         let y = fc
             .forward_t(&x.to_dtype(DType::F64).unwrap(), true)
             .unwrap();
-        values(
-            &(y * g.to_dtype(DType::F64).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap(),
-        )[0]
+        loss_against(&y, &g)
     };
-    let base = values(&w0);
-    let mut dropped = 0;
-    for i in 0..base.len() {
-        let mut up = base.clone();
-        let mut down = base.clone();
-        up[i] += 1e-4;
-        down[i] -= 1e-4;
-        let fd = (loss64(&up) - loss64(&down)) / 2e-4;
-        dropped += (fd == 0.0) as usize;
-        assert!(
-            (grad[i] - fd).abs() <= 1e-4 * (1.0 + fd.abs()),
-            "element {i}: f32 autograd {} vs f64 finite difference {fd}",
-            grad[i]
-        );
-    }
+    let fds = assert_matches_finite_differences("weight", &grad, &values(&w0), loss64);
+    let dropped = fds.iter().filter(|&&fd| fd == 0.0).count();
     assert!(
-        dropped > 0 && dropped < base.len(),
+        dropped > 0 && dropped < fds.len(),
         "{dropped} elements dropped"
     );
 }
@@ -348,32 +365,15 @@ fn fused_f32_block_drop_input_gradient_matches_f64_finite_differences() {
     let fc64 = layer(&w.to_dtype(DType::F64).unwrap());
     let loss64 = |x: &[f64]| -> f64 {
         let t = Tensor::from_vec(x.to_vec(), (5, 16), &Device::Cpu).unwrap();
-        let y = fc64.forward_t(&t, true).unwrap();
-        values(
-            &(y * g.to_dtype(DType::F64).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap(),
-        )[0]
+        loss_against(&fc64.forward_t(&t, true).unwrap(), &g)
     };
-    let base = values(&x0);
+    let fds = assert_matches_finite_differences("x", &grad, &values(&x0), loss64);
     // Against the noise-free weight the gradient would be g · w: it must differ from that.
     let clean = values(&g.matmul(&w).unwrap());
-    let mut differs = false;
-    for i in 0..base.len() {
-        let mut up = base.clone();
-        let mut down = base.clone();
-        up[i] += 1e-4;
-        down[i] -= 1e-4;
-        let fd = (loss64(&up) - loss64(&down)) / 2e-4;
-        assert!(
-            (grad[i] - fd).abs() <= 1e-4 * (1.0 + fd.abs()),
-            "x element {i}: f32 autograd {} vs f64 finite difference {fd}",
-            grad[i]
-        );
-        differs |= (clean[i] - fd).abs() > 1e-3;
-    }
-    assert!(differs, "the mask dropped nothing at p = 0.3");
+    assert!(
+        clean.iter().zip(&fds).any(|(c, fd)| (c - fd).abs() > 1e-3),
+        "the mask dropped nothing at p = 0.3"
+    );
 }
 
 #[test]
