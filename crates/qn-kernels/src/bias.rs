@@ -89,9 +89,23 @@ impl CustomOp2 for BiasAdd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
-        Ok((Some(grad.clone()), Some(db)))
+        Ok((Some(grad.clone()), Some(column_sum(grad)?)))
     }
+}
+
+/// `Σ_rows g` of a `(m, n)` gradient: a bias's gradient, as a tensor outside the graph.
+pub(crate) fn column_sum(grad: &Tensor) -> candle_core::Result<Tensor> {
+    grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)
+}
+
+/// `y[r] += b` for every row `r` of a row-major `(m, b.len())` matrix, in place.
+pub(crate) fn add_rows_in_place(y: &mut [f32], b: &[f32]) {
+    let n = b.len().max(1);
+    y.par_chunks_mut(rows_per_task(n) * n).for_each(|chunk| {
+        for row in chunk.chunks_mut(n) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+    });
 }
 
 /// Sums a `(m, n)` matrix over its rows.

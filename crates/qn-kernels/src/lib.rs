@@ -13,6 +13,7 @@
 //! - [`conv`]: a fused depthwise convolution (candle runs it one channel at a time) and 1x1
 //!   convolutions from PQ or int-N codes.
 //! - [`tiled`]: decode-then-GEMM a tile of weight rows at a time, the dense path of coded weights.
+//! - [`simd`]: elementwise kernels compiled for AVX-512 / AVX2 and picked at run time.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -40,6 +41,7 @@ pub mod layout;
 pub mod noise;
 pub mod pq;
 pub mod scalar;
+pub mod simd;
 pub mod tiled;
 
 pub use error::{Error, Result};

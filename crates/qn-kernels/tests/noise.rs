@@ -493,6 +493,83 @@ fn noise_free_linear_matmul_matches_candles_matmul_with_gradients() {
     }
 }
 
+/// The bias folded into the fused matmuls (one graph node) against the separate matmul and
+/// `broadcast_add`: values and the gradients of x, w and b, with and without block drop.
+#[test]
+fn fused_matmuls_with_bias_match_matmul_then_broadcast_add() {
+    let layout = BlockLayout::linear("fc", &[48, 64], 8).unwrap();
+    let p = NoiseRate::new(0.25).unwrap();
+    let mask = BlockMask::sample(&layout, p, &mut rng(40));
+    // Leading rows not a multiple of the bias kernel's rows per task.
+    let x0 = Tensor::from_vec(gaussian(1500 * 64, 1.0, 41), (1500, 64), &Device::Cpu).unwrap();
+    let w0 = Tensor::from_vec(gaussian(48 * 64, 1.0, 42), (48, 64), &Device::Cpu).unwrap();
+    let b0 = Tensor::from_vec(gaussian(48, 1.0, 43), 48, &Device::Cpu).unwrap();
+    let g = Tensor::from_vec(gaussian(1500 * 48, 1.0, 44), (1500, 48), &Device::Cpu).unwrap();
+    let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+        let vars = [&x0, &w0, &b0].map(|t| Var::from_tensor(t).unwrap());
+        let y = f(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+        );
+        let grads = (y.clone() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut out = vec![values(&y)];
+        out.extend(
+            vars.iter()
+                .map(|v| values(grads.get(v.as_tensor()).unwrap())),
+        );
+        out
+    };
+    use qn_kernels::noise::{
+        block_drop_matmul_bias, block_drop_matmul_reference, linear_matmul_bias,
+    };
+    let cases: [(
+        &str,
+        Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>,
+        Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>,
+    ); 2] = [
+        (
+            "exact",
+            Box::new(|x, w, b| linear_matmul_bias(x, w, b).unwrap()),
+            Box::new(|x, w, b| x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap()),
+        ),
+        (
+            "block drop",
+            Box::new(|x, w, b| block_drop_matmul_bias(x, w, b, &mask, p).unwrap()),
+            Box::new(|x, w, b| {
+                block_drop_matmul_reference(x, w, &mask, p)
+                    .unwrap()
+                    .broadcast_add(b)
+                    .unwrap()
+            }),
+        ),
+    ];
+    for (case, fused, plain) in &cases {
+        let (a, b) = (run(fused.as_ref()), run(plain.as_ref()));
+        for (what, (u, v)) in ["y", "dx", "dw", "db"].iter().zip(a.iter().zip(&b)) {
+            assert_eq!(u.len(), v.len(), "{case} {what}");
+            for (i, (u, v)) in u.iter().zip(v).enumerate() {
+                // f32 GEMMs and column sums, summed in different orders.
+                assert!(
+                    (u - v).abs() <= 1e-3 * (1.0 + v.abs()),
+                    "{case} {what}[{i}]: {u} vs {v}"
+                );
+            }
+        }
+    }
+    // A bias of the wrong length is an error naming it, not a panic.
+    let short = Tensor::zeros(47, DType::F32, &Device::Cpu).unwrap();
+    let err = linear_matmul_bias(&x0, &w0, &short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bias"), "{err}");
+}
+
 /// PyTorch's fake-quantize rule at both ends of the grid: the gradient passes where the rounded code
 /// is inside `qmin..=qmax`, so a value less than half a step outside the range keeps it, and one more
 /// than half a step outside loses it.

@@ -227,3 +227,56 @@ impl candle_core::CustomOp2 for LinearMatmulOp {
         Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
     }
 }
+
+/// One of the fused matmuls above with the layer's bias folded in: the bias is added to the
+/// matmul's fresh output where it lies, and its gradient (the column sums of the incoming one)
+/// comes out of the same node, so the pre-bias product never becomes a graph node whose
+/// gradient candle would zero-fill and accumulate.
+#[derive(Debug, Clone)]
+pub(crate) struct WithBias<O>(pub(crate) O);
+
+impl<O: candle_core::CustomOp2 + Send + Sync> candle_core::CustomOp3 for WithBias<O> {
+    fn name(&self) -> &'static str {
+        "qn-matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let b = match (bs, bl.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((from, to))) => &v[from..to],
+            _ => candle_core::bail!("{}: the bias must be a contiguous f32 vector", self.name()),
+        };
+        let (y, shape) = self.0.cpu_fwd(xs, xl, ws, wl)?;
+        let n = shape.dims().last().copied().unwrap_or(0);
+        match y {
+            CpuStorage::F32(mut v) if n == b.len() => {
+                crate::bias::add_rows_in_place(&mut v, b);
+                Ok((CpuStorage::F32(v), shape))
+            }
+            _ => candle_core::bail!(
+                "{}: a bias of {} for an output of shape {shape:?}",
+                self.name(),
+                b.len()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.0.bwd(x, w, y, grad)?;
+        Ok((dx, dw, Some(crate::bias::column_sum(grad)?)))
+    }
+}

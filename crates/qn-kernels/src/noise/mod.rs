@@ -40,6 +40,7 @@ mod scalar_op;
 
 pub use mask::{BlockMask, NoiseRate};
 pub use ops::{
-    block_drop, block_drop_matmul, block_drop_matmul_reference, block_drop_reference,
-    linear_matmul, pq_noise, scalar_noise, scalar_noise_reference, straight_through_gate,
+    block_drop, block_drop_matmul, block_drop_matmul_bias, block_drop_matmul_reference,
+    block_drop_reference, linear_matmul, linear_matmul_bias, pq_noise, scalar_noise,
+    scalar_noise_reference, straight_through_gate,
 };

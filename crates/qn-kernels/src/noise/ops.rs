@@ -61,7 +61,38 @@ pub fn block_drop_matmul(
     {
         return block_drop_matmul_reference(x, weight, mask, p);
     }
-    let op = super::block_drop_op::BlockDropMatmulOp {
+    Ok(x.contiguous()?
+        .apply_op2(&weight.contiguous()?, block_drop_matmul_op(mask, p))?)
+}
+
+/// [`block_drop_matmul`] plus a bias `(out)` added to every row, in one graph node on the CPU
+/// (f32); elsewhere the matmul, then [`crate::bias::add_bias`].
+pub fn block_drop_matmul_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    mask: &BlockMask,
+    p: NoiseRate,
+) -> Result<Tensor> {
+    check(weight, mask)?;
+    if p.get() >= 1.0 || !fused_bias_ok(x, weight, bias) {
+        return crate::bias::add_bias(&block_drop_matmul(x, weight, mask, p)?, bias);
+    }
+    let op = super::block_drop_op::WithBias(block_drop_matmul_op(mask, p));
+    Ok(x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
+}
+
+/// Whether the fused matmul-plus-bias ops apply: f32 on the CPU, a bias as long as the weight's rows.
+fn fused_bias_ok(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
+    weight.device().is_cpu()
+        && [x, weight, bias].iter().all(|t| t.dtype() == DType::F32)
+        && weight.rank() == 2
+        && bias.dims() == [weight.dims()[0]]
+}
+
+fn block_drop_matmul_op(mask: &BlockMask, p: NoiseRate) -> super::block_drop_op::BlockDropMatmulOp {
+    super::block_drop_op::BlockDropMatmulOp {
         drop: super::block_drop_op::BlockDropOp {
             noised: std::sync::Arc::new(mask.noised().to_vec()),
             cols: mask.layout().cols(),
@@ -69,8 +100,7 @@ pub fn block_drop_matmul(
             scale: 1.0 / (1.0 - p.get()),
         },
         dropped: Default::default(),
-    };
-    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
+    }
 }
 
 /// The plain-tensor twin of [`block_drop_matmul`]: the expanded mask times the weight, then candle's
@@ -94,6 +124,17 @@ pub fn linear_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
     Ok(x.contiguous()?
         .apply_op2(&weight.contiguous()?, super::block_drop_op::LinearMatmulOp)?)
+}
+
+/// [`linear_matmul`] plus a bias `(out)` added to every row, in one graph node on the CPU (f32);
+/// elsewhere the matmul, then [`crate::bias::add_bias`].
+pub fn linear_matmul_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused_bias_ok(x, weight, bias) {
+        return crate::bias::add_bias(&linear_matmul(x, weight)?, bias);
+    }
+    let op = super::block_drop_op::WithBias(super::block_drop_op::LinearMatmulOp);
+    Ok(x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
 }
 
 /// The plain-tensor twin of [`block_drop`]: `weight * keep` with `keep` the expanded mask.

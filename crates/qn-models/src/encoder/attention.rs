@@ -25,8 +25,6 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::fused::f32s;
@@ -44,20 +42,8 @@ pub struct ProbsDropout {
 /// The inverted-dropout mask (`0` or `1/(1-p)`) of one (sequence, head) pair's `len × len`
 /// probabilities.
 pub fn probs_mask(drop: ProbsDropout, pair: usize, len: usize) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        drop.seed ^ (pair as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93),
-    );
-    let keep = 1.0 / (1.0 - drop.p) as f32;
-    let threshold = (drop.p * 4_294_967_296.0) as u64;
-    (0..len * len)
-        .map(|_| {
-            if (rng.random::<u32>() as u64) < threshold {
-                0.0
-            } else {
-                keep
-            }
-        })
-        .collect()
+    let seed = drop.seed ^ (pair as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    super::ops::dropout_mask(seed, len * len, drop.p)
 }
 
 /// Multi-head attention core. `q`, `k`, `v`: `(b, l, h)` with `h = heads · d`; `bias`: the additive
@@ -224,19 +210,9 @@ impl AttentionOp {
         );
         let bias = &self.bias[bi * l..(bi + 1) * l];
         for row in p.chunks_mut(l) {
-            let mut max = f32::NEG_INFINITY;
-            for (s, b) in row.iter_mut().zip(bias) {
-                *s += b;
-                max = max.max(*s);
-            }
-            let mut sum = 0.0;
-            for s in row.iter_mut() {
-                *s = super::fused::exp(*s - max);
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|s| *s *= inv);
+            row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
         }
+        super::fused::softmax_rows(p, l);
     }
 }
 
@@ -390,10 +366,7 @@ impl AttentionOp {
                     dp.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
                 }
                 // dS = P ⊙ (dP − Σⱼ dP·P), per row.
-                for (dr, pr) in dp.chunks_mut(l).zip(p.chunks(l)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    dr.iter_mut().zip(pr).for_each(|(x, p)| *x = p * (*x - dot));
-                }
+                super::fused::softmax_grad_rows(dp, p, l);
                 // dQ = scale · dS · K, dK = scale · dSᵀ · Q.
                 mm(
                     (l, d, l),

@@ -9,7 +9,7 @@ use crate::coded::CodedWeights;
 
 use super::attention::{self_attention, ProbsDropout};
 use super::config::{Activation, EncoderConfig};
-use super::ops::{activate, dropout, layer_norm, mask_seed};
+use super::ops::{activate, dropout, dropout_add, layer_norm, mask_seed};
 use crate::Result;
 
 /// A LayerNorm's parameters.
@@ -83,6 +83,21 @@ impl DropCtx {
             Ok(x.clone())
         }
     }
+
+    /// `dropout(x) + residual`, one graph node when training.
+    pub(crate) fn apply_add(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        p: f64,
+        site: u64,
+    ) -> candle_core::Result<Tensor> {
+        if self.train {
+            dropout_add(x, residual, p, self.seed, self.at, site)
+        } else {
+            x + residual
+        }
+    }
 }
 
 /// One encoder layer.
@@ -153,24 +168,19 @@ impl EncoderLayer {
             keep(self_attention(&q, &k, &v, bias, self.heads, probs_drop)?)
         };
         let a = {
-            let a = drop.apply(
-                &self.attn_out.forward_t(&ctx, drop.train)?,
-                self.hidden_p,
-                self.site(1),
-            )?;
-            keep(self.attn_norm.forward(&(a + x)?)?)
+            let o = self.attn_out.forward_t(&ctx, drop.train)?;
+            let a = drop.apply_add(&o, x, self.hidden_p, self.site(1))?;
+            keep(self.attn_norm.forward(&a)?)
         };
         std::mem::drop(ctx);
         let f = {
             let i = keep(self.intermediate.forward_t(&a, drop.train)?);
             keep(activate(&i, self.act)?)
         };
-        let f = {
-            let o = self.output.forward_t(&f, drop.train)?;
-            std::mem::drop(f);
-            keep(drop.apply(&o, self.hidden_p, self.site(2))?)
-        };
-        self.out_norm.forward(&(f + a)?)
+        let o = self.output.forward_t(&f, drop.train)?;
+        std::mem::drop(f);
+        self.out_norm
+            .forward(&drop.apply_add(&o, &a, self.hidden_p, self.site(2))?)
     }
 
     fn site(&self, i: u64) -> u64 {

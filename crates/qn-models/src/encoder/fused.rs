@@ -5,6 +5,8 @@
 //! compare against, values and gradients; off the CPU, or for other dtypes, the twin runs.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use qn_kernels::multiversion;
+use qn_kernels::simd::{dot, erf, erf_with, exp, sum};
 use rayon::prelude::*;
 
 pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -39,11 +41,88 @@ struct LayerNormOp {
     eps: f32,
 }
 
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let h = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / h;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h;
+    let mean = sum(x) / h;
+    // Two passes, as PyTorch: E[(x - mean)²], not E[x²] - mean², which cancels.
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += (c[i] - mean) * (c[i] - mean);
+        }
+    }
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    let var = (tail + acc.iter().sum::<f32>()) / h;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    /// LayerNorm of the rows of `x` (width `w.len()`) into `y`.
+    fn layer_norm_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) = layer_norm_rows_body;
+}
+
+#[inline(always)]
+fn layer_norm_rows_body(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let h = w.len();
+    for (yr, xr) in y.chunks_mut(h).zip(x.chunks(h)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        for i in 0..h {
+            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+}
+
+multiversion! {
+    /// The LayerNorm gradient of the rows of `x` into `dx`; adds the rows' weight and bias
+    /// gradients into `pw` and `pb`. `g` is scratch of the row width.
+    fn layer_norm_grad_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        w: &[f32],
+        eps: f32,
+        pw: &mut [f32],
+        pb: &mut [f32],
+        g: &mut [f32],
+    ) = layer_norm_grad_rows_body;
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn layer_norm_grad_rows_body(
+    dx: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    eps: f32,
+    pw: &mut [f32],
+    pb: &mut [f32],
+    g: &mut [f32],
+) {
+    let h = w.len();
+    let (pw, pb, g) = (&mut pw[..h], &mut pb[..h], &mut g[..h]);
+    for ((dxr, xr), dyr) in dx.chunks_mut(h).zip(x.chunks(h)).zip(dy.chunks(h)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        // dx holds x̂ for the moment: it is overwritten below.
+        for i in 0..h {
+            let xhat = (xr[i] - mean) * rstd;
+            dxr[i] = xhat;
+            g[i] = dyr[i] * w[i];
+            pw[i] += dyr[i] * xhat;
+            pb[i] += dyr[i];
+        }
+        let mg = sum(g) / h as f32;
+        let mgx = dot(g, dxr) / h as f32;
+        for i in 0..h {
+            dxr[i] = rstd * (g[i] - mg - dxr[i] * mgx);
+        }
+    }
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -73,14 +152,7 @@ impl CustomOp3 for LayerNormOp {
         let per = rows_per_task(x.len() / h, h) * h;
         y.par_chunks_mut(per)
             .zip(x.par_chunks(per))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for i in 0..h {
-                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                    }
-                }
-            });
+            .for_each(|(yc, xc)| layer_norm_rows(yc, xc, w, b, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -139,23 +211,7 @@ impl CustomOp3 for LayerNormGradOp {
                 let mut pw = vec![0f32; h];
                 let mut pb = vec![0f32; h];
                 let mut g = vec![0f32; h];
-                for ((dxr, xr), dyr) in dxc.chunks_mut(h).zip(xc.chunks(h)).zip(dyc.chunks(h)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    let (mut sg, mut sgx) = (0f32, 0f32);
-                    for i in 0..h {
-                        let xhat = (xr[i] - mean) * rstd;
-                        g[i] = dyr[i] * w[i];
-                        sg += g[i];
-                        sgx += g[i] * xhat;
-                        pw[i] += dyr[i] * xhat;
-                        pb[i] += dyr[i];
-                    }
-                    let (mg, mgx) = (sg / h as f32, sgx / h as f32);
-                    for i in 0..h {
-                        let xhat = (xr[i] - mean) * rstd;
-                        dxr[i] = rstd * (g[i] - mg - xhat * mgx);
-                    }
-                }
+                layer_norm_grad_rows(dxc, xc, dyc, w, self.eps, &mut pw, &mut pb, &mut g);
                 (pw, pb)
             })
             .reduce(
@@ -172,52 +228,40 @@ impl CustomOp3 for LayerNormGradOp {
     }
 }
 
-// ---------------------------------------------------------------- exp
-
-/// `eˣ` without a libm call and without branches, so the loops over it vectorise (the libm call
-/// was 6 % of an encoder training step, in GELU and the attention softmax). Relative error below
-/// 3e-7 on [-87, 88]; below -87.3 it is exactly 0 (never a subnormal: those would slow every
-/// later multiply by orders of magnitude), above 88.3 it is clamped.
-#[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding 1.5 · 2²³ rounds to the nearest integer in plain float arithmetic.
-    const ROUND: f32 = 12_582_912.0;
-    let underflow = x < -87.3;
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if underflow {
-        0.0
-    } else {
-        y
-    }
-}
-
 // ---------------------------------------------------------------- GELU
-
-/// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), well inside f32 GELU's needs.
-#[inline]
-fn erf(x: f32) -> f32 {
-    let s = x.signum();
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let p = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    s * (1.0 - p * exp(-a * a))
-}
 
 /// The exact (erf) GELU.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluOp)
+}
+
+multiversion! {
+    fn gelu_slice(y: &mut [f32], x: &[f32]) = gelu_body;
+}
+
+#[inline(always)]
+fn gelu_body(y: &mut [f32], x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+multiversion! {
+    fn gelu_grad_slice(dx: &mut [f32], x: &[f32], dy: &[f32]) = gelu_grad_body;
+}
+
+#[inline(always)]
+fn gelu_grad_body(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let n = dx.len().min(x.len()).min(dy.len());
+    let (dx, x, dy) = (&mut dx[..n], &x[..n], &dy[..n]);
+    for i in 0..n {
+        let v = x[i];
+        // exp(-v²/2) is both the density and erf(v/√2)'s exp(-(v/√2)²): computed once.
+        let e = exp(-0.5 * v * v);
+        let cdf = 0.5 * (1.0 + erf_with(v * std::f32::consts::FRAC_1_SQRT_2, e));
+        dx[i] = dy[i] * (cdf + v * INV_SQRT_2PI * e);
+    }
 }
 
 struct GeluOp;
@@ -231,11 +275,7 @@ impl CustomOp1 for GeluOp {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
+            .for_each(|(y, x)| gelu_slice(y, x));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -258,16 +298,9 @@ impl CustomOp2 for GeluGradOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let mut dx = vec![0f32; x.len()];
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         dx.par_chunks_mut(16_384)
             .zip(x.par_chunks(16_384).zip(dy.par_chunks(16_384)))
-            .for_each(|(dx, (x, dy))| {
-                for i in 0..dx.len() {
-                    let v = x[i];
-                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    dx[i] = dy[i] * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
-                }
-            });
+            .for_each(|(dx, (x, dy))| gelu_grad_slice(dx, x, dy));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -277,6 +310,53 @@ impl CustomOp2 for GeluGradOp {
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+multiversion! {
+    /// Softmax of each row (width `n`) of `x`, in place.
+    pub(crate) fn softmax_rows(x: &mut [f32], n: usize) = softmax_rows_body;
+}
+
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            // A plain comparison, not `f32::max`: that one's NaN rule keeps LLVM from vectorising.
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+#[inline(always)]
+fn softmax_rows_body(x: &mut [f32], n: usize) {
+    for row in x.chunks_mut(n.max(1)) {
+        let m = row_max(row);
+        for v in row.iter_mut() {
+            *v = exp(*v - m);
+        }
+        let inv = 1.0 / sum(row);
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+multiversion! {
+    /// The softmax gradient per row (width `n`): `dy` in `g` becomes `y ⊙ (dy − Σ y·dy)`.
+    pub(crate) fn softmax_grad_rows(g: &mut [f32], y: &[f32], n: usize) = softmax_grad_rows_body;
+}
+
+#[inline(always)]
+fn softmax_grad_rows_body(g: &mut [f32], y: &[f32], n: usize) {
+    for (gr, yr) in g.chunks_mut(n.max(1)).zip(y.chunks(n.max(1))) {
+        let d = dot(gr, yr);
+        gr.iter_mut().zip(yr).for_each(|(g, y)| *g = y * (*g - d));
+    }
 }
 
 struct SoftmaxOp;
@@ -293,16 +373,8 @@ impl CustomOp1 for SoftmaxOp {
         y.par_chunks_mut(per.max(1))
             .zip(x.par_chunks(per.max(1)))
             .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                    let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, &x) in yr.iter_mut().zip(xr) {
-                        *y = exp(x - m);
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
-                    yr.iter_mut().for_each(|y| *y *= inv);
-                }
+                yc.copy_from_slice(xc);
+                softmax_rows(yc, n);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -331,34 +403,9 @@ impl CustomOp2 for SoftmaxGradOp {
         dx.par_chunks_mut(per.max(1))
             .zip(y.par_chunks(per.max(1)).zip(dy.par_chunks(per.max(1))))
             .for_each(|(dxc, (yc, dyc))| {
-                for ((dxr, yr), dyr) in dxc.chunks_mut(n).zip(yc.chunks(n)).zip(dyc.chunks(n)) {
-                    let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-                    for i in 0..n {
-                        dxr[i] = yr[i] * (dyr[i] - dot);
-                    }
-                }
+                dxc.copy_from_slice(dyc);
+                softmax_grad_rows(dxc, yc, n);
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn exp_is_within_3e_7_of_libm() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let rel = ((super::exp(x) as f64 - want) / want).abs();
-            worst = worst.max(rel);
-            x += 0.001_37;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst:e}");
-        assert_eq!(super::exp(0.0), 1.0);
-        assert_eq!(super::exp(-1e30), 0.0);
-        assert_eq!(super::exp(-87.4), 0.0);
-        assert!(super::exp(-87.2).is_normal());
-        assert!(super::exp(1e30).is_finite());
     }
 }

@@ -3,7 +3,9 @@
 //! and dropout whose masks are a function of (seed, step, micro-batch, site) so that a resumed run
 //! draws the same masks.
 
-use candle_core::{DType, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -69,7 +71,25 @@ pub fn mask_seed(seed: u64, at: NoiseStep, site: u64) -> u64 {
         ^ site.wrapping_mul(0x1656_67B1_9E37_79F9)
 }
 
-/// Inverted dropout at rate `p` with a mask drawn from `(seed, step, site)`.
+/// The inverted-dropout mask of `n` elements: `0` with probability `p`, else `1/(1-p)`, from a
+/// ChaCha8 stream seeded by `seed`, one 32-bit draw per element compared with `p · 2³²`. The draws
+/// are taken as one block fill, which yields the same stream as drawing them one at a time (a
+/// test pins this) at a fraction of the cost.
+pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut draws = vec![0u32; n];
+    rng.fill(&mut draws[..]);
+    let keep = 1.0 / (1.0 - p) as f32;
+    let threshold = (p * 4_294_967_296.0) as u64;
+    draws
+        .iter()
+        .map(|&d| if (d as u64) < threshold { 0.0 } else { keep })
+        .collect()
+}
+
+/// Inverted dropout at rate `p` with a mask drawn from `(seed, step, site)`: one graph node whose
+/// backward multiplies by the same mask (as a product of tensors, candle would also compute and
+/// accumulate a gradient for the constant mask).
 pub fn dropout(
     x: &Tensor,
     p: f64,
@@ -80,22 +100,113 @@ pub fn dropout(
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
-    let mut rng = ChaCha8Rng::seed_from_u64(mask_seed(seed, at, site));
-    let keep = 1.0 / (1.0 - p) as f32;
-    // A 32-bit threshold: one draw per element, no float conversion.
-    let threshold = (p * 4_294_967_296.0) as u64;
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
-            if (rng.random::<u32>() as u64) < threshold {
-                0.0
-            } else {
-                keep
-            }
-        })
-        .collect();
+    let mask = dropout_mask(mask_seed(seed, at, site), x.elem_count(), p);
+    if !super::fused::fused_ok(x) {
+        return dropout_reference(x, mask);
+    }
+    x.contiguous()?.apply_op1(DropoutOp {
+        mask: Arc::new(mask),
+    })
+}
+
+/// `dropout(x) + residual` as one graph node (the sublayer output's dropout and the residual
+/// connection of a transformer layer): its backward hands `g ⊙ mask` to `x` and `g` itself to the
+/// residual, where the two nodes it replaces zero-filled and accumulated four gradients.
+pub fn dropout_add(
+    x: &Tensor,
+    residual: &Tensor,
+    p: f64,
+    seed: u64,
+    at: NoiseStep,
+    site: u64,
+) -> candle_core::Result<Tensor> {
+    if p <= 0.0 {
+        return x + residual;
+    }
+    let mask = dropout_mask(mask_seed(seed, at, site), x.elem_count(), p);
+    if !super::fused::fused_ok(x) || x.dims() != residual.dims() || residual.dtype() != x.dtype() {
+        return dropout_reference(x, mask)? + residual;
+    }
+    x.contiguous()?.apply_op2(
+        &residual.contiguous()?,
+        DropoutOp {
+            mask: Arc::new(mask),
+        },
+    )
+}
+
+/// `x ⊙ mask` from plain ops: the twin of the fused dropout.
+pub fn dropout_reference(x: &Tensor, mask: Vec<f32>) -> candle_core::Result<Tensor> {
     let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
+}
+
+/// `x ⊙ mask` (one input) or `x ⊙ mask + residual` (two).
+struct DropoutOp {
+    mask: Arc<Vec<f32>>,
+}
+
+impl DropoutOp {
+    fn check(&self, n: usize) -> candle_core::Result<()> {
+        if n != self.mask.len() {
+            candle_core::bail!(
+                "qn-dropout: {n} elements against a mask of {}",
+                self.mask.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "qn-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::fused::f32s(s, l, CustomOp1::name(self))?;
+        self.check(x.len())?;
+        let y = x.iter().zip(self.mask.iter()).map(|(x, m)| x * m).collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // Dropout is diagonal: its backward is itself.
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+impl CustomOp2 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "qn-dropout-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = super::fused::f32s(s1, l1, CustomOp2::name(self))?;
+        let r = super::fused::f32s(s2, l2, CustomOp2::name(self))?;
+        self.check(x.len())?;
+        self.check(r.len())?;
+        let y = x
+            .iter()
+            .zip(self.mask.iter())
+            .zip(r)
+            .map(|((x, m), r)| x * m + r)
+            .collect();
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _r: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = g.contiguous()?.apply_op1_no_bwd(self)?;
+        Ok((Some(dx), Some(g.clone())))
+    }
 }
 
 /// The additive attention bias `(b, 1, 1, l)`: 0 where the mask is 1, a large negative elsewhere.

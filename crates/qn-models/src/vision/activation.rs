@@ -22,7 +22,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::encoder::fused::{exp, f32s, fused_ok};
+use crate::encoder::fused::{f32s, fused_ok};
+use qn_kernels::simd::exp;
 
 /// Elements per parallel task.
 const CHUNK: usize = 16_384;
