@@ -528,11 +528,8 @@ fn fused_matmuls_with_bias_match_matmul_then_broadcast_add() {
     use qn_kernels::noise::{
         block_drop_matmul_bias, block_drop_matmul_reference, linear_matmul_bias,
     };
-    let cases: [(
-        &str,
-        Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>,
-        Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>,
-    ); 2] = [
+    type Layer = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>;
+    let cases: [(&str, Layer, Layer); 2] = [
         (
             "exact",
             Box::new(|x, w, b| linear_matmul_bias(x, w, b).unwrap()),

@@ -24,7 +24,7 @@
 //! ```
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
+use qn_kernels::multiversion;
 use rayon::prelude::*;
 
 use super::fused::f32s;
@@ -125,51 +125,159 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-impl Shared {
-    /// The element `i` further on. A method, so a closure captures the whole `Shared` (which is
-    /// `Sync`) rather than its raw-pointer field (which is not).
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the buffer the pointer came from.
-        unsafe { self.0.add(i) }
+multiversion! {
+    /// `dst (m × n) = scale · a (m × k) · b (k × n)`, all row-major and contiguous.
+    fn mm_nn(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, scale: f32) = mm_nn_body;
+}
+
+multiversion! {
+    /// `dst (m × n) = scale · aᵀ · b` for `a (k × m)` and `b (k × n)`, row-major and contiguous.
+    fn mm_tn(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, scale: f32) = mm_tn_body;
+}
+
+// The attention's products are small (a head's `l × l` scores over `d` columns, l ≈ 40, d ≈ 32)
+// and there are `b · heads` of them per layer: a general GEMM spends more on packing and dispatch
+// than on arithmetic there. These kernels keep a 4-row × 16-column block of the output in
+// registers while they run down `k`, reading each row of `b` once per four output rows; the
+// operands are copied into contiguous scratch first ([`Head`]).
+
+#[inline(always)]
+fn mm_nn_body(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, scale: f32) {
+    small_mm::<false>(dst, a, b, m, k, n, scale)
+}
+
+#[inline(always)]
+fn mm_tn_body(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, scale: f32) {
+    small_mm::<true>(dst, a, b, m, k, n, scale)
+}
+
+/// `dst = scale · op(a) · b` with `op(a) = aᵀ` when `TA` (then `a` is `k × m`).
+#[inline(always)]
+fn small_mm<const TA: bool>(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    scale: f32,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let mut i = 0;
+    while i < m {
+        let rows = if m - i >= 4 { 4 } else { 1 };
+        let mut j = 0;
+        while j < n {
+            let step = match (rows, n - j) {
+                (4, w) if w >= 16 => panel::<TA, 4, 16>(dst, a, b, (i, j), (m, k, n), scale),
+                (4, w) if w >= 8 => panel::<TA, 4, 8>(dst, a, b, (i, j), (m, k, n), scale),
+                (4, _) => panel::<TA, 4, 1>(dst, a, b, (i, j), (m, k, n), scale),
+                (_, w) if w >= 16 => panel::<TA, 1, 16>(dst, a, b, (i, j), (m, k, n), scale),
+                (_, w) if w >= 8 => panel::<TA, 1, 8>(dst, a, b, (i, j), (m, k, n), scale),
+                _ => panel::<TA, 1, 1>(dst, a, b, (i, j), (m, k, n), scale),
+            };
+            j += step;
+        }
+        i += rows;
     }
 }
 
-/// `dst (m × n) = beta · lhs (m × k) · rhs (k × n) [+ dst]`, every operand by (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
-) {
-    // SAFETY: callers pass pointers into buffers that hold every strided element addressed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
+/// The `R × W` output block at `(i, j)`, accumulated over all of `k`; returns `W`.
+#[inline(always)]
+fn panel<const TA: bool, const R: usize, const W: usize>(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (i, j): (usize, usize),
+    (m, k, n): (usize, usize, usize),
+    scale: f32,
+) -> usize {
+    let mut acc = [[0f32; W]; R];
+    for p in 0..k {
+        let bv: &[f32; W] = b[p * n + j..p * n + j + W].try_into().expect("W columns");
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let s = if TA {
+                a[p * m + i + r]
+            } else {
+                a[(i + r) * k + p]
+            };
+            for t in 0..W {
+                acc[t] += s * bv[t];
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let out = &mut dst[(i + r) * n + j..(i + r) * n + j + W];
+        for t in 0..W {
+            out[t] = acc[t] * scale;
+        }
+    }
+    W
+}
+
+/// One (sequence, head) pair's operands and results in contiguous row-major scratch, reused
+/// across the pairs a task handles.
+struct Head {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    /// `kᵀ (d × l)`.
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    /// `vᵀ (d × l)`.
+    vt: Vec<f32>,
+    g: Vec<f32>,
+    /// Probabilities `l × l`.
+    p: Vec<f32>,
+    /// Their gradient, `l × l`.
+    dp: Vec<f32>,
+    /// Three `l × d` results.
+    out: [Vec<f32>; 3],
+}
+
+impl Head {
+    fn new(l: usize, d: usize) -> Self {
+        let z = |n: usize| vec![0f32; n];
+        Self {
+            q: z(l * d),
+            k: z(l * d),
+            kt: z(l * d),
+            v: z(l * d),
+            vt: z(l * d),
+            g: z(l * d),
+            p: z(l * l),
+            dp: z(l * l),
+            out: [z(l * d), z(l * d), z(l * d)],
+        }
+    }
+}
+
+/// Copies the head columns `at .. at + d` of rows of width `h` into `dst (l × d)`.
+fn gather(src: &[f32], at: usize, h: usize, d: usize, dst: &mut [f32]) {
+    for (i, row) in dst.chunks_exact_mut(d.max(1)).enumerate() {
+        row.copy_from_slice(&src[at + i * h..at + i * h + d]);
+    }
+}
+
+/// [`gather`], transposed: `dst (d × l)`.
+fn gather_t(src: &[f32], at: usize, h: usize, l: usize, dst: &mut [f32]) {
+    let d = dst.len() / l.max(1);
+    for i in 0..l {
+        let row = &src[at + i * h..at + i * h + d];
+        for (c, &x) in row.iter().enumerate() {
+            dst[c * l + i] = x;
+        }
+    }
+}
+
+/// Writes `src (l × d)` into the head columns `at .. at + d` of `dst`'s rows of width `h`.
+///
+/// # Safety
+/// `dst` must address a buffer holding every element written, and no other task may touch those
+/// elements while this runs.
+unsafe fn scatter(dst: Shared, at: usize, h: usize, src: &[f32], d: usize) {
+    for (i, row) in src.chunks_exact(d.max(1)).enumerate() {
+        // SAFETY: the caller guarantees the range is inside the buffer and exclusively ours.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.0.add(at + i * h), d) };
     }
 }
 
@@ -190,29 +298,24 @@ impl AttentionOp {
         Ok(())
     }
 
-    /// Writes the pair's attention probabilities (before dropout, `l × l`) into `p`; `q` and `k`
-    /// are the whole `(b, l, h)` inputs.
-    fn probs(&self, pair: usize, q: &[f32], k: &[f32], p: &mut [f32]) {
+    /// Where the pair's rows and head columns start in a `(b, l, h)` buffer.
+    fn at(&self, pair: usize) -> usize {
+        (pair / self.heads) * self.l * self.h + (pair % self.heads) * self.d()
+    }
+
+    /// Loads the pair's `q` and `kᵀ` into `w` and writes its attention probabilities (before
+    /// dropout, `l × l`) into `w.p`.
+    fn probs(&self, pair: usize, q: &[f32], k: &[f32], w: &mut Head) {
         let (l, h, d) = (self.l, self.h, self.d());
-        let (bi, hd) = (pair / self.heads, pair % self.heads);
-        let at = bi * l * h + hd * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        mm(
-            (l, l, d),
-            p.as_mut_ptr(),
-            (l, 1),
-            false,
-            q[at..].as_ptr(),
-            (h, 1),
-            k[at..].as_ptr(),
-            (1, h),
-            scale,
-        );
+        let (at, bi) = (self.at(pair), pair / self.heads);
+        gather(q, at, h, d, &mut w.q);
+        gather_t(k, at, h, l, &mut w.kt);
+        mm_nn(&mut w.p, &w.q, &w.kt, l, d, l, 1.0 / (d as f32).sqrt());
         let bias = &self.bias[bi * l..(bi + 1) * l];
-        for row in p.chunks_mut(l) {
+        for row in w.p.chunks_mut(l) {
             row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
         }
-        super::fused::softmax_rows(p, l);
+        super::fused::softmax_rows(&mut w.p, l);
     }
 }
 
@@ -242,26 +345,18 @@ impl CustomOp3 for AttentionOp {
         let mut out = vec![0f32; q.len()];
         let dst = Shared(out.as_mut_ptr());
         (0..self.b * self.heads).into_par_iter().for_each_init(
-            || vec![0f32; l * l],
-            |p, pair| {
-                self.probs(pair, q, k, p);
+            || Head::new(l, d),
+            |w, pair| {
+                self.probs(pair, q, k, w);
                 if let Some(drop) = self.drop {
                     let mask = probs_mask(drop, pair, l);
-                    p.iter_mut().zip(&mask).for_each(|(x, m)| *x *= m);
+                    w.p.iter_mut().zip(&mask).for_each(|(x, m)| *x *= m);
                 }
-                let at = (pair / self.heads) * l * h + (pair % self.heads) * d;
-                // `at` addresses this pair's rows and head columns inside `out`.
-                mm(
-                    (l, d, l),
-                    dst.at(at),
-                    (h, 1),
-                    false,
-                    p.as_ptr(),
-                    (l, 1),
-                    v[at..].as_ptr(),
-                    (h, 1),
-                    1.0,
-                );
+                gather(v, self.at(pair), h, d, &mut w.v);
+                mm_nn(&mut w.out[0], &w.p, &w.v, l, l, d, 1.0);
+                // SAFETY: `out` holds (b, l, h) elements and each pair writes only its own rows
+                // and head columns.
+                unsafe { scatter(dst, self.at(pair), h, &w.out[0], d) };
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((self.b, l, h))))
@@ -325,71 +420,39 @@ impl AttentionOp {
             Shared(dv.as_mut_ptr()),
         );
         (0..self.b * self.heads).into_par_iter().for_each_init(
-            || (vec![0f32; l * l], vec![0f32; l * l]),
-            |(p, dp), pair| {
-                let at = (pair / self.heads) * l * h + (pair % self.heads) * d;
-                self.probs(pair, q, k, p);
+            || Head::new(l, d),
+            |w, pair| {
+                let at = self.at(pair);
+                self.probs(pair, q, k, w);
+                gather(k, at, h, d, &mut w.k);
+                gather(g, at, h, d, &mut w.g);
+                gather_t(v, at, h, l, &mut w.vt);
                 let mask = self.drop.map(|drop| probs_mask(drop, pair, l));
                 // dV = (P ⊙ M)ᵀ · dO, with the dropped-out probabilities rebuilt in `dp` first.
                 match &mask {
-                    Some(m) => dp
-                        .iter_mut()
-                        .zip(p.iter().zip(m))
-                        .for_each(|(o, (x, m))| *o = x * m),
-                    None => dp.copy_from_slice(p),
+                    Some(m) => {
+                        w.dp.iter_mut()
+                            .zip(w.p.iter().zip(m))
+                            .for_each(|(o, (x, m))| *o = x * m)
+                    }
+                    None => w.dp.copy_from_slice(&w.p),
                 }
-                // Each `at` addresses this pair's rows and head columns.
-                mm(
-                    (l, d, l),
-                    pv.at(at),
-                    (h, 1),
-                    false,
-                    dp.as_ptr(),
-                    (1, l),
-                    g[at..].as_ptr(),
-                    (h, 1),
-                    1.0,
-                );
+                mm_tn(&mut w.out[2], &w.dp, &w.g, l, l, d, 1.0);
                 // dP = (dO · Vᵀ) ⊙ M
-                mm(
-                    (l, l, d),
-                    dp.as_mut_ptr(),
-                    (l, 1),
-                    false,
-                    g[at..].as_ptr(),
-                    (h, 1),
-                    v[at..].as_ptr(),
-                    (1, h),
-                    1.0,
-                );
+                mm_nn(&mut w.dp, &w.g, &w.vt, l, d, l, 1.0);
                 if let Some(m) = &mask {
-                    dp.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
+                    w.dp.iter_mut().zip(m).for_each(|(x, m)| *x *= m);
                 }
                 // dS = P ⊙ (dP − Σⱼ dP·P), per row.
-                super::fused::softmax_grad_rows(dp, p, l);
+                super::fused::softmax_grad_rows(&mut w.dp, &w.p, l);
                 // dQ = scale · dS · K, dK = scale · dSᵀ · Q.
-                mm(
-                    (l, d, l),
-                    pq.at(at),
-                    (h, 1),
-                    false,
-                    dp.as_ptr(),
-                    (l, 1),
-                    k[at..].as_ptr(),
-                    (h, 1),
-                    scale,
-                );
-                mm(
-                    (l, d, l),
-                    pk.at(at),
-                    (h, 1),
-                    false,
-                    dp.as_ptr(),
-                    (1, l),
-                    q[at..].as_ptr(),
-                    (h, 1),
-                    scale,
-                );
+                mm_nn(&mut w.out[0], &w.dp, &w.k, l, l, d, scale);
+                mm_tn(&mut w.out[1], &w.dp, &w.q, l, l, d, scale);
+                for (dst, src) in [pq, pk, pv].into_iter().zip(&w.out) {
+                    // SAFETY: each buffer holds (b, l, h) elements and each pair writes only its
+                    // own rows and head columns.
+                    unsafe { scatter(dst, at, h, src, d) };
+                }
             },
         );
         Ok((dq, dk, dv))
