@@ -528,7 +528,7 @@ fn fused_matmuls_with_bias_match_matmul_then_broadcast_add() {
     use qn_kernels::noise::{
         block_drop_matmul_bias, block_drop_matmul_reference, linear_matmul_bias,
     };
-    type Layer = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>;
+    type Layer<'a> = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor + 'a>;
     let cases: [(&str, Layer, Layer); 2] = [
         (
             "exact",
