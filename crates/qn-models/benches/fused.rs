@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
+use qn_models::encoder::attention::{self_attention, self_attention_reference, ProbsDropout};
 use qn_models::encoder::{fused, ops};
 
 fn fwd_bwd(inputs: &[Var], f: &dyn Fn(&[Tensor]) -> Tensor) {
@@ -38,6 +39,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("fused", |bch| {
         bch.iter(|| fwd_bwd(&h, &|t| fused::gelu_erf(&t[0]).unwrap()))
     });
+    // The same kernel compiled for the build's baseline (SSE2), as it ran before `multiversion!`.
+    g.bench_function("fused, baseline instruction set", |bch| {
+        qn_kernels::simd::cap_level(qn_kernels::simd::Level::Baseline);
+        bch.iter(|| fwd_bwd(&h, &|t| fused::gelu_erf(&t[0]).unwrap()));
+        qn_kernels::simd::cap_level(qn_kernels::simd::Level::Avx512);
+    });
     g.bench_function("candle gelu_erf", |bch| {
         bch.iter(|| fwd_bwd(&h, &|t| t[0].gelu_erf().unwrap()))
     });
@@ -49,6 +56,48 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("plain ops", |bch| {
         bch.iter(|| fwd_bwd(&s, &|t| ops::softmax_reference(&t[0]).unwrap()))
+    });
+    g.finish();
+    let qkv = [
+        var(&[32, 64, 384]),
+        var(&[32, 64, 384]),
+        var(&[32, 64, 384]),
+    ];
+    let bias = Tensor::zeros((32, 1, 1, 64), candle_core::DType::F32, &dev).unwrap();
+    let drop = Some(ProbsDropout { p: 0.1, seed: 7 });
+    let mut g = c.benchmark_group("attention 32x64x384, 12 heads, dropout 0.1, fwd+bwd");
+    g.bench_function("fused", |bch| {
+        bch.iter(|| {
+            fwd_bwd(&qkv, &|t| {
+                self_attention(&t[0], &t[1], &t[2], &bias, 12, drop).unwrap()
+            })
+        })
+    });
+    g.bench_function("plain ops", |bch| {
+        bch.iter(|| {
+            fwd_bwd(&qkv, &|t| {
+                self_attention_reference(&t[0], &t[1], &t[2], &bias, 12, drop).unwrap()
+            })
+        })
+    });
+    g.finish();
+    let xr = [var(&[2048, 384]), var(&[2048, 384])];
+    let at = qn_train::NoiseStep { step: 1, micro: 0 };
+    let mut g = c.benchmark_group("dropout 0.1 + residual 2048x384 fwd+bwd");
+    g.bench_function("fused", |bch| {
+        bch.iter(|| {
+            fwd_bwd(&xr, &|t| {
+                ops::dropout_add(&t[0], &t[1], 0.1, 3, at, 1).unwrap()
+            })
+        })
+    });
+    g.bench_function("plain ops", |bch| {
+        bch.iter(|| {
+            fwd_bwd(&xr, &|t| {
+                let mask = ops::dropout_mask(ops::mask_seed(3, at, 1), t[0].elem_count(), 0.1);
+                (ops::dropout_reference(&t[0], mask).unwrap() + &t[1]).unwrap()
+            })
+        })
     });
     g.finish();
 }
