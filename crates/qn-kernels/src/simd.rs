@@ -25,8 +25,10 @@
 
 /// Defines `fn name(args) -> ret` that runs `body(args)` compiled for AVX-512 (F, BW, DQ, VL),
 /// else for AVX2 + FMA, else for the build's baseline: the best [`level`] allows. `body` must be
-/// `#[inline(always)]` so that each copy is compiled with its instruction set; the copies compute
-/// the same thing up to the rounding of fused multiply-adds.
+/// `#[inline(always)]` so that each copy is compiled with its instruction set. The copies give
+/// bit-identical results: Rust never contracts `a * b + c` into a fused multiply-add nor reorders
+/// float operations, so only the vector width changes, and a body that reduces through the
+/// fixed lanes of [`sum`] / [`dot`] adds in the same order at every width.
 #[macro_export]
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:path;) => {
@@ -259,6 +261,45 @@ mod tests {
 
     multiversion! {
         fn dispatched_dot(a: &[f32], b: &[f32]) -> f32 = dot;
+    }
+
+    #[inline(always)]
+    fn mixed_body(y: &mut [f32], x: &[f32]) -> f32 {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * 0.707_106_77)) + exp(-x * x) * x;
+        }
+        sum(y) + dot(x, y)
+    }
+
+    multiversion! {
+        fn mixed(y: &mut [f32], x: &[f32]) -> f32 = mixed_body;
+    }
+
+    /// Every compiled copy this CPU can run gives the baseline's bits (the cap is process-wide;
+    /// no other test in this binary dispatches).
+    #[test]
+    fn every_level_gives_the_same_bits() {
+        let x: Vec<f32> = (0..4099)
+            .map(|i| (i as f32 * 0.618_034).sin() * 6.0)
+            .collect();
+        let run = |level| {
+            cap_level(level);
+            let mut y = vec![0f32; x.len()];
+            let s = mixed(&mut y, &x);
+            (y, s)
+        };
+        let (base, base_sum) = run(Level::Baseline);
+        for level in [Level::Avx2, Level::Avx512] {
+            if level <= detected() {
+                let (y, s) = run(level);
+                assert_eq!(s.to_bits(), base_sum.to_bits(), "{level:?} sum");
+                assert!(
+                    y.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{level:?}"
+                );
+            }
+        }
+        cap_level(Level::Avx512);
     }
 
     #[test]

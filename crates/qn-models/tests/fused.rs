@@ -274,13 +274,19 @@ fn dropout_and_dropout_add_match_the_plain_ops() {
     assert_eq!(max_diff(&ops::dropout(&x, 0.0, 3, at, 9).unwrap(), &x), 0.0);
 }
 
-/// The mask is drawn as one block fill of the ChaCha8 stream: the same draws, in the same order,
-/// as one `random::<u32>()` per element, so masks (and resumed runs) do not depend on how the
-/// stream is read.
+/// The mask is drawn as block fills of the ChaCha8 stream, chunk by chunk on several threads: the
+/// same draws, in the same order, as one `random::<u32>()` per element, so masks (and resumed
+/// runs) do not depend on how the stream is read.
 #[test]
 fn dropout_mask_block_draw_equals_one_draw_at_a_time() {
     use rand::{Rng, SeedableRng};
-    for (seed, n, p) in [(1u64, 1usize, 0.1), (2, 17, 0.3), (3, 4099, 0.1)] {
+    // The last spans several of the threads' chunks (65,536 draws each) and ends inside one.
+    for (seed, n, p) in [
+        (1u64, 1usize, 0.1),
+        (2, 17, 0.3),
+        (3, 4099, 0.1),
+        (4, 200_003, 0.1),
+    ] {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let threshold = (p * 4_294_967_296.0) as u64;
         let keep = 1.0 / (1.0 - p) as f32;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::config::Activation;
 use qn_train::NoiseStep;
@@ -72,19 +73,30 @@ pub fn mask_seed(seed: u64, at: NoiseStep, site: u64) -> u64 {
 }
 
 /// The inverted-dropout mask of `n` elements: `0` with probability `p`, else `1/(1-p)`, from a
-/// ChaCha8 stream seeded by `seed`, one 32-bit draw per element compared with `p · 2³²`. The draws
-/// are taken as one block fill, which yields the same stream as drawing them one at a time (a
-/// test pins this) at a fraction of the cost.
+/// ChaCha8 stream seeded by `seed`, one 32-bit draw per element compared with `p · 2³²`. The
+/// stream is cut into chunks that threads fill at once, each seeking to its chunk's word in the
+/// stream, so the mask is the one that drawing the words one at a time gives (a test pins this),
+/// whatever the thread count.
 pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut draws = vec![0u32; n];
-    rng.fill(&mut draws[..]);
+    // Draws per task: a whole number of ChaCha blocks (16 words), enough to amortise a task.
+    const CHUNK: usize = 1 << 16;
+    let rng = ChaCha8Rng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p) as f32;
     let threshold = (p * 4_294_967_296.0) as u64;
-    draws
-        .iter()
-        .map(|&d| if (d as u64) < threshold { 0.0 } else { keep })
-        .collect()
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        let mut rng = rng.clone();
+        rng.set_word_pos((c * CHUNK) as u128);
+        let mut draws = [0u32; 1024];
+        for part in out.chunks_mut(draws.len()) {
+            let draws = &mut draws[..part.len()];
+            rng.fill(draws);
+            for (m, &d) in part.iter_mut().zip(draws.iter()) {
+                *m = if (d as u64) < threshold { 0.0 } else { keep };
+            }
+        }
+    });
+    mask
 }
 
 /// Inverted dropout at rate `p` with a mask drawn from `(seed, step, site)`: one graph node whose
@@ -165,7 +177,12 @@ impl CustomOp1 for DropoutOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = super::fused::f32s(s, l, CustomOp1::name(self))?;
         self.check(x.len())?;
-        let y = x.iter().zip(self.mask.iter()).map(|(x, m)| x * m).collect();
+        let y = x
+            .par_iter()
+            .with_min_len(1 << 14)
+            .zip(self.mask.par_iter())
+            .map(|(x, m)| x * m)
+            .collect();
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -190,9 +207,10 @@ impl CustomOp2 for DropoutOp {
         self.check(x.len())?;
         self.check(r.len())?;
         let y = x
-            .iter()
-            .zip(self.mask.iter())
-            .zip(r)
+            .par_iter()
+            .with_min_len(1 << 14)
+            .zip(self.mask.par_iter())
+            .zip(r.par_iter())
             .map(|((x, m), r)| x * m + r)
             .collect();
         Ok((CpuStorage::F32(y), l1.shape().clone()))
