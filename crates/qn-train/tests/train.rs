@@ -397,6 +397,36 @@ fn resuming_with_other_settings_is_refused_naming_the_field() {
     assert_eq!(r.steps, 7);
 }
 
+/// A second run into a directory another run is writing to is refused before it touches anything
+/// (the lock is the OS's: here a second open file description in the same process holds it).
+#[test]
+fn a_directory_in_use_by_another_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = std::fs::File::create(dir.path().join(qn_train::trainer::LOCK_FILE)).unwrap();
+    lock.lock().unwrap();
+    let (train, test) = small();
+    let (plan, cfg) = pause_plan();
+    let out = RunOutput {
+        dir: Some(dir.path().into()),
+        stop_at: Some(2),
+    };
+    let err = run_stages(&mut noisy_mlp(5), &train, &test, &plan, &cfg, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("another run is writing") && err.contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("metrics.jsonl").exists(),
+        "nothing written"
+    );
+    // Once the other run lets go, the directory is usable.
+    drop(lock);
+    let r = run_stages(&mut noisy_mlp(5), &train, &test, &plan, &cfg, &out).unwrap();
+    assert_eq!(r.steps, 2);
+}
+
 /// Two micro-batches of 32 per step give the gradient of one batch of 64 when both cover the same
 /// examples (here: the whole 64-example set every step), so the runs agree to rounding.
 #[test]

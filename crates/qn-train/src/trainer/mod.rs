@@ -42,7 +42,7 @@ pub use export::{export_qnz, export_qnz_with};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use ipq::int8_centroids;
 pub use plan::{Stage, StageOverride, StagePlan};
-pub use run::{accuracy, cross_entropy, run_stages};
+pub use run::{accuracy, cross_entropy, run_stages, LOCK_FILE};
 
 use std::path::PathBuf;
 

@@ -181,6 +181,32 @@ impl State {
     }
 }
 
+/// The name of the lock file a run holds in its output directory.
+pub const LOCK_FILE: &str = ".qn-lock";
+
+/// Takes an exclusive OS lock on `dir/.qn-lock`, creating the directory and the (empty) file.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::file(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::file(
+            dir,
+            format!(
+                "another run is writing to this directory (it holds {LOCK_FILE}): wait for it \
+                 to finish or stop it, or choose another output directory"
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::file(&path, e)),
+    }
+}
+
 /// Runs (or resumes, when `out.dir` holds a checkpoint of the same run) the stages on `model`.
 ///
 /// Everything is checked before the first step: the settings, the plan, `stop_at`, and on resume
@@ -215,6 +241,9 @@ pub fn run_stages(
         .map(|s| s.total_steps(train.len(), per_step))
         .collect::<Result<Vec<_>>>()?;
     let dir = out.dir.as_deref();
+    // Held until this function returns (and released by the OS however the process ends): a second
+    // run into the same directory would interleave its checkpoints and metrics lines with ours.
+    let _lock = dir.map(lock_dir).transpose()?;
     let fp = fingerprint::fingerprint(model, plan, cfg, train.len());
     let resumed = match dir {
         Some(d) => checkpoint::load(d, train.x.device())?,
