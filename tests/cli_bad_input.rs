@@ -313,3 +313,23 @@ fn demo_refuses_bad_weights() {
         &["/nonexistent.safetensors"],
     );
 }
+
+/// `QN_SIMD` (the instruction-set cap of the fused kernels) takes `baseline`, `avx2` or `avx512`;
+/// anything else is refused up front by every command rather than silently ignored, and a valid cap
+/// runs the command.
+#[test]
+fn an_unknown_qn_simd_value_is_refused() {
+    let run = |v: &str| {
+        std::process::Command::new(qn_tests::qn_bin())
+            .args(["inspect", "/nonexistent.qnz"])
+            .env("QN_SIMD", v)
+            .output()
+            .unwrap()
+    };
+    for bad in ["avx1024", "", "AVX2"] {
+        let err = refused(&run(bad), bad, &["QN_SIMD", "baseline, avx2, avx512"]);
+        assert!(err.contains(&format!("`{bad}`")), "{err}");
+    }
+    // A valid cap reaches the command, which then names its own problem (the missing file).
+    refused(&run("baseline"), "baseline", &["/nonexistent.qnz"]);
+}

@@ -71,6 +71,13 @@ fn main() -> std::process::ExitCode {
     // back in. The peak footprint is the same (measured: BENCHMARKS.md).
     qn_train::allocator::retain_freed_memory();
     let cli = Cli::parse();
+    if let Some(v) = std::env::var_os("QN_SIMD") {
+        let v = v.to_string_lossy();
+        if qn_kernels::simd::parse_level(&v).is_none() {
+            eprintln!("qn: error: QN_SIMD: `{v}` is not one of baseline, avx2, avx512");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Quantize(args) => quantize::run(&args),
         Command::Inspect(args) => inspect::run(&args),

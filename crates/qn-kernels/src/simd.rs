@@ -85,11 +85,11 @@ pub fn level() -> Level {
     use std::sync::atomic::Ordering;
     let mut cap = CAP.load(Ordering::Relaxed);
     if cap == u8::MAX {
-        cap = match std::env::var("QN_SIMD").as_deref() {
-            Ok("baseline") => Level::Baseline,
-            Ok("avx2") => Level::Avx2,
-            _ => Level::Avx512,
-        } as u8;
+        // An unknown value caps nothing here; `qn` refuses it up front (`parse_level`).
+        cap = std::env::var("QN_SIMD")
+            .ok()
+            .and_then(|v| parse_level(&v))
+            .unwrap_or(Level::Avx512) as u8;
         CAP.store(cap, Ordering::Relaxed);
     }
     let best = detected();
@@ -99,6 +99,16 @@ pub fn level() -> Level {
         Level::Avx2
     } else {
         Level::Baseline
+    }
+}
+
+/// A `QN_SIMD` value: `baseline`, `avx2` or `avx512`; anything else is `None`.
+pub fn parse_level(name: &str) -> Option<Level> {
+    match name {
+        "baseline" => Some(Level::Baseline),
+        "avx2" => Some(Level::Avx2),
+        "avx512" => Some(Level::Avx512),
+        _ => None,
     }
 }
 
