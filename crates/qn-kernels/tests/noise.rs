@@ -532,12 +532,12 @@ fn fused_matmuls_with_bias_match_matmul_then_broadcast_add() {
     let cases: [(&str, Layer, Layer); 2] = [
         (
             "exact",
-            Box::new(|x, w, b| linear_matmul_bias(x, w, b).unwrap()),
+            Box::new(|x, w, b| linear_matmul_bias(x, w, Some(b)).unwrap()),
             Box::new(|x, w, b| x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap()),
         ),
         (
             "block drop",
-            Box::new(|x, w, b| block_drop_matmul_bias(x, w, b, &mask, p).unwrap()),
+            Box::new(|x, w, b| block_drop_matmul_bias(x, w, Some(b), &mask, p).unwrap()),
             Box::new(|x, w, b| {
                 block_drop_matmul_reference(x, w, &mask, p)
                     .unwrap()
@@ -561,7 +561,7 @@ fn fused_matmuls_with_bias_match_matmul_then_broadcast_add() {
     }
     // A bias of the wrong length is an error naming it, not a panic.
     let short = Tensor::zeros(47, DType::F32, &Device::Cpu).unwrap();
-    let err = linear_matmul_bias(&x0, &w0, &short)
+    let err = linear_matmul_bias(&x0, &w0, Some(&short))
         .unwrap_err()
         .to_string();
     assert!(err.contains("bias"), "{err}");

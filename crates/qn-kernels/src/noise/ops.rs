@@ -65,15 +65,18 @@ pub fn block_drop_matmul(
         .apply_op2(&weight.contiguous()?, block_drop_matmul_op(mask, p))?)
 }
 
-/// [`block_drop_matmul`] plus a bias `(out)` added to every row, in one graph node on the CPU
-/// (f32); elsewhere the matmul, then [`crate::bias::add_bias`].
+/// [`block_drop_matmul`] plus an optional bias `(out)` added to every row, in one graph node on the
+/// CPU (f32); elsewhere the matmul, then [`crate::bias::add_bias`].
 pub fn block_drop_matmul_bias(
     x: &Tensor,
     weight: &Tensor,
-    bias: &Tensor,
+    bias: Option<&Tensor>,
     mask: &BlockMask,
     p: NoiseRate,
 ) -> Result<Tensor> {
+    let Some(bias) = bias else {
+        return block_drop_matmul(x, weight, mask, p);
+    };
     check(weight, mask)?;
     if p.get() >= 1.0 || !fused_bias_ok(x, weight, bias) {
         return crate::bias::add_bias(&block_drop_matmul(x, weight, mask, p)?, bias);
@@ -126,9 +129,12 @@ pub fn linear_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         .apply_op2(&weight.contiguous()?, super::block_drop_op::LinearMatmulOp)?)
 }
 
-/// [`linear_matmul`] plus a bias `(out)` added to every row, in one graph node on the CPU (f32);
-/// elsewhere the matmul, then [`crate::bias::add_bias`].
-pub fn linear_matmul_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// [`linear_matmul`] plus an optional bias `(out)` added to every row, in one graph node on the
+/// CPU (f32); elsewhere the matmul, then [`crate::bias::add_bias`].
+pub fn linear_matmul_bias(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let Some(bias) = bias else {
+        return linear_matmul(x, weight);
+    };
     if !fused_bias_ok(x, weight, bias) {
         return crate::bias::add_bias(&linear_matmul(x, weight)?, bias);
     }

@@ -4,7 +4,7 @@ use candle_core::{ModuleT, Tensor, Var};
 use candle_nn::VarBuilder;
 use qn_kernels::{
     layout::LayerKind,
-    noise::{block_drop_matmul, block_drop_matmul_bias, linear_matmul, linear_matmul_bias},
+    noise::{block_drop_matmul_bias, linear_matmul_bias},
 };
 
 use super::QuantNoiseLayer;
@@ -74,41 +74,32 @@ impl ModuleT for QLinear {
         let (lead, inp) = dims.split_at(dims.len() - 1);
         let x2 = x.reshape((lead.iter().product::<usize>(), inp[0]))?;
         let bias = self.bias.as_ref().map(|b| b.as_tensor());
-        let mut biased = false;
-        let (mut y, out) = match self.weight.linear_plan(train)? {
+        // The fused plans add the bias inside their node; the others get it added below.
+        let (mut y, out, bias_added) = match self.weight.linear_plan(train)? {
             // Block drop fused into the matmul: the dropped weight never becomes a graph node
             // (nor does the product before the bias).
-            LinearPlan::BlockDrop(w, mask, p) => {
-                let y = match bias {
-                    Some(b) => {
-                        biased = true;
-                        block_drop_matmul_bias(&x2, &w, b, &mask, p)
-                    }
-                    None => block_drop_matmul(&x2, &w, &mask, p),
-                };
-                (y.map_err(crate::Error::from)?, w.dim(0)?)
-            }
+            LinearPlan::BlockDrop(w, mask, p) => (
+                block_drop_matmul_bias(&x2, &w, bias, &mask, p).map_err(crate::Error::from)?,
+                w.dim(0)?,
+                true,
+            ),
             // The same kernel without the mask: a noisy and a noise-free step differ by the noise.
-            LinearPlan::Exact(w) => {
-                let y = match bias {
-                    Some(b) => {
-                        biased = true;
-                        linear_matmul_bias(&x2, &w, b)
-                    }
-                    None => linear_matmul(&x2, &w),
-                };
-                (y.map_err(crate::Error::from)?, w.dim(0)?)
-            }
-            LinearPlan::Generic(w) => (x2.matmul(&w.t()?)?, w.dim(0)?),
+            LinearPlan::Exact(w) => (
+                linear_matmul_bias(&x2, &w, bias).map_err(crate::Error::from)?,
+                w.dim(0)?,
+                true,
+            ),
+            LinearPlan::Generic(w) => (x2.matmul(&w.t()?)?, w.dim(0)?, false),
             // Evaluation of a PQ weight: from its codes (tables for a few rows, else one decode).
-            LinearPlan::Codes(m) => (m.forward(&x2).map_err(crate::Error::from)?, m.rows()),
+            LinearPlan::Codes(m) => (m.forward(&x2).map_err(crate::Error::from)?, m.rows(), false),
             // Evaluation of an int-N weight: dequantised inside the dot products.
             LinearPlan::Scalar(q) => (
                 qn_kernels::scalar::scalar_matmul(&x2, &q).map_err(crate::Error::from)?,
                 q.codes.dim(0)?,
+                false,
             ),
         };
-        if let (Some(b), false) = (bias, biased) {
+        if let (Some(b), false) = (bias, bias_added) {
             y = qn_kernels::bias::add_bias(&y, b).map_err(crate::Error::from)?;
         }
         let mut shape = lead.to_vec();
