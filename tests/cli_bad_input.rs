@@ -190,7 +190,34 @@ fn inspect_and_decompress_refuse_what_is_not_a_qnz() {
         refused(&qn(&[&"inspect", &file, &"--json"]), file, &[file]);
         refused(&qn(&[&"decompress", &file, &"-o", &out]), file, &[file]);
     }
-    nothing_written(d, &["empty.qnz", "junk.qnz"]);
+    // Another format's bytes: named once, with what the file starts with, by every command that
+    // reads a .qnz (eval and predict go through the model loader, which adds its own context).
+    let zip = write(d, "model.qnz", "PK\u{3}\u{4} a zip archive, not a model");
+    let needles = [
+        zip.as_str(),
+        r#"starts with b"PK\x03\x04""#,
+        "not a .qnz file",
+    ];
+    refused(&qn(&[&"inspect", &zip]), "zip", &needles);
+    refused(
+        &qn(&[&"predict", &"--model", &zip, &"--text", &"fine"]),
+        "zip to predict",
+        &needles,
+    );
+    refused(
+        &qn(&[
+            &"eval",
+            &"--model",
+            &zip,
+            &"--data",
+            &asset("text/sst2-validation-100.tsv"),
+            &"--task",
+            &"sst2",
+        ]),
+        "zip to eval",
+        &needles,
+    );
+    nothing_written(d, &["empty.qnz", "junk.qnz", "model.qnz"]);
 }
 
 #[test]

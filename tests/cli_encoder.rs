@@ -406,6 +406,16 @@ fn bad_input_is_one_line_naming_what_is_wrong() {
     for (extra, what, needles) in [
         (vec!["--batch-size", "0"], "batch 0", vec!["--batch-size"]),
         (vec!["--max-len", "0"], "max-len 0", vec!["--max-len"]),
+        (
+            vec!["--max-examples", "0"],
+            "max-examples 0",
+            vec!["--max-examples", "0 is not a positive count"],
+        ),
+        (
+            vec!["--max-examples", "-3"],
+            "max-examples -3",
+            vec!["--max-examples", "`-3` is not a positive whole number"],
+        ),
         (vec!["--noise", "1.5"], "noise 1.5", vec!["--noise"]),
         (vec!["--lr", "nan"], "lr nan", vec!["--lr"]),
         (

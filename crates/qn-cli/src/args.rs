@@ -15,6 +15,16 @@ pub fn parse_positive_f64(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// A count of one or more with no upper bound (clap's `range(1..)` would print its bound,
+/// 18446744073709551615, in the error).
+pub fn parse_positive_count(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("0 is not a positive count".to_string()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("`{s}` is not a positive whole number")),
+    }
+}
+
 /// A noise spec (`none`, `block:p=…`, `pq:…`, `scalar:…`) or a bare probability meaning block drop
 /// at that rate.
 pub fn parse_probability_or_spec(s: &str) -> Result<NoiseSpec, String> {

@@ -15,7 +15,8 @@
 //! ```
 //!
 //! Errors are one line naming the file and tensor at fault, with exit code 1 (2 for bad usage);
-//! outputs are written atomically, so a failed run never leaves a partial file.
+//! outputs are written atomically, so a failed run never leaves a partial file. Ctrl-C stops a
+//! training command after its current step with a checkpoint (exit 130); rerunning it continues.
 
 mod args;
 mod decompress;
@@ -23,6 +24,7 @@ mod demo;
 mod encoder;
 mod input;
 mod inspect;
+mod interrupt;
 mod quantize;
 mod rules;
 mod train;
@@ -92,6 +94,10 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
+            eprintln!("qn: {e}");
+            std::process::ExitCode::from(interrupt::EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("qn: error: {}", one_line(&e));
             std::process::ExitCode::FAILURE

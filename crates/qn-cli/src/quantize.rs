@@ -19,6 +19,7 @@ use qn_kernels::{
 use regex::Regex;
 use safetensors::Dtype;
 
+use crate::args::parse_positive_count;
 use crate::input::{raw_dtype, to_f32, with_safetensors};
 use crate::rules::{self, load_rules, plan_for, Method, Plan};
 
@@ -68,7 +69,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000), allow_negative_numbers = true)]
     iters: u64,
     /// Train k-means on at most this many sub-vectors per tensor (all are assigned).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
     max_points: Option<u64>,
     /// A TOML rule file setting method / block size / centroids per tensor-name regex.
     #[arg(long)]

@@ -1,6 +1,6 @@
 //! `qn train-mlp`: train the reference quant-noise MLP on Fashion-MNIST (or MNIST) with a stage plan,
 //! then export it as a `.qnz`. Rerunning the same command with the same output resumes; `--stop-at`
-//! pauses at a step.
+//! pauses at a step, and so does Ctrl-C (after the current step, exit 130).
 //!
 //! Every argument is checked before any data is read: a bad value is a one-line error naming it.
 
@@ -17,6 +17,7 @@ use qn_train::{
 };
 
 use crate::args::{parse_positive_f64, parse_probability_or_spec};
+use crate::interrupt;
 
 /// Arguments of `qn train-mlp`.
 #[derive(clap::Args, Debug)]
@@ -112,8 +113,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let out = RunOutput {
         dir: Some(args.output.clone()),
         stop_at: args.stop_at.map(|s| s as usize),
+        cancel: Some(interrupt::cancel_flag()),
     };
     let report = run_stages(&mut model, &train, &test, &plan, &cfg, &out)?;
+    interrupt::check(&report, &args.output)?;
     for w in &report.warnings {
         eprintln!("qn: warning: {w}");
     }

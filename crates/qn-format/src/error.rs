@@ -32,6 +32,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// What [`Reader::open`](crate::Reader::open) reports for a file whose bytes are refused
+    /// (corrupt, or a newer version): the path, then the reason.
+    #[error("{path}: {error}")]
+    InFile {
+        /// The file.
+        path: String,
+        /// Why its bytes were refused (shown in the message, so not also chained as a source).
+        error: Box<Error>,
+    },
     /// No tensor of that name is in the file.
     #[error("no tensor named `{0}` in the file")]
     NotFound(String),

@@ -131,8 +131,10 @@ impl Reader<memmap2::Mmap> {
         // reading a `&[u8]` of stable length.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         Reader::new(map).map_err(|e| match e {
-            Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
-            Error::NewerVersion { .. } => Error::Corrupt(format!("{}: {e}", path.display())),
+            Error::Corrupt(_) | Error::NewerVersion { .. } => Error::InFile {
+                path: path.display().to_string(),
+                error: Box::new(e),
+            },
             other => other,
         })
     }
@@ -293,9 +295,9 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
     }
     if bytes[..4] != MAGIC {
         return Err(corrupt(format!(
-            "magic {:?} is not {:?}: not a .qnz file",
-            &bytes[..4],
-            MAGIC
+            "it starts with b\"{}\", not the magic b\"{}\": not a .qnz file",
+            bytes[..4].escape_ascii(),
+            MAGIC.escape_ascii()
         )));
     }
     let version = u32::from_le_bytes(bytes[4..8].try_into().unwrap());

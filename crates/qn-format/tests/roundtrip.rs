@@ -205,6 +205,26 @@ fn missing_tensor_and_missing_file_are_errors() {
     assert!(err.contains("/nonexistent/x.qnz"), "{err}");
 }
 
+#[test]
+fn a_file_that_is_not_a_qnz_is_named_once_with_its_first_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("archive.zip");
+    std::fs::write(&path, b"PK\x03\x04 and then twenty more bytes").unwrap();
+    let err = Reader::open(&path).unwrap_err();
+    assert!(matches!(&err, Error::InFile { error, .. } if matches!(**error, Error::Corrupt(_))));
+    let text = err.to_string();
+    let shown = path.display().to_string();
+    assert!(
+        text.starts_with(&format!("{shown}: corrupt .qnz: ")),
+        "{text}"
+    );
+    assert_eq!(text.matches(&shown).count(), 1, "{text}");
+    assert!(
+        text.contains(r#"it starts with b"PK\x03\x04", not the magic b"QNZ\x00""#),
+        "{text}"
+    );
+}
+
 fn skewed_pq(k: usize, n_sub: usize, d: usize, seed: u64) -> Payload {
     let mut r = rng(seed);
     // Geometric-like cluster usage: low indices far more frequent.

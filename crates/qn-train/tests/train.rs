@@ -1,12 +1,15 @@
 //! Training with block-drop noise on real data, iterative PQ in two stages, export, and resume.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::Device;
 use qn_train::data::{fashion_mnist, Dataset};
+use qn_train::layers::QuantNoiseLayer;
 use qn_train::mlp::Mlp;
 use qn_train::trainer::{export_qnz, run_stages, RunOutput, StagePlan, TrainConfig};
-use qn_train::{named_vars, NoiseConfig, QuantModel};
+use qn_train::{named_vars, NoiseConfig, NoiseStep, QuantModel};
 
 /// Fashion-MNIST from `$QN_DATA_DIR/data/fashion-mnist`, else the subset in `assets/`.
 fn data_dir() -> PathBuf {
@@ -79,6 +82,7 @@ fn block_drop_training_then_two_ipq_stages_keeps_accuracy() {
     let out = RunOutput {
         dir: Some(dir.path().to_path_buf()),
         stop_at: None,
+        cancel: None,
     };
     let report = run_stages(&mut mlp, &train, &test, &plan, &cfg, &out).unwrap();
     // The float baseline trains as many steps (600) as the whole staged run, from the same start.
@@ -144,9 +148,8 @@ fn block_drop_training_then_two_ipq_stages_keeps_accuracy() {
     );
 }
 
-#[test]
-fn a_killed_run_resumes_to_identical_weights() {
-    let (train, test) = datasets();
+/// Two stages of 20 steps (float, then PQ of both layers with an override), checkpoints every 7.
+fn two_stage_plan() -> (StagePlan, TrainConfig) {
     let plan = StagePlan::from_toml(
         r#"
         [[stage]]
@@ -171,25 +174,44 @@ fn a_killed_run_resumes_to_identical_weights() {
         kmeans_iters: 5,
         ..TrainConfig::default()
     };
-    let weights = |m: &Mlp| -> Vec<(String, Vec<u32>)> {
-        named_vars(m)
-            .into_iter()
-            .map(|(n, v)| {
-                (
-                    n,
-                    v.as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .collect(),
-                )
-            })
-            .collect()
-    };
+    (plan, cfg)
+}
 
+/// Every variable's bits, by name.
+fn weights(m: &dyn QuantModel) -> Vec<(String, Vec<u32>)> {
+    named_vars(m)
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The steps `metrics.jsonl` logs, stage-end lines left out.
+fn logged_steps(dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage_end"].is_null())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_killed_run_resumes_to_identical_weights() {
+    let (train, test) = datasets();
+    let (plan, cfg) = two_stage_plan();
     let whole = tempfile::tempdir().unwrap();
     let mut a = noisy_mlp(7);
     let ra = run_stages(
@@ -201,6 +223,7 @@ fn a_killed_run_resumes_to_identical_weights() {
         &RunOutput {
             dir: Some(whole.path().into()),
             stop_at: None,
+            cancel: None,
         },
     )
     .unwrap();
@@ -220,6 +243,7 @@ fn a_killed_run_resumes_to_identical_weights() {
             &RunOutput {
                 dir: Some(killed.path().into()),
                 stop_at: stop,
+                cancel: None,
             },
         )
         .unwrap();
@@ -248,17 +272,95 @@ fn a_killed_run_resumes_to_identical_weights() {
         }
     }
     // Every step is logged exactly once, as in the uninterrupted run.
-    let steps = |dir: &Path| -> Vec<u64> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["stage_end"].is_null())
-            .map(|v| v["step"].as_u64().unwrap())
-            .collect()
+    assert_eq!(logged_steps(killed.path()), (1..=40).collect::<Vec<_>>());
+    assert_eq!(logged_steps(killed.path()), logged_steps(whole.path()));
+}
+
+/// The MLP, raising a cancel flag when the trainer starts step `at` (0-based), as a Ctrl-C handler
+/// would in the middle of that step.
+struct CancelDuring {
+    inner: Mlp,
+    at: u64,
+    flag: Arc<AtomicBool>,
+}
+
+impl QuantModel for CancelDuring {
+    fn forward_t(
+        &self,
+        x: &candle_core::Tensor,
+        train: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.inner.forward_t(x, train)
+    }
+    fn layers(&self) -> Vec<&dyn QuantNoiseLayer> {
+        self.inner.layers()
+    }
+    fn layers_mut(&mut self) -> Vec<&mut dyn QuantNoiseLayer> {
+        self.inner.layers_mut()
+    }
+    fn other_vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.inner.other_vars()
+    }
+    fn set_step(&self, at: NoiseStep) {
+        if at.step == self.at {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+        self.inner.set_step(at)
+    }
+}
+
+#[test]
+fn a_cancelled_run_finishes_its_step_checkpoints_and_resumes_to_identical_weights() {
+    let (train, test) = datasets();
+    let (plan, cfg) = two_stage_plan();
+    let whole = tempfile::tempdir().unwrap();
+    let mut a = noisy_mlp(7);
+    let out = RunOutput {
+        dir: Some(whole.path().into()),
+        ..RunOutput::default()
     };
-    assert_eq!(steps(killed.path()), (1..=40).collect::<Vec<_>>());
-    assert_eq!(steps(killed.path()), steps(whole.path()));
+    let ra = run_stages(&mut a, &train, &test, &plan, &cfg, &out).unwrap();
+    assert!(!ra.stopped && !ra.interrupted && ra.steps == 40);
+
+    // Cancelled during step 13 (not a checkpoint multiple), then during step 20 (the last of the
+    // float stage: it stops before the PQ stage's k-means), then run to the end; a fresh model per
+    // call, as a new process would build.
+    let dir = tempfile::tempdir().unwrap();
+    for (at, stops_after) in [(Some(12), 13), (Some(19), 20), (None, 40)] {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut b = CancelDuring {
+            inner: noisy_mlp(7),
+            at: at.unwrap_or(u64::MAX),
+            flag: flag.clone(),
+        };
+        let out = RunOutput {
+            dir: Some(dir.path().into()),
+            cancel: Some(flag),
+            ..RunOutput::default()
+        };
+        let rb = run_stages(&mut b, &train, &test, &plan, &cfg, &out).unwrap();
+        assert_eq!(rb.steps, stops_after);
+        assert_eq!((rb.stopped, rb.interrupted), (at.is_some(), at.is_some()));
+        assert_eq!(
+            logged_steps(dir.path()),
+            (1..=stops_after as u64).collect::<Vec<_>>()
+        );
+        if at.is_none() {
+            assert_eq!(weights(&a), weights(&b.inner), "resumed weights differ");
+            assert_eq!(ra.stage_accuracy, rb.stage_accuracy);
+        }
+    }
+
+    // A flag raised before the first step: nothing trained, nothing to resume from.
+    let early = tempfile::tempdir().unwrap();
+    let out = RunOutput {
+        dir: Some(early.path().into()),
+        cancel: Some(Arc::new(AtomicBool::new(true))),
+        ..RunOutput::default()
+    };
+    let r = run_stages(&mut noisy_mlp(7), &train, &test, &plan, &cfg, &out).unwrap();
+    assert!(r.interrupted && r.steps == 0);
+    assert!(!early.path().join("metrics.jsonl").exists() || logged_steps(early.path()).is_empty());
 }
 
 fn pause_plan() -> (StagePlan, TrainConfig) {
@@ -286,6 +388,7 @@ fn run_to(dir: &Path, stop_at: Option<usize>) -> qn_train::Result<qn_train::trai
         &RunOutput {
             dir: Some(dir.into()),
             stop_at,
+            cancel: None,
         },
     )
 }
@@ -350,6 +453,7 @@ fn resuming_with_other_settings_is_refused_naming_the_field() {
     let out = RunOutput {
         dir: Some(dir.path().into()),
         stop_at: None,
+        cancel: None,
     };
     let other = TrainConfig {
         lr: 5e-4,
@@ -391,6 +495,7 @@ fn resuming_with_other_settings_is_refused_naming_the_field() {
         &RunOutput {
             dir: Some(dir.path().into()),
             stop_at: Some(7),
+            cancel: None,
         },
     )
     .unwrap();
@@ -409,6 +514,7 @@ fn a_directory_in_use_by_another_run_is_refused() {
     let out = RunOutput {
         dir: Some(dir.path().into()),
         stop_at: Some(2),
+        cancel: None,
     };
     let err = run_stages(&mut noisy_mlp(5), &train, &test, &plan, &cfg, &out)
         .unwrap_err()

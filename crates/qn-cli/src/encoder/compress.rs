@@ -2,7 +2,8 @@
 //! fine-tuning on the task data (the paper's RoBERTa schedule), or post-training int8/int4.
 //!
 //! The iPQ stages checkpoint into `--work-dir` (default `<output>.work`, removed once the file is
-//! written), so an interrupted compression resumes when rerun. The `.qnz` carries the config,
+//! written), so an interrupted compression resumes when rerun; Ctrl-C stops it after the current
+//! step with a checkpoint (exit 130). The `.qnz` carries the config,
 //! label map and tokenizer files.
 
 use std::path::PathBuf;
@@ -18,7 +19,8 @@ use qn_train::QuantModel;
 use super::{
     parse_any_task, parse_max_len, read_data, task_labels, to_dataset, AnyTask, ModelArgs,
 };
-use crate::args::parse_positive_f64;
+use crate::args::{parse_positive_count, parse_positive_f64};
+use crate::interrupt;
 use crate::rules::{parse_granularity, parse_observer};
 
 /// The compression method.
@@ -84,7 +86,7 @@ pub struct CompressArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
     /// Use a seeded subset of this many training rows.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
     pub(crate) max_examples: Option<u64>,
     /// Centroid fine-tuning learning rate.
     #[arg(long, default_value_t = 1e-4, value_parser = parse_positive_f64, allow_negative_numbers = true)]
@@ -309,8 +311,10 @@ pub(crate) fn ipq_stages_and_export(
     let out = RunOutput {
         dir: Some(work.clone()),
         stop_at: None,
+        cancel: Some(interrupt::cancel_flag()),
     };
     let report = run_stages(model, train, eval, plan, &cfg, &out)?;
+    interrupt::check(&report, &work)?;
     for w in &report.warnings {
         eprintln!("qn: warning: {w}");
     }

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use qn_train::QuantModel;
 
 use super::{parse_any_task, parse_max_len, read_data, to_dataset, AnyTask, ModelArgs};
+use crate::args::parse_positive_count;
 
 /// Arguments of `qn eval`.
 #[derive(clap::Args, Debug)]
@@ -32,7 +33,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536), allow_negative_numbers = true)]
     pub(crate) batch_size: u64,
     /// Evaluate a seeded subset of this many rows.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
     pub(crate) max_examples: Option<u64>,
     /// Seed of the subset.
     #[arg(long, default_value_t = 0)]

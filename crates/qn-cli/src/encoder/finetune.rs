@@ -13,7 +13,8 @@ use qn_train::{NoiseSpec, QuantModel};
 use super::{
     parse_any_task, parse_max_len, read_data, task_labels, to_dataset, AnyTask, ModelArgs,
 };
-use crate::args::{parse_positive_f64, parse_probability_or_spec};
+use crate::args::{parse_positive_count, parse_positive_f64, parse_probability_or_spec};
+use crate::interrupt;
 
 /// Arguments of `qn finetune`.
 #[derive(clap::Args, Debug)]
@@ -71,10 +72,10 @@ pub struct FinetuneArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) stop_at: Option<u64>,
     /// Use a seeded subset of this many training rows.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
     pub(crate) max_examples: Option<u64>,
     /// Evaluate on a seeded subset of this many rows of `--eval` (default: all of it).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
     pub(crate) max_eval_examples: Option<u64>,
     /// Warm-up: a fraction of the run (< 1) or a number of steps.
     #[arg(long, default_value_t = 0.06, value_parser = parse_warmup, allow_negative_numbers = true)]
@@ -238,7 +239,8 @@ pub(crate) fn noise_and_config(
     Ok(cfg)
 }
 
-/// Runs (or resumes) the fine-tune in `--output`; `None` when it paused at `--stop-at` (said so).
+/// Runs (or resumes) the fine-tune in `--output`; `None` when it paused at `--stop-at` (said so),
+/// an [`Interrupted`](interrupt::Interrupted) error when Ctrl-C stopped it.
 pub(crate) fn train_or_pause(
     args: &FinetuneArgs,
     model: &mut dyn QuantModel,
@@ -250,10 +252,12 @@ pub(crate) fn train_or_pause(
     let out = RunOutput {
         dir: Some(args.output.clone()),
         stop_at: args.stop_at.map(|s| s as usize),
+        cancel: Some(interrupt::cancel_flag()),
     };
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("--output `{}`", args.output.display()))?;
     let report = run_stages(model, train, eval, plan, cfg, &out)?;
+    interrupt::check(&report, &args.output)?;
     if report.stopped {
         println!(
             "paused at step {}; rerun without --stop-at (or with a larger one) to continue",

@@ -6,7 +6,8 @@
 //! layers is plain training (with whatever noise the layers carry).
 //!
 //! The run's length is the plan's; [`RunOutput::stop_at`] pauses it at a global step with a
-//! checkpoint, and calling [`run_stages`] again with the same directory continues. Checkpoints hold
+//! checkpoint, [`RunOutput::cancel`] (a flag a Ctrl-C handler sets) stops it after the current step
+//! with a checkpoint, and calling [`run_stages`] again with the same directory continues. Checkpoints hold
 //! the position, every variable, the PQ assignments, the optimizer moments, the per-stage results
 //! and the run's [`fingerprint`]; batches and noise masks depend only on the seed and the step, so a
 //! killed run resumes to the same final weights as an uninterrupted one, and `metrics.jsonl` holds
@@ -45,6 +46,8 @@ pub use plan::{Stage, StageOverride, StagePlan};
 pub use run::{accuracy, cross_entropy, run_stages, LOCK_FILE};
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -186,6 +189,19 @@ pub struct RunOutput {
     /// Pause at this global step: write a checkpoint and return (a later call with a larger value,
     /// or none, continues). Not part of the run's fingerprint.
     pub stop_at: Option<usize>,
+    /// Set from elsewhere (a Ctrl-C handler) to stop early without losing work: the run finishes
+    /// the step it is in, writes a checkpoint and returns with [`RunReport::interrupted`]; a later
+    /// call continues from there. Checked between steps only — a stage's k-means runs to its end
+    /// and is followed by one step, so that the checkpoint never has to hold a half-begun stage.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl RunOutput {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+    }
 }
 
 /// What a run reports.
@@ -196,8 +212,11 @@ pub struct RunReport {
     pub stage_accuracy: Vec<f64>,
     /// Global steps done.
     pub steps: usize,
-    /// Whether the run paused at `stop_at` before finishing.
+    /// Whether the run returned before finishing: paused at `stop_at`, or interrupted.
     pub stopped: bool,
+    /// Whether it stopped because [`RunOutput::cancel`] was set (the checkpoint holds every
+    /// finished step).
+    pub interrupted: bool,
     /// Things the caller should tell the user (layers left float because they are too small for
     /// their codebook).
     pub warnings: Vec<String>,

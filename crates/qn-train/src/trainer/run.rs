@@ -176,7 +176,15 @@ impl State {
             stage_accuracy: self.stage_accuracy.clone(),
             steps: self.global,
             stopped,
+            interrupted: false,
             warnings: self.warnings.clone(),
+        }
+    }
+
+    fn interrupted(&self) -> RunReport {
+        RunReport {
+            interrupted: true,
+            ..self.report(true)
         }
     }
 }
@@ -283,6 +291,11 @@ pub fn run_stages(
             // boundary: the checkpoint on disk holds this position.
             return Ok(st.report(true));
         }
+        if st.step_in_stage == 0 && out.cancelled() {
+            // Between stages: the stage-end checkpoint (or, before the first step, no checkpoint
+            // at all) already holds this position.
+            return Ok(st.interrupted());
+        }
         if st.step_in_stage == 0 {
             // A stage starts by quantizing (a checkpoint taken mid-stage always has a step > 0, so
             // a resumed stage is never quantized twice) and with a fresh optimizer.
@@ -318,6 +331,14 @@ pub fn run_stages(
                 st.save(dir, model, Some(&opt), &fp)?;
                 bar.abandon();
                 return Ok(st.report(true));
+            }
+            // Not at step 0 of a stage: a mid-stage checkpoint always has a step > 0 (its resume
+            // must not quantize the stage again), so a stage whose k-means was interrupted takes
+            // one step first.
+            if st.step_in_stage > 0 && out.cancelled() {
+                st.save(dir, model, Some(&opt), &fp)?;
+                bar.abandon();
+                return Ok(st.interrupted());
             }
             let layers = model.layers();
             let mut grads: Option<GradStore> = None;
