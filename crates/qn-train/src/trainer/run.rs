@@ -327,18 +327,18 @@ pub fn run_stages(
         let bar = progress_bar(cfg.progress, stage_steps, &format!("stage {}", stage.name));
         bar.set_position(st.step_in_stage as u64);
         while st.step_in_stage < stage_steps {
-            if out.stop_at == Some(st.global) {
+            // A cancel is not taken at step 0 of a stage: a mid-stage checkpoint always has a
+            // step > 0 (its resume must not quantize the stage again), so a stage whose k-means
+            // was interrupted takes one step first.
+            let cancelled = st.step_in_stage > 0 && out.cancelled();
+            if cancelled || out.stop_at == Some(st.global) {
                 st.save(dir, model, Some(&opt), &fp)?;
                 bar.abandon();
-                return Ok(st.report(true));
-            }
-            // Not at step 0 of a stage: a mid-stage checkpoint always has a step > 0 (its resume
-            // must not quantize the stage again), so a stage whose k-means was interrupted takes
-            // one step first.
-            if st.step_in_stage > 0 && out.cancelled() {
-                st.save(dir, model, Some(&opt), &fp)?;
-                bar.abandon();
-                return Ok(st.interrupted());
+                return Ok(if cancelled {
+                    st.interrupted()
+                } else {
+                    st.report(true)
+                });
             }
             let layers = model.layers();
             let mut grads: Option<GradStore> = None;
