@@ -372,7 +372,8 @@ const DEFAULT_IMAGE_PLAN: &str = include_str!("../plans/efficientnet-ipq.toml");
 /// included), so `qn eval`/`predict` take it alone.
 pub fn compress_images(args: &crate::encoder::compress::CompressArgs) -> Result<()> {
     use crate::encoder::compress::{
-        ipq_stages_and_export, quantize_scalar_layers, scalar_config, stage_plan, Method,
+        ipq_stages_and_export, quantize_scalar_layers, scalar_config, stage_plan, DistillMode,
+        IpqData, Method,
     };
     use qn_format::header::CodebookKind;
     use qn_train::trainer::{export_qnz_with, StagePlan};
@@ -421,14 +422,21 @@ pub fn compress_images(args: &crate::encoder::compress::CompressArgs) -> Result<
         task, train_path, "train", limit, args.seed, size, norm, names,
     )?;
     let eval = match &args.eval {
-        Some(e) => read_images(task, e, "t10k", Some(1000), args.seed, size, norm, names)?.0,
-        None => {
-            let n = train.len().min(256);
-            qn_train::data::Dataset {
-                x: train.x.narrow(0, 0, n)?,
-                y: train.y.narrow(0, 0, n)?,
-            }
-        }
+        Some(e) => Some(read_images(task, e, "t10k", Some(1000), args.seed, size, norm, names)?.0),
+        None => None,
     };
-    ipq_stages_and_export(args, &mut model, &train, &eval, &plan, &meta)
+    let teacher = match (&args.teacher, args.distill) {
+        (Some(t), DistillMode::Logits) => {
+            let loaded = load_efficientnet(&weights_path(t)?, None, None, args.seed, &Device::Cpu)
+                .with_context(|| format!("--teacher `{t}`"))?;
+            Some(Box::new(loaded.model) as Box<dyn qn_train::QuantModel>)
+        }
+        _ => None,
+    };
+    let data = IpqData {
+        train,
+        eval,
+        teacher,
+    };
+    ipq_stages_and_export(args, &mut model, data, &plan, &meta)
 }

@@ -248,7 +248,7 @@ fn trainer_recalibrates_batch_norm_without_noise_after_a_noisy_stage() {
     };
     let x = Tensor::randn(0f32, 1.0, (24, 3, 32, 32), &dev).unwrap();
     let y = Tensor::from_vec((0..24u32).map(|i| i % 3).collect(), 24, &dev).unwrap();
-    let data = Dataset { x, y };
+    let data = Dataset::new(x, y);
     let train_with = |recal: usize, noisy: bool, always: bool| {
         let mut m = build(noisy);
         let tc = TrainConfig {

@@ -9,16 +9,53 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::{Error, Result};
 
-/// Features `(n, ...)` as `f32` and labels `(n)` as `u32`.
+/// Features `(n, ...)` as `f32` and labels `(n)` as `u32`, with the teacher's logits `(n, classes)`
+/// when the run distils ([`crate::distill`]).
 #[derive(Debug, Clone)]
 pub struct Dataset {
     /// Inputs.
     pub x: Tensor,
     /// Class labels.
     pub y: Tensor,
+    /// Soft targets: a teacher's logits for every row, `(n, classes)`.
+    pub teacher: Option<Tensor>,
 }
 
 impl Dataset {
+    /// Inputs and labels, without a teacher.
+    pub fn new(x: Tensor, y: Tensor) -> Self {
+        Self {
+            x,
+            y,
+            teacher: None,
+        }
+    }
+
+    /// The same rows with `logits` as their soft targets; refused when the row counts differ.
+    pub fn with_teacher(mut self, logits: Tensor) -> Result<Self> {
+        if logits.dim(0)? != self.len() {
+            return Err(Error::dataset(
+                "teacher logits",
+                format!("{} rows for {} examples", logits.dim(0)?, self.len()),
+            ));
+        }
+        self.teacher = Some(logits);
+        Ok(self)
+    }
+
+    /// The rows `idx` (a `u32` index tensor) as a dataset of their own.
+    pub fn select(&self, idx: &Tensor) -> Result<Self> {
+        Ok(Self {
+            x: self.x.index_select(idx, 0)?,
+            y: self.y.index_select(idx, 0)?,
+            teacher: self
+                .teacher
+                .as_ref()
+                .map(|t| t.index_select(idx, 0))
+                .transpose()?,
+        })
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.y.dim(0).unwrap_or(0)
@@ -32,6 +69,12 @@ impl Dataset {
     /// The batch of training step `step`: epoch `e = step * batch / n` is shuffled by a generator
     /// seeded from `(seed, e)`, so the batch depends only on the step (a resumed run sees the same).
     pub fn batch(&self, step: usize, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
+        let b = self.batch_rows(step, batch, seed)?;
+        Ok((b.x, b.y))
+    }
+
+    /// [`Self::batch`] with the teacher's logits of the same rows.
+    pub fn batch_rows(&self, step: usize, batch: usize, seed: u64) -> Result<Self> {
         let n = self.len();
         if n == 0 || batch == 0 {
             return Err(Error::dataset(
@@ -47,7 +90,7 @@ impl Dataset {
         ));
         let take = batch.min(n);
         let idx = Tensor::from_slice(&order[i * take..(i + 1) * take], take, self.x.device())?;
-        Ok((self.x.index_select(&idx, 0)?, self.y.index_select(&idx, 0)?))
+        self.select(&idx)
     }
 }
 
@@ -100,8 +143,8 @@ pub fn fashion_mnist(
         .map(|&p| p as f32 / 255.0)
         .collect();
     let y: Vec<u32> = labels[8..8 + n].iter().map(|&l| l as u32).collect();
-    Ok(Dataset {
-        x: Tensor::from_vec(x, (n, rows * cols), device)?,
-        y: Tensor::from_vec(y, n, device)?,
-    })
+    Ok(Dataset::new(
+        Tensor::from_vec(x, (n, rows * cols), device)?,
+        Tensor::from_vec(y, n, device)?,
+    ))
 }

@@ -38,6 +38,7 @@ pub mod allocator;
 mod apply;
 pub mod checkpoint;
 pub mod data;
+pub mod distill;
 mod error;
 pub mod layers;
 pub mod mlp;

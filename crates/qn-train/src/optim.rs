@@ -63,6 +63,7 @@ pub struct AdamW {
     names: Vec<String>,
     vars: Vec<Var>,
     decay: Vec<bool>,
+    lr_scale: Vec<f64>,
     first: Vec<Moment>,
     second: Vec<Moment>,
     step: u64,
@@ -124,15 +125,27 @@ impl AdamW {
             .iter()
             .map(Moment::zeros_for)
             .collect::<Result<Vec<_>>>()?;
+        let lr_scale = vec![1.0; vars.len()];
         Ok(Self {
             params,
             names,
             vars,
             decay,
+            lr_scale,
             first,
             second,
             step: 0,
         })
+    }
+
+    /// Multiplies the learning rate of the variables whose name `pick` accepts by `factor` (e.g.
+    /// PQ centroids, which tolerate a larger step than dense weights).
+    pub fn scale_lr(&mut self, pick: impl Fn(&str) -> bool, factor: f64) {
+        for (s, n) in self.lr_scale.iter_mut().zip(&self.names) {
+            if pick(n) {
+                *s = factor;
+            }
+        }
     }
 
     /// Whether variable `i` is weight-decayed.
@@ -205,6 +218,7 @@ impl AdamW {
                 continue;
             };
             let decay = if self.decay[i] { p.weight_decay } else { 0.0 };
+            let lr = lr * self.lr_scale[i];
             match (&mut self.first[i], &mut self.second[i]) {
                 (Moment::Host(m), Moment::Host(v)) if g.dtype() == candle_core::DType::F32 => {
                     // One pass over weight, gradient and both moments, in place: the tensor

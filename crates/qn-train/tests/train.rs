@@ -539,10 +539,7 @@ fn a_directory_in_use_by_another_run_is_refused() {
 fn gradient_accumulation_matches_one_large_batch() {
     let (train, _) = small();
     let idx = candle_core::Tensor::arange(0u32, 64, &Device::Cpu).unwrap();
-    let data = Dataset {
-        x: train.x.index_select(&idx, 0).unwrap(),
-        y: train.y.index_select(&idx, 0).unwrap(),
-    };
+    let data = train.select(&idx).unwrap();
     let run = |batch: usize, accum: usize| {
         let mut m = Mlp::seeded(784, 32, 10, 4, &Device::Cpu).unwrap();
         let cfg = TrainConfig {

@@ -9,16 +9,19 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use qn_format::header::CodebookKind;
 use qn_kernels::scalar::{Granularity, ObserverKind, ScalarConfig, Scheme};
 use qn_models::bundle::qnz_metadata;
+use qn_models::text::{read_examples_with, LabelMap, TextExample, TextTokenizer};
 use qn_train::data::Dataset;
-use qn_train::trainer::{export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
+use qn_train::distill::{cached_teacher_logits, Distill};
+use qn_train::trainer::{accuracy, export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
 use qn_train::QuantModel;
+use rand::{seq::SliceRandom, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-use super::{
-    parse_any_task, parse_max_len, read_data, task_labels, to_dataset, AnyTask, ModelArgs,
-};
+use super::{parse_any_task, parse_max_len, task_labels, AnyTask, ModelArgs};
 use crate::args::{parse_positive_count, parse_positive_f64};
 use crate::interrupt;
 use crate::rules::{parse_granularity, parse_observer};
@@ -43,6 +46,16 @@ pub enum Codebook {
     F16,
 }
 
+/// What the iPQ stages fine-tune on.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DistillMode {
+    /// The teacher's logits (the uncompressed model, or `--teacher`), mixed with the labels by
+    /// `--distill-alpha`; rows without a label train on the teacher alone.
+    Logits,
+    /// The labels alone (every row needs one).
+    None,
+}
+
 /// Arguments of `qn compress`.
 #[derive(clap::Args, Debug)]
 pub struct CompressArgs {
@@ -51,9 +64,32 @@ pub struct CompressArgs {
     /// Training data for the centroid fine-tuning (TSV; iPQ only).
     #[arg(long)]
     pub(crate) train: Option<PathBuf>,
-    /// Data checked at the end of each stage (default: 256 training rows).
+    /// Data checked at the end of each stage (default: `--check-rows` rows held out of the
+    /// training data, which no stage trains on).
     #[arg(long)]
     pub(crate) eval: Option<PathBuf>,
+    /// Without `--eval`: how many training rows (a seeded draw) are held out for the stage checks
+    /// and the final accuracy (default: a tenth of the rows, at most 500).
+    #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
+    pub(crate) check_rows: Option<u64>,
+    /// iPQ: fine-tune on the teacher's logits (`logits`, default) or on the labels alone (`none`).
+    /// With `logits`, training rows need no label.
+    #[arg(long, value_enum, default_value_t = DistillMode::Logits)]
+    pub(crate) distill: DistillMode,
+    /// The teacher (a directory, hub id or weights file; default: the model being compressed, as
+    /// it is before the first stage).
+    #[arg(long)]
+    pub(crate) teacher: Option<String>,
+    /// Weight of the labels' cross-entropy in the distillation loss, in [0, 1] (0: the teacher
+    /// alone, as the iPQ paper).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub(crate) distill_alpha: f64,
+    /// Softmax temperature of the distillation loss.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_positive_f64, allow_negative_numbers = true)]
+    pub(crate) temperature: f64,
+    /// Learning rate of the PQ centroids (default: `--lr`, as every other parameter).
+    #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true)]
+    pub(crate) centroid_lr: Option<f64>,
     /// Data layout: sst2, rte or tsv; idx for (Fashion-)MNIST images (the data paths are then
     /// directories holding `train-*` / `t10k-*` IDX files); imagefolder for `<dir>/<class>/<image>`
     /// trees (png/jpg).
@@ -227,19 +263,26 @@ fn ipq(args: &CompressArgs) -> Result<()> {
     let plan = stage_plan(args, || {
         Ok(default_plan(args.steps.unwrap_or(200) as usize))
     })?;
-    let train_rows = read_data(
-        train_path,
-        task,
-        args.max_examples.map(|n| n as usize),
-        args.seed,
-    )?;
-    let eval_rows = match &args.eval {
-        Some(e) => read_data(e, task, None, args.seed)?,
-        None => train_rows.iter().take(256).cloned().collect(),
+    let distill = args.distill == DistillMode::Logits;
+    let read = |path: &PathBuf, max: Option<usize>| -> Result<Vec<TextExample>> {
+        if !path.is_file() {
+            bail!("dataset `{}`: no such file", path.display());
+        }
+        let rows = read_examples_with(path, task, max, args.seed, distill)?;
+        say_unlabelled(path, &rows);
+        Ok(rows)
     };
+    let train_rows = read(train_path, args.max_examples.map(|n| n as usize))?;
+    let eval_rows = args.eval.as_ref().map(|e| read(e, None)).transpose()?;
     let bundle = args.model.load(None, args.seed, true)?;
     // The model's own labels when it has a trained head; else the task's, on a seeded head.
     let mut bundle = if bundle.head_initialised {
+        if distill && args.teacher.is_none() {
+            bail!(
+                "--distill logits: `{}` has no trained classification head to distil from; give                  --teacher, or --distill none to fine-tune on the labels",
+                args.model.model
+            );
+        }
         args.model
             .load(Some(task_labels(task, &train_rows)), args.seed, false)?
     } else {
@@ -247,11 +290,90 @@ fn ipq(args: &CompressArgs) -> Result<()> {
     };
     let labels = bundle.label_map();
     let tok = bundle.tokenizer(Some(args.max_len))?;
-    let train = to_dataset(&train_rows, &labels, &tok, train_path)?;
-    let eval_file = args.eval.clone().unwrap_or_else(|| train_path.clone());
-    let eval = to_dataset(&eval_rows, &labels, &tok, &eval_file)?;
+    let train = to_dataset_partial(
+        &train_rows,
+        &labels,
+        &tok,
+        &train_path.display().to_string(),
+    )?;
+    let eval = match (&args.eval, &eval_rows) {
+        (Some(e), Some(rows)) => Some(to_dataset_partial(
+            rows,
+            &labels,
+            &tok,
+            &e.display().to_string(),
+        )?),
+        _ => None,
+    };
+    let teacher = match (&args.teacher, distill) {
+        (Some(t), true) => {
+            let tb = ModelArgs {
+                model: t.clone(),
+                revision: None,
+                threads: None,
+            }
+            .load(Some(labels.clone()), args.seed, false)
+            .with_context(|| format!("--teacher `{t}`"))?;
+            if tb.label_map().names() != labels.names() {
+                bail!(
+                    "--teacher `{t}`: its labels {:?} are not the model's {:?}",
+                    tb.label_map().names(),
+                    labels.names()
+                );
+            }
+            Some(Box::new(tb.model) as Box<dyn QuantModel>)
+        }
+        _ => None,
+    };
     let meta = qnz_metadata(&bundle);
-    ipq_stages_and_export(args, &mut bundle.model, &train, &eval, &plan, &meta)
+    let data = IpqData {
+        train,
+        eval,
+        teacher,
+    };
+    ipq_stages_and_export(args, &mut bundle.model, data, &plan, &meta)
+}
+
+/// Says how many rows of `path` carry no label (they train on the teacher's logits alone).
+pub(crate) fn say_unlabelled(path: &std::path::Path, rows: &[TextExample]) {
+    let n = rows.iter().filter(|r| r.label.is_none()).count();
+    if n > 0 {
+        eprintln!(
+            "qn: {n} of {} rows of `{}` have no label: they train on the teacher's logits alone, \
+             and a check on them measures agreement with the teacher",
+            rows.len(),
+            path.display()
+        );
+    }
+}
+
+/// Tokenized rows, unlabelled ones with the class [`NO_LABEL`].
+fn to_dataset_partial(
+    rows: &[TextExample],
+    labels: &LabelMap,
+    tok: &TextTokenizer,
+    file: &str,
+) -> Result<Dataset> {
+    let d = qn_models::text::to_dataset_partial(rows, labels, tok, file, &Device::Cpu)
+        .with_context(|| format!("dataset `{file}`"))?;
+    let y: Vec<u32> = rows
+        .iter()
+        .zip(d.y.to_vec1::<u32>()?)
+        .map(|(r, y)| if r.label.is_some() { y } else { NO_LABEL })
+        .collect();
+    let n = y.len();
+    Ok(Dataset::new(d.x, Tensor::from_vec(y, n, &Device::Cpu)?))
+}
+
+/// The class of a row without a label until the teacher's prediction replaces it.
+pub(crate) const NO_LABEL: u32 = u32::MAX;
+
+/// The data of an iPQ compression: the training rows (some may be [`NO_LABEL`]), the `--eval` rows
+/// if given, and a teacher other than the model itself.
+pub(crate) struct IpqData {
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+    pub teacher: Option<Box<dyn QuantModel>>,
 }
 
 /// `--plan` (a TOML file) or `default`, every stage's length set by `--steps` when given, checked.
@@ -280,16 +402,123 @@ pub(crate) fn stage_plan(
     Ok(plan)
 }
 
+/// A seeded draw of `k` rows of `data` held out: `(the rest, the held-out rows)`, both in their
+/// original order. Refused when no row would be left to train on.
+fn hold_out(data: &Dataset, k: usize, seed: u64) -> Result<(Dataset, Dataset)> {
+    let n = data.len();
+    if k >= n {
+        bail!("--check-rows {k}: the training data holds {n} rows; hold out fewer, or give --eval");
+    }
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_C4EC_0000_0001));
+    let (mut check, mut rest) = (order[..k].to_vec(), order[k..].to_vec());
+    check.sort_unstable();
+    rest.sort_unstable();
+    let pick = |v: Vec<u32>| -> Result<Dataset> {
+        let len = v.len();
+        Ok(data.select(&Tensor::from_vec(v, len, data.x.device())?)?)
+    };
+    Ok((pick(rest)?, pick(check)?))
+}
+
+/// Replaces the [`NO_LABEL`] classes of `data` by the teacher's predictions.
+fn fill_labels(data: &mut Dataset, logits: &Tensor) -> Result<usize> {
+    let y = data.y.to_vec1::<u32>()?;
+    let missing = y.iter().filter(|&&v| v == NO_LABEL).count();
+    if missing == 0 {
+        return Ok(0);
+    }
+    let pred = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    let y: Vec<u32> = y
+        .iter()
+        .zip(pred)
+        .map(|(&v, p)| if v == NO_LABEL { p } else { v })
+        .collect();
+    let n = y.len();
+    data.y = Tensor::from_vec(y, n, data.y.device())?;
+    Ok(missing)
+}
+
+/// The work directory of an iPQ compression: `--work-dir`, else `<output>.work`.
+fn work_dir(args: &CompressArgs) -> PathBuf {
+    args.work_dir.clone().unwrap_or_else(|| {
+        let mut p = args.output.clone().into_os_string();
+        p.push(".work");
+        PathBuf::from(p)
+    })
+}
+
 /// Runs (or resumes, from the work directory) the iPQ stages of `plan` on `model` and writes the
 /// `.qnz` with `metadata`: the part of `qn compress` that does not depend on the model kind.
+///
+/// Without `--eval` the stage checks use `--check-rows` training rows that no stage trains on;
+/// with distillation the teacher's logits of the training rows are computed once and cached in
+/// the work directory (a resumed run reads them back).
 pub(crate) fn ipq_stages_and_export(
     args: &CompressArgs,
     model: &mut dyn QuantModel,
-    train: &Dataset,
-    eval: &Dataset,
+    data: IpqData,
     plan: &StagePlan,
     metadata: &[(String, String)],
 ) -> Result<()> {
+    let work = work_dir(args);
+    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir `{}`", work.display()))?;
+    let (mut train, mut eval, check_what) = match data.eval {
+        Some(e) => {
+            let what = format!(
+                "`{}` ({} rows)",
+                args.eval
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+                e.len()
+            );
+            (data.train, e, what)
+        }
+        None => {
+            let k = args
+                .check_rows
+                .map_or((data.train.len() / 10).clamp(1, 500), |k| k as usize);
+            let (t, c) = hold_out(&data.train, k, args.seed)?;
+            (t, c, format!("{k} held-out training rows"))
+        }
+    };
+    let distill = (args.distill == DistillMode::Logits).then_some(Distill {
+        alpha: args.distill_alpha,
+        temperature: args.temperature,
+    });
+    if let Some(d) = &distill {
+        d.validate()?;
+        let teacher: &dyn QuantModel = match &data.teacher {
+            Some(t) => t.as_ref(),
+            None => &*model,
+        };
+        let (logits, cached) = cached_teacher_logits(teacher, &train, Some(&work), 64)?;
+        eprintln!(
+            "qn: distilling from {} ({} of {} training rows' logits {}; T = {}, alpha = {})",
+            args.teacher
+                .as_deref()
+                .map_or("the uncompressed model".to_string(), |t| format!("`{t}`")),
+            logits.dim(0)?,
+            train.len(),
+            if cached {
+                "read from the work directory"
+            } else {
+                "computed"
+            },
+            d.temperature,
+            d.alpha,
+        );
+        fill_labels(&mut train, &logits)?;
+        train = train.with_teacher(logits)?;
+        let check_logits = qn_train::distill::teacher_logits(teacher, &eval, 64)?;
+        fill_labels(&mut eval, &check_logits)?;
+    } else if [&train, &eval]
+        .iter()
+        .any(|d| d.y.to_vec1::<u32>().is_ok_and(|y| y.contains(&NO_LABEL)))
+    {
+        bail!("--distill none fine-tunes on the labels: every row needs one");
+    }
+    let uncompressed = accuracy(&*model, &eval, 256)?;
     let cfg = TrainConfig {
         lr: args.lr,
         batch_size: args.batch_size as usize,
@@ -299,21 +528,21 @@ pub(crate) fn ipq_stages_and_export(
         kmeans_iters: args.kmeans_iters as usize,
         recalibrate_batches: args.bn_recalibrate as usize,
         recalibrate_always: args.bn_recalibrate > 0,
+        distill,
+        centroid_lr: args.centroid_lr,
         ..TrainConfig::default()
     };
     cfg.validate()?;
-    let work = args.work_dir.clone().unwrap_or_else(|| {
-        let mut p = args.output.clone().into_os_string();
-        p.push(".work");
-        PathBuf::from(p)
-    });
-    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir `{}`", work.display()))?;
+    eprintln!(
+        "qn: the stage checks use {check_what}: {:.2} % before compression",
+        uncompressed * 100.0
+    );
     let out = RunOutput {
         dir: Some(work.clone()),
         stop_at: None,
         cancel: Some(interrupt::cancel_flag()),
     };
-    let report = run_stages(model, train, eval, plan, &cfg, &out)?;
+    let report = run_stages(model, &train, &eval, plan, &cfg, &out)?;
     interrupt::check(&report, &work)?;
     for w in &report.warnings {
         eprintln!("qn: warning: {w}");
@@ -335,7 +564,8 @@ pub(crate) fn ipq_stages_and_export(
         }
     }
     println!(
-        "compressed with {} stages ({} steps); accuracy after each stage {:?}; wrote {} ({bytes} bytes)",
+        "compressed with {} stages ({} steps); accuracy after each stage {:?} on {check_what}; \
+         the file: {:.2} % against {:.2} % uncompressed; wrote {} ({bytes} bytes)",
         plan.stages.len(),
         report.steps,
         report
@@ -343,6 +573,8 @@ pub(crate) fn ipq_stages_and_export(
             .iter()
             .map(|a| format!("{:.2} %", a * 100.0))
             .collect::<Vec<_>>(),
+        report.stage_accuracy.last().copied().unwrap_or(f64::NAN) * 100.0,
+        uncompressed * 100.0,
         args.output.display()
     );
     Ok(())

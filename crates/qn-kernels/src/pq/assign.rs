@@ -66,6 +66,21 @@ impl CentroidTable {
         })
     }
 
+    /// The same layout with the norms `‖c_k‖²` replaced by `norms[k]` (e.g. `c_kᵀ H c_k` of a
+    /// weighted metric, whose points are then given as `H x`): the kernel computes
+    /// `norms[k] − 2 (Hx)·c_k`.
+    pub(crate) fn with_norms(centroids: &[f32], norms: &[f32], k: usize, d: usize) -> Result<Self> {
+        let mut t = Self::new(centroids, k, d)?;
+        if norms.len() != k || norms.iter().any(|v| !v.is_finite()) {
+            return Err(Error::config(
+                "centroid norms",
+                format!("{} finite values needed for {k} centroids", k),
+            ));
+        }
+        t.norms[..k].copy_from_slice(norms);
+        Ok(t)
+    }
+
     /// Where coordinate `j` of centroid `c` lives in `neg2_t`.
     fn slot(d: usize, j: usize, c: usize) -> usize {
         (c / LANES) * d * LANES + j * LANES + c % LANES

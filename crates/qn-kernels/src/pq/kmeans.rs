@@ -316,7 +316,12 @@ fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
-fn init_centroids(points: &[f32], d: usize, cfg: &KMeansConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
+pub(crate) fn init_centroids(
+    points: &[f32],
+    d: usize,
+    cfg: &KMeansConfig,
+    rng: &mut ChaCha8Rng,
+) -> Vec<f32> {
     let n = points.len() / d;
     let row = |i: usize| &points[i * d..(i + 1) * d];
     match cfg.init {
@@ -377,7 +382,7 @@ fn init_centroids(points: &[f32], d: usize, cfg: &KMeansConfig, rng: &mut ChaCha
 }
 
 /// Re-seeds every empty cluster from the most populated one; returns how many were re-seeded.
-fn split_empty(
+pub(crate) fn split_empty(
     points: &[f32],
     index: &mut [u32],
     counts: &mut [u64],
@@ -420,7 +425,7 @@ fn split_empty(
     splits
 }
 
-fn check(points: &[f32], d: usize, cfg: &KMeansConfig) -> Result<usize> {
+pub(crate) fn check(points: &[f32], d: usize, cfg: &KMeansConfig) -> Result<usize> {
     if d == 0 || !points.len().is_multiple_of(d) {
         return Err(Error::config(
             "k-means dimension",

@@ -28,6 +28,7 @@ mod bounds;
 mod codes;
 mod kmeans;
 mod lut;
+mod weighted;
 
 pub use assign::{assign_nearest, assign_nearest_reference, assign_nearest_top2, CentroidTable};
 pub use codes::{encode, Assignments, PqCodes};
@@ -35,3 +36,4 @@ pub use kmeans::{
     kmeans, kmeans_reference, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress,
 };
 pub use lut::{pq_matmul_reference, PqMatmul};
+pub use weighted::{kmeans_weighted, BlockMetric};

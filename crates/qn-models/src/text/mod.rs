@@ -5,7 +5,7 @@ mod tokenizer;
 pub mod tsv;
 
 pub use tokenizer::TextTokenizer;
-pub use tsv::{read_examples, LabelMap, Task, TextExample};
+pub use tsv::{read_examples, read_examples_with, LabelMap, Task, TextExample};
 
 use candle_core::{Device, Tensor};
 use qn_train::data::Dataset;
@@ -21,12 +21,30 @@ pub fn to_dataset(
     file: &str,
     device: &Device,
 ) -> Result<Dataset> {
-    let mut y = Vec::with_capacity(examples.len());
-    for e in examples {
-        let label = e.label.as_deref().ok_or_else(|| Error::Dataset {
+    if let Some(e) = examples.iter().find(|e| e.label.is_none()) {
+        return Err(Error::Dataset {
             file: file.to_string(),
             reason: format!("line {} has no label", e.line),
-        })?;
+        });
+    }
+    to_dataset_partial(examples, labels, tokenizer, file, device)
+}
+
+/// [`to_dataset`] where examples may lack a label: their class is 0 until the caller sets it (to
+/// a teacher's prediction, when distilling).
+pub fn to_dataset_partial(
+    examples: &[TextExample],
+    labels: &LabelMap,
+    tokenizer: &TextTokenizer,
+    file: &str,
+    device: &Device,
+) -> Result<Dataset> {
+    let mut y = Vec::with_capacity(examples.len());
+    for e in examples {
+        let Some(label) = e.label.as_deref() else {
+            y.push(0);
+            continue;
+        };
         y.push(labels.index_of(label).ok_or_else(|| Error::Dataset {
             file: file.to_string(),
             reason: format!(
@@ -39,8 +57,5 @@ pub fn to_dataset(
     let rows = tokenizer.encode_examples(examples)?;
     let x = pack_batch(&rows, tokenizer.pad_id(), device)?;
     let n = y.len();
-    Ok(Dataset {
-        x,
-        y: Tensor::from_vec(y, n, device)?,
-    })
+    Ok(Dataset::new(x, Tensor::from_vec(y, n, device)?))
 }

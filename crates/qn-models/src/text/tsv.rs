@@ -139,6 +139,20 @@ pub fn read_examples(
     max_examples: Option<usize>,
     seed: u64,
 ) -> Result<Vec<TextExample>> {
+    read_examples_with(path, task, max_examples, seed, false)
+}
+
+/// [`read_examples`], where `unlabelled` also accepts rows without their label column (`sentence`
+/// alone for SST-2 and `tsv`, `index<TAB>sentence1<TAB>sentence2` for RTE, as in GLUE's test
+/// files): their [`TextExample::label`] is `None`. For training on a teacher's outputs
+/// ([`qn_train::distill`]), which needs no labels.
+pub fn read_examples_with(
+    path: &Path,
+    task: Task,
+    max_examples: Option<usize>,
+    seed: u64,
+    unlabelled: bool,
+) -> Result<Vec<TextExample>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
     let bad = |line: usize, reason: String| Error::Dataset {
         file: path.display().to_string(),
@@ -152,22 +166,31 @@ pub fn read_examples(
             continue;
         }
         let f: Vec<&str> = raw.split('\t').collect();
+        let named = |c: &&str| matches!(c.trim(), "sentence" | "sentence1" | "text" | "index");
+        // A labelled file's header ends in `label`; an unlabelled one has only column names.
         let header = line == 1
-            && matches!(f.last().map(|s| s.trim()), Some("label"))
-            && f.iter()
-                .any(|c| matches!(c.trim(), "sentence" | "sentence1" | "text" | "index"));
+            && f.iter().any(named)
+            && (matches!(f.last().map(|s| s.trim()), Some("label"))
+                || unlabelled && f.iter().all(|c| named(c) || c.trim() == "sentence2"));
         if header {
             continue;
         }
         let (text, pair, label) = match (task, f.len()) {
-            (Task::Sst2, 2) | (Task::Tsv, 2) => (f[0], None, f[1]),
-            (Task::Tsv, 3) => (f[0], Some(f[1]), f[2]),
-            (Task::Rte, 4) => (f[1], Some(f[2]), f[3]),
+            (Task::Sst2, 2) | (Task::Tsv, 2) => (f[0], None, Some(f[1])),
+            (Task::Tsv, 3) => (f[0], Some(f[1]), Some(f[2])),
+            (Task::Rte, 4) => (f[1], Some(f[2]), Some(f[3])),
+            (Task::Sst2, 1) | (Task::Tsv, 1) if unlabelled => (f[0], None, None),
+            (Task::Rte, 3) if unlabelled => (f[1], Some(f[2]), None),
             (t, n) => {
-                let want = match t {
-                    Task::Sst2 => "2 (sentence, label)",
-                    Task::Rte => "4 (index, sentence1, sentence2, label)",
-                    Task::Tsv => "2 (text, label) or 3 (text, pair, label)",
+                let want = match (t, unlabelled) {
+                    (Task::Sst2, false) => "2 (sentence, label)",
+                    (Task::Rte, false) => "4 (index, sentence1, sentence2, label)",
+                    (Task::Tsv, false) => "2 (text, label) or 3 (text, pair, label)",
+                    (Task::Sst2, true) => "2 (sentence, label) or 1 (sentence)",
+                    (Task::Rte, true) => {
+                        "4 (index, sentence1, sentence2, label) or 3 (index, sentence1, sentence2)"
+                    }
+                    (Task::Tsv, true) => "2 (text, label), 3 (text, pair, label) or 1 (text)",
                 };
                 return Err(bad(
                     line,
@@ -175,14 +198,14 @@ pub fn read_examples(
                 ));
             }
         };
-        let label = label.trim();
-        if label.is_empty() {
+        let label = label.map(str::trim);
+        if label == Some("") {
             return Err(bad(line, "empty label".into()));
         }
         if text.trim().is_empty() {
             return Err(bad(line, "empty text".into()));
         }
-        if let Some(fixed) = task.fixed_labels() {
+        if let (Some(fixed), Some(label)) = (task.fixed_labels(), label) {
             if fixed.index_of(label).is_none() {
                 return Err(bad(
                     line,
@@ -193,7 +216,7 @@ pub fn read_examples(
         out.push(TextExample {
             text: text.trim().to_string(),
             pair: pair.map(|p| p.trim().to_string()),
-            label: Some(label.to_string()),
+            label: label.map(str::to_string),
             line,
         });
     }

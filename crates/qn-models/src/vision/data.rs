@@ -46,7 +46,7 @@ pub fn idx_images(
         channels.push(((&resized - norm.mean[c] as f64)? / norm.std[c] as f64)?);
     }
     let x = Tensor::cat(&channels, 1)?;
-    Ok(Dataset { x, y: raw.y })
+    Ok(Dataset::new(x, raw.y))
 }
 
 /// The file endings an image folder's images may have.
@@ -140,5 +140,5 @@ pub fn image_folder(
         files.len(),
         device,
     )?;
-    Ok((Dataset { x, y }, names))
+    Ok((Dataset::new(x, y), names))
 }

@@ -44,6 +44,12 @@ pub fn fingerprint(
     if cfg.recalibrate_always {
         put("recalibrate_always", "true".to_string());
     }
+    if let Some(d) = &cfg.distill {
+        put("distill", format!("{d:?}"));
+    }
+    if let Some(c) = cfg.centroid_lr {
+        put("centroid_lr", c.to_string());
+    }
     put("train_examples", n_train.to_string());
     let layers = model.layers();
     put(

@@ -23,7 +23,7 @@
 //! let dev = Device::Cpu;
 //! let x = candle_core::Tensor::randn(0f32, 1.0, (64, 8), &dev)?;
 //! let y = candle_core::Tensor::zeros(64, candle_core::DType::U32, &dev)?;
-//! let data = Dataset { x, y };
+//! let data = Dataset::new(x, y);
 //! let mut model = Mlp::seeded(8, 16, 2, 0, &dev)?;
 //! let cfg = TrainConfig { batch_size: 16, ..TrainConfig::default() };
 //! let report = run_stages(&mut model, &data, &data, &StagePlan::float(5), &cfg, &RunOutput::default())?;
@@ -51,6 +51,7 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::distill::Distill;
 use crate::optim::{AdamWParams, Schedule};
 use crate::{CentroidGrad, Error, Result};
 
@@ -96,6 +97,10 @@ pub struct TrainConfig {
     /// hundred steps — measured: EfficientNet-B0 after 400 steps from scratch, 9.9 % on
     /// Fashion-MNIST with its running statistics, 73.1 % once recalibrated (BENCHMARKS.md).
     pub recalibrate_always: bool,
+    /// Train on the teacher logits the training set carries ([`crate::data::Dataset::teacher`]).
+    pub distill: Option<Distill>,
+    /// Learning rate of PQ centroids (`None`: [`Self::lr`], as every other variable).
+    pub centroid_lr: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +122,8 @@ impl Default for TrainConfig {
             frozen: None,
             recalibrate_batches: 0,
             recalibrate_always: false,
+            distill: None,
+            centroid_lr: None,
         }
     }
 }
@@ -135,6 +142,12 @@ impl TrainConfig {
             }
         };
         positive("lr", self.lr)?;
+        if let Some(c) = self.centroid_lr {
+            positive("centroid_lr", c)?;
+        }
+        if let Some(d) = &self.distill {
+            d.validate()?;
+        }
         if self.lr > 10.0 {
             return Err(Error::config(
                 "lr",

@@ -13,6 +13,7 @@ use super::metrics::Metrics;
 use super::{progress_bar, RunOutput, RunReport, StagePlan, TrainConfig};
 use crate::checkpoint::{self, Position};
 use crate::data::Dataset;
+use crate::distill::distill_loss;
 use crate::model::{named_vars, QuantModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::{set_noise_step, Error, NoiseStep, PqWeight, Result, WeightState};
@@ -232,6 +233,12 @@ pub fn run_stages(
     if out.stop_at == Some(0) {
         return Err(Error::config("stop_at", "must be at least 1"));
     }
+    if cfg.distill.is_some() && train.teacher.is_none() {
+        return Err(Error::config(
+            "distill",
+            "the training set carries no teacher logits (Dataset::with_teacher)",
+        ));
+    }
     if train.is_empty() || eval.is_empty() {
         return Err(Error::dataset(
             if train.is_empty() {
@@ -307,6 +314,9 @@ pub fn run_stages(
         named.retain(|(n, _)| !cfg.is_frozen(n));
         let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
         let mut opt = AdamW::new(named.clone(), cfg.adamw)?;
+        if let Some(c) = cfg.centroid_lr {
+            opt.scale_lr(|n| n.ends_with(".centroids"), c / cfg.lr);
+        }
         if let Some((steps, tensors)) = restored_opt.take() {
             let get = |kind: &str| -> Result<Vec<Tensor>> {
                 named
@@ -349,9 +359,16 @@ pub fn run_stages(
                     step: st.global as u64,
                     micro: micro as u32,
                 });
-                let (x, y) =
-                    train.batch(st.global * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)?;
-                let loss = cross_entropy(&model.forward_t(&x, true)?, &y)?;
+                let b = train.batch_rows(
+                    st.global * cfg.grad_accum + micro,
+                    cfg.batch_size,
+                    cfg.seed,
+                )?;
+                let logits = model.forward_t(&b.x, true)?;
+                let loss = match (&cfg.distill, &b.teacher) {
+                    (Some(d), Some(t)) => distill_loss(&logits, t, &b.y, d)?,
+                    _ => cross_entropy(&logits, &b.y)?,
+                };
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 let loss = if cfg.grad_accum > 1 {
                     (loss / cfg.grad_accum as f64)?
