@@ -57,6 +57,6 @@ pub use model::{named_vars, QuantModel};
 pub use noise::{NoiseConfig, NoiseStep};
 pub use noise_spec::NoiseSpec;
 pub use pq_weight::{CentroidGrad, PqWeight};
-pub use qweight::{QWeight, WeightState};
+pub use qweight::{Calibration, QWeight, WeightState};
 
 pub use qn_kernels as kernels;

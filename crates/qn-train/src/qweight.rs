@@ -7,7 +7,7 @@ use qn_kernels::import::CodedTensor;
 use qn_kernels::{
     layout::{BlockLayout, LayerKind},
     noise::{BlockMask, NoiseRate},
-    pq::{encode, KMeansConfig, PqCodes},
+    pq::{encode, encode_weighted, BlockMetric, InputMoments, KMeansConfig, PqCodes},
     scalar::{dequantize, observe, quantize, scalar_gather_rows, QuantizedTensor, ScalarConfig},
 };
 
@@ -53,6 +53,45 @@ pub struct QWeight {
     noise: Mutex<NoiseState>,
     /// A row kept exactly (an embedding's padding row): no noise, no gradient, survives PQ.
     frozen_row: Option<(usize, Tensor)>,
+    /// What the layer measures of its inputs while a calibration runs (none otherwise).
+    calibration: Mutex<Option<Calibration>>,
+}
+
+/// What a layer measured of its inputs, for activation-aware k-means
+/// ([`qn_kernels::pq::kmeans_weighted`]).
+#[derive(Debug, Clone)]
+pub enum Calibration {
+    /// A Linear layer's input second moments.
+    Inputs(InputMoments),
+    /// How often each row of an embedding was read.
+    Rows(Vec<f64>),
+}
+
+impl Calibration {
+    /// The k-means metric for blocks of `d` of a weight laid out as `layout`; `None` when the
+    /// measurements cannot give one (nothing recorded, or `d` does not divide the span kept).
+    /// Embedding rows weigh their read count plus one (add-one smoothing: a row the calibration
+    /// never read still counts, as it will be read later).
+    pub fn metric(&self, layout: &BlockLayout) -> Option<BlockMetric> {
+        let (d, rows) = (layout.block_size(), layout.rows());
+        match self {
+            Calibration::Inputs(m) => m.metric(d, rows),
+            Calibration::Rows(counts) => {
+                if counts.len() != rows || counts.iter().all(|c| *c == 0.0) {
+                    return None;
+                }
+                let p = layout.cols() / d;
+                let mut h = vec![0f32; p * d * d];
+                for b in 0..p {
+                    for r in 0..d {
+                        h[b * d * d + r * d + r] = 1.0;
+                    }
+                }
+                let w = counts.iter().map(|c| (c + 1.0) as f32).collect();
+                BlockMetric::new(d, rows, h, Some(w)).ok()
+            }
+        }
+    }
 }
 
 impl QWeight {
@@ -70,6 +109,7 @@ impl QWeight {
             state: WeightState::Float(weight),
             noise: Mutex::new(NoiseState::new(NoiseConfig::None, 0)),
             frozen_row: None,
+            calibration: Mutex::new(None),
         })
     }
 
@@ -94,6 +134,7 @@ impl QWeight {
             state,
             noise: Mutex::new(NoiseState::new(NoiseConfig::None, 0)),
             frozen_row: None,
+            calibration: Mutex::new(None),
         })
     }
 
@@ -384,6 +425,82 @@ impl QWeight {
         let codes = encode(&v.as_tensor().detach(), &layout, kmeans, &mut |_| {})?;
         self.state = WeightState::Pq(PqWeight::from_codes(&codes, reduction)?);
         Ok(codes)
+    }
+
+    /// [`Self::quantize_pq`] with the codebook learnt under `metric` (activation-aware k-means);
+    /// `None`: plain k-means.
+    pub fn quantize_pq_with(
+        &mut self,
+        block_size: usize,
+        kmeans: &KMeansConfig,
+        reduction: CentroidGrad,
+        metric: Option<&BlockMetric>,
+    ) -> Result<PqCodes> {
+        let Some(metric) = metric else {
+            return self.quantize_pq(block_size, kmeans, reduction);
+        };
+        let WeightState::Float(v) = &self.state else {
+            return Err(self.err("is already product-quantized".into()));
+        };
+        let layout = self.layout.with_block_size(&self.name, block_size)?;
+        let codes = encode_weighted(
+            &v.as_tensor().detach(),
+            &layout,
+            kmeans,
+            metric,
+            &mut |_| {},
+        )?;
+        self.state = WeightState::Pq(PqWeight::from_codes(&codes, reduction)?);
+        Ok(codes)
+    }
+
+    /// Starts measuring the layer's inputs (a Linear's second moments, an embedding's row
+    /// counts) on every forward pass until [`Self::take_calibration`]; false for a kind that
+    /// measures nothing (Conv2d).
+    pub fn start_calibration(&self) -> bool {
+        let c = match self.layout.kind() {
+            LayerKind::Linear => Calibration::Inputs(InputMoments::new(self.layout.cols())),
+            LayerKind::Embedding => Calibration::Rows(vec![0.0; self.layout.rows()]),
+            LayerKind::Conv2d => return false,
+        };
+        *self.calibration.lock().expect("calibration lock") = Some(c);
+        true
+    }
+
+    /// Stops measuring and returns what was measured.
+    pub fn take_calibration(&self) -> Option<Calibration> {
+        self.calibration.lock().expect("calibration lock").take()
+    }
+
+    /// Adds a Linear layer's inputs `(m, in)` when a calibration runs.
+    pub(crate) fn record_inputs(&self, x: &Tensor) -> Result<()> {
+        let mut c = self.calibration.lock().expect("calibration lock");
+        if let Some(Calibration::Inputs(m)) = c.as_mut() {
+            let v = x
+                .detach()
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            m.add(&v).map_err(|e| self.err(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Counts the rows an embedding reads when a calibration runs.
+    pub(crate) fn record_rows(&self, ids: &Tensor) -> Result<()> {
+        let mut c = self.calibration.lock().expect("calibration lock");
+        if let Some(Calibration::Rows(counts)) = c.as_mut() {
+            for id in ids
+                .to_dtype(candle_core::DType::U32)?
+                .flatten_all()?
+                .to_vec1::<u32>()?
+            {
+                if let Some(n) = counts.get_mut(id as usize) {
+                    *n += 1.0;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the float weight by int-N codes (e.g. int8 per channel after training); the weight

@@ -87,6 +87,11 @@ pub struct CompressArgs {
     /// Softmax temperature of the distillation loss.
     #[arg(long, default_value_t = 1.0, value_parser = parse_positive_f64, allow_negative_numbers = true)]
     pub(crate) temperature: f64,
+    /// iPQ: training rows run through the model before each stage so that every Linear layer's
+    /// codebook minimises its output error on them (activation-aware k-means) and every embedding
+    /// favours the rows read most; 0: plain k-means on the weights.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000), allow_negative_numbers = true)]
+    pub(crate) calibration: u64,
     /// Learning rate of the PQ centroids (default: `--lr`, as every other parameter).
     #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true)]
     pub(crate) centroid_lr: Option<f64>,
@@ -530,6 +535,7 @@ pub(crate) fn ipq_stages_and_export(
         recalibrate_always: args.bn_recalibrate > 0,
         distill,
         centroid_lr: args.centroid_lr,
+        calibration_rows: args.calibration as usize,
         ..TrainConfig::default()
     };
     cfg.validate()?;

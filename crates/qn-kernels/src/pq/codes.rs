@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::kmeans::{kmeans_tensor, KMeansConfig, KMeansProgress};
+use super::weighted::{kmeans_weighted, BlockMetric};
 use crate::{layout::BlockLayout, Error, Result};
 
 /// Centroid index per sub-vector, in the narrowest integer that holds `K - 1`.
@@ -90,6 +91,42 @@ pub fn encode(
         ));
     }
     let km = kmeans_tensor(&sub, config, progress)?;
+    let centroids = Tensor::from_vec(km.centroids, (km.k, km.d), weight.device())?;
+    PqCodes::new(
+        centroids,
+        Assignments::from_u32(&km.assignments, km.k)?,
+        layout.clone(),
+    )
+}
+
+/// [`encode`] with the sub-vectors clustered under `metric` ([`kmeans_weighted`]): codebooks that
+/// minimise the layer's output error on the inputs the metric was measured on. The metric must
+/// cover the layout's blocks (`rows` points per block position).
+pub fn encode_weighted(
+    weight: &Tensor,
+    layout: &BlockLayout,
+    config: &KMeansConfig,
+    metric: &BlockMetric,
+    progress: &mut dyn FnMut(&KMeansProgress),
+) -> Result<PqCodes> {
+    if config.k > layout.n_blocks() {
+        return encode(weight, layout, config, progress);
+    }
+    if metric.d() != layout.block_size() || metric.rows() != layout.rows() {
+        return Err(Error::shape(
+            "k-means metric",
+            format!(
+                "blocks of {} over {} rows do not fit the layout's blocks of {} over {} rows",
+                metric.d(),
+                metric.rows(),
+                layout.block_size(),
+                layout.rows()
+            ),
+        ));
+    }
+    let sub = layout.to_subvectors(&weight.to_dtype(DType::F32)?)?;
+    let host = sub.flatten_all()?.to_vec1::<f32>()?;
+    let km = kmeans_weighted(&host, metric, config, progress)?;
     let centroids = Tensor::from_vec(km.centroids, (km.k, km.d), weight.device())?;
     PqCodes::new(
         centroids,

@@ -31,9 +31,9 @@ mod lut;
 mod weighted;
 
 pub use assign::{assign_nearest, assign_nearest_reference, assign_nearest_top2, CentroidTable};
-pub use codes::{encode, Assignments, PqCodes};
+pub use codes::{encode, encode_weighted, Assignments, PqCodes};
 pub use kmeans::{
     kmeans, kmeans_reference, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress,
 };
 pub use lut::{pq_matmul_reference, PqMatmul};
-pub use weighted::{kmeans_weighted, BlockMetric};
+pub use weighted::{kmeans_weighted, BlockMetric, InputMoments};

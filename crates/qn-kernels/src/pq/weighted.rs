@@ -470,3 +470,87 @@ pub fn kmeans_weighted(
         full_passes: (cfg.iters + 1) * n,
     })
 }
+
+/// Running second moments of a Linear layer's inputs, kept as the diagonal blocks of `XᵀX` of
+/// width `span` (16 when the input width allows; every block size dividing the span can be read
+/// off them), so that memory stays `cols · span` rather than `cols²`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputMoments {
+    cols: usize,
+    span: usize,
+    sums: Vec<f64>,
+    count: u64,
+}
+
+impl InputMoments {
+    /// Empty moments of inputs of width `cols`.
+    pub fn new(cols: usize) -> Self {
+        let span = [16, 8, 4, 2, 1]
+            .into_iter()
+            .find(|s| cols.is_multiple_of(*s))
+            .unwrap_or(1);
+        Self {
+            cols,
+            span,
+            sums: vec![0.0; cols * span],
+            count: 0,
+        }
+    }
+
+    /// Adds the rows of `x` (`m × cols`, row-major); non-finite rows are refused.
+    pub fn add(&mut self, x: &[f32]) -> Result<()> {
+        let cols = self.cols;
+        if cols == 0 || !x.len().is_multiple_of(cols) {
+            return Err(Error::config(
+                "calibration inputs",
+                format!("{} values are not rows of {cols}", x.len()),
+            ));
+        }
+        crate::error::ensure_finite("calibration inputs", x)?;
+        let s = self.span;
+        // One task per block position: each owns its `s × s` sums, so the order of additions
+        // never depends on the thread count.
+        self.sums
+            .par_chunks_mut(s * s)
+            .enumerate()
+            .for_each(|(b, acc)| {
+                for row in x.chunks_exact(cols) {
+                    let xb = &row[b * s..(b + 1) * s];
+                    for r in 0..s {
+                        let v = xb[r] as f64;
+                        for c in 0..s {
+                            acc[r * s + c] += v * xb[c] as f64;
+                        }
+                    }
+                }
+            });
+        self.count += (x.len() / cols) as u64;
+        Ok(())
+    }
+
+    /// Rows added so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The metric for sub-vectors of `d` of a layer with `rows` outputs; `None` when nothing was
+    /// added or `d` does not divide the span kept.
+    pub fn metric(&self, d: usize, rows: usize) -> Option<BlockMetric> {
+        if self.count == 0 || d == 0 || !self.span.is_multiple_of(d) {
+            return None;
+        }
+        let s = self.span;
+        let p = self.cols / d;
+        let mut h = Vec::with_capacity(p * d * d);
+        for b in 0..p {
+            let (big, off) = ((b * d) / s, (b * d) % s);
+            let acc = &self.sums[big * s * s..(big + 1) * s * s];
+            for r in 0..d {
+                for c in 0..d {
+                    h.push((acc[(off + r) * s + off + c] / self.count as f64) as f32);
+                }
+            }
+        }
+        BlockMetric::new(d, rows, h, None).ok()
+    }
+}

@@ -72,6 +72,9 @@ pub fn qembedding(
 impl ModuleT for QEmbedding {
     fn forward_t(&self, ids: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let flat = ids.flatten_all()?;
+        if !train {
+            self.weight.record_rows(&flat)?;
+        }
         let rows = match self.weight.gather_plan(train)? {
             LinearPlan::Generic(w) => w.index_select(&flat, 0)?,
             LinearPlan::Exact(w) => self.gather(&w, &flat, None)?,

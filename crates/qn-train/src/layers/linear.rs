@@ -73,6 +73,9 @@ impl ModuleT for QLinear {
         let dims = x.dims();
         let (lead, inp) = dims.split_at(dims.len() - 1);
         let x2 = x.reshape((lead.iter().product::<usize>(), inp[0]))?;
+        if !train {
+            self.weight.record_inputs(&x2)?;
+        }
         let bias = self.bias.as_ref().map(|b| b.as_tensor());
         // The fused plans add the bias inside their node; the others get it added below.
         let (mut y, out, bias_added) = match self.weight.linear_plan(train)? {

@@ -47,6 +47,9 @@ pub fn fingerprint(
     if let Some(d) = &cfg.distill {
         put("distill", format!("{d:?}"));
     }
+    if cfg.calibration_rows > 0 {
+        put("calibration_rows", cfg.calibration_rows.to_string());
+    }
     if let Some(c) = cfg.centroid_lr {
         put("centroid_lr", c.to_string());
     }

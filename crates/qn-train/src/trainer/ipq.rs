@@ -6,8 +6,9 @@ use qn_kernels::pq::KMeansConfig;
 use regex::Regex;
 
 use super::{progress_bar, Stage, TrainConfig};
+use crate::data::Dataset;
 use crate::model::QuantModel;
-use crate::{Error, Result, WeightState};
+use crate::{Calibration, Error, Result, WeightState};
 
 /// What quantizing a stage did: the layers now PQ (name, block size) and the ones left float, each
 /// with the reason.
@@ -15,12 +16,50 @@ use crate::{Error, Result, WeightState};
 pub(crate) struct Quantized {
     pub done: Vec<(String, usize)>,
     pub skipped: Vec<String>,
+    /// Layers whose codebook was learnt under their measured inputs.
+    pub activation_aware: usize,
 }
+
+/// Runs `rows` training rows (a seeded draw; evaluation mode) through `model` with the layers
+/// `picked` measuring their inputs, and returns what each measured.
+fn calibrate(
+    model: &mut dyn QuantModel,
+    picked: &[usize],
+    train: &Dataset,
+    rows: usize,
+    seed: u64,
+) -> Result<Vec<Option<Calibration>>> {
+    let layers = model.layers();
+    for &i in picked {
+        layers[i].qweight().start_calibration();
+    }
+    let rows = rows.min(train.len());
+    let batch = train.batch_rows(0, rows, seed ^ CALIBRATION_SEED)?;
+    let mut start = 0;
+    let result = (|| -> Result<()> {
+        while start < rows {
+            let len = CALIBRATION_BATCH.min(rows - start);
+            model.forward_t(&batch.x.narrow(0, start, len)?, false)?;
+            start += len;
+        }
+        Ok(())
+    })();
+    let taken = picked
+        .iter()
+        .map(|&i| layers[i].qweight().take_calibration())
+        .collect();
+    result.map(|()| taken)
+}
+
+/// Keeps the calibration draw apart from the batches of training step 0.
+const CALIBRATION_SEED: u64 = 0xCA11_B8A7_1000_0001;
+const CALIBRATION_BATCH: usize = 64;
 
 pub(crate) fn quantize_stage(
     model: &mut dyn QuantModel,
     stage: &Stage,
     cfg: &TrainConfig,
+    train: &Dataset,
 ) -> Result<Quantized> {
     let mut out = Quantized::default();
     let Some(pattern) = &stage.layers else {
@@ -28,19 +67,29 @@ pub(crate) fn quantize_stage(
     };
     let re = Regex::new(pattern)
         .map_err(|e| Error::config(format!("stage `{}`: layers", stage.name), e.to_string()))?;
+    let picked: Vec<usize> = {
+        let layers = model.layers();
+        (0..layers.len())
+            .filter(|&i| {
+                re.is_match(layers[i].name())
+                    && matches!(layers[i].qweight().state(), WeightState::Float(_))
+            })
+            .collect()
+    };
+    // The inputs are measured on the model as it is now, earlier stages quantized: each stage's
+    // codebooks answer the activations they will see.
+    let calibration = if cfg.calibration_rows > 0 && !picked.is_empty() {
+        calibrate(model, &picked, train, cfg.calibration_rows, cfg.seed)?
+    } else {
+        vec![None; picked.len()]
+    };
     let mut layers = model.layers_mut();
-    let picked: Vec<usize> = (0..layers.len())
-        .filter(|&i| {
-            re.is_match(layers[i].name())
-                && matches!(layers[i].qweight().state(), WeightState::Float(_))
-        })
-        .collect();
     let bar = progress_bar(
         cfg.progress,
         picked.len(),
         &format!("stage {}: k-means", stage.name),
     );
-    for i in picked {
+    for (i, calib) in picked.into_iter().zip(calibration) {
         let layer = &mut layers[i];
         let name = layer.name().to_string();
         let layout = layer.qweight().layout().clone();
@@ -65,8 +114,18 @@ pub(crate) fn quantize_stage(
         let kmeans = KMeansConfig::new(k)
             .with_iters(cfg.kmeans_iters)
             .with_seed(cfg.seed);
+        let metric = calib.and_then(|c| {
+            layout
+                .with_block_size(&name, bs)
+                .ok()
+                .and_then(|l| c.metric(&l))
+        });
+        if metric.is_some() {
+            out.activation_aware += 1;
+        }
         layer
-            .quantize_pq(bs, &kmeans, cfg.centroid_grad)
+            .qweight_mut()
+            .quantize_pq_with(bs, &kmeans, cfg.centroid_grad, metric.as_ref())
             .map_err(|e| match e {
                 Error::Kernels(k) => Error::Kernels(k.for_tensor(&name)),
                 other => other,

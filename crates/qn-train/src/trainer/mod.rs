@@ -101,6 +101,10 @@ pub struct TrainConfig {
     pub distill: Option<Distill>,
     /// Learning rate of PQ centroids (`None`: [`Self::lr`], as every other variable).
     pub centroid_lr: Option<f64>,
+    /// Training rows run through the model before a stage quantizes, so that each layer's
+    /// codebook minimises its output error on them (activation-aware k-means; embeddings weigh
+    /// their rows by how often they are read). 0: plain k-means on the weights.
+    pub calibration_rows: usize,
 }
 
 impl Default for TrainConfig {
@@ -124,6 +128,7 @@ impl Default for TrainConfig {
             recalibrate_always: false,
             distill: None,
             centroid_lr: None,
+            calibration_rows: 0,
         }
     }
 }

@@ -306,7 +306,7 @@ pub fn run_stages(
         if st.step_in_stage == 0 {
             // A stage starts by quantizing (a checkpoint taken mid-stage always has a step > 0, so
             // a resumed stage is never quantized twice) and with a fresh optimizer.
-            let q = quantize_stage(model, stage, cfg)?;
+            let q = quantize_stage(model, stage, cfg, train)?;
             st.pq_layers.extend(q.done);
             st.warnings.extend(q.skipped);
         }
