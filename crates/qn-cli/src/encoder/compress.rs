@@ -499,12 +499,11 @@ pub(crate) fn ipq_stages_and_export(
         };
         let (logits, cached) = cached_teacher_logits(teacher, &train, Some(&work), 64)?;
         eprintln!(
-            "qn: distilling from {} ({} of {} training rows' logits {}; T = {}, alpha = {})",
+            "qn: distilling from {} (the logits of the {} training rows {}; T = {}, alpha = {})",
             args.teacher
                 .as_deref()
                 .map_or("the uncompressed model".to_string(), |t| format!("`{t}`")),
             logits.dim(0)?,
-            train.len(),
             if cached {
                 "read from the work directory"
             } else {
