@@ -193,6 +193,13 @@ pub fn run(args: &CompressArgs) -> Result<()> {
     if args.output.is_dir() {
         bail!("--output `{}` is a directory", args.output.display());
     }
+    // Checked before any data is read or directory made.
+    Distill {
+        alpha: args.distill_alpha,
+        temperature: args.temperature,
+    }
+    .validate()
+    .context("--distill-alpha / --temperature")?;
     if args.task.is_some_and(AnyTask::is_image) {
         return crate::vision::compress_images(args);
     }
@@ -317,8 +324,12 @@ fn ipq(args: &CompressArgs) -> Result<()> {
                 revision: None,
                 threads: None,
             }
-            .load(Some(labels.clone()), args.seed, false)
+            .load(None, args.seed, true)
             .with_context(|| format!("--teacher `{t}`"))?;
+            // Its own head, as saved: a head sized to our labels would be a random one.
+            if tb.head_initialised {
+                bail!("--teacher `{t}`: it has no trained classification head to distil from");
+            }
             if tb.label_map().names() != labels.names() {
                 bail!(
                     "--teacher `{t}`: its labels {:?} are not the model's {:?}",

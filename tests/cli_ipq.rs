@@ -1,0 +1,233 @@
+//! `qn compress` (iPQ) as a user runs it on the tiny RoBERTa of `assets/`: distillation from the
+//! uncompressed model (rows without labels accepted then, refused without it), a teacher whose
+//! labels differ refused, held-out stage checks reported beside the uncompressed model's accuracy,
+//! activation-aware codebooks on by default, and a compression killed with SIGKILL mid-stage
+//! resuming to the very file an uninterrupted run writes.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use qn_tests::{asset, ok, qn};
+
+fn args_of(extra: &[&str], train: &Path, out: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "compress",
+        "--model",
+        asset("tiny-roberta").to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--task",
+        "sst2",
+        "--batch-size",
+        "8",
+        "--max-len",
+        "32",
+        "--threads",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn compress(extra: &[&str], train: &Path, out: &Path) -> Output {
+    let a = args_of(extra, train, out);
+    qn(&a
+        .iter()
+        .map(|s| s as &dyn AsRef<std::ffi::OsStr>)
+        .collect::<Vec<_>>())
+}
+
+/// The SST-2 slice with its label column (and header's) cut off.
+fn unlabelled(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(asset("text/sst2-train-200.tsv")).unwrap();
+    let body: String = text
+        .lines()
+        .map(|l| format!("{}\n", l.split('\t').next().unwrap()))
+        .collect();
+    let p = dir.join("unlabelled.tsv");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn last_error(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err.trim().lines().last().unwrap().to_string()
+}
+
+#[test]
+fn distillation_needs_no_labels_and_the_checks_are_held_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = unlabelled(tmp.path());
+    let f = tmp.path().join("kd.qnz");
+    let out = compress(&["--steps", "2"], &train, &f);
+    let stdout = ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("200 of 200 rows") && err.contains("have no label"),
+        "{err}"
+    );
+    assert!(
+        err.contains("distilling from the uncompressed model"),
+        "{err}"
+    );
+    // A tenth of the rows, drawn with the seed, is held out of every stage.
+    assert!(
+        err.contains("the stage checks use 20 held-out training rows"),
+        "{err}"
+    );
+    assert!(
+        stdout.contains("on 20 held-out training rows") && stdout.contains("% uncompressed"),
+        "{stdout}"
+    );
+    assert!(f.is_file());
+
+    // The labels alone cannot train on rows that have none: refused before any work, no file.
+    let g = tmp.path().join("labels.qnz");
+    let e = last_error(&compress(
+        &["--steps", "2", "--distill", "none"],
+        &train,
+        &g,
+    ));
+    assert!(e.contains("line 1") && e.contains("field"), "{e}");
+    assert!(!g.exists());
+
+    // Held out more rows than there are: refused, naming the flag.
+    let e = last_error(&compress(
+        &["--steps", "2", "--check-rows", "200"],
+        &asset("text/sst2-train-200.tsv"),
+        &g,
+    ));
+    assert!(e.contains("--check-rows 200"), "{e}");
+    for (flag, bad) in [("--distill-alpha", "1.5"), ("--temperature", "0")] {
+        let out = compress(
+            &["--steps", "2", flag, bad],
+            &asset("text/sst2-train-200.tsv"),
+            &g,
+        );
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) || err.contains(&flag[2..].replace('-', " ")),
+            "{flag}: {err}"
+        );
+        assert!(!g.exists());
+    }
+}
+
+#[test]
+fn a_teacher_with_other_labels_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A fine-tune on SST-2 has two labels; the tiny RoBERTa's head has three.
+    let run = tmp.path().join("run");
+    ok(&qn(&[
+        &"finetune",
+        &"--model",
+        &asset("tiny-roberta"),
+        &"--train",
+        &asset("text/sst2-train-200.tsv"),
+        &"--eval",
+        &asset("text/sst2-validation-100.tsv"),
+        &"--task",
+        &"sst2",
+        &"--max-len",
+        &"32",
+        &"--max-steps",
+        &"2",
+        &"--batch-size",
+        &"8",
+        &"-o",
+        &run,
+    ]));
+    let f = tmp.path().join("t.qnz");
+    let e = last_error(&compress(
+        &["--steps", "2", "--teacher", run.to_str().unwrap()],
+        &asset("text/sst2-train-200.tsv"),
+        &f,
+    ));
+    assert!(e.contains("--teacher") && e.contains("labels"), "{e}");
+    assert!(!f.exists());
+    // A teacher with the student's labels is taken (here the fine-tuned model itself).
+    let g = tmp.path().join("u.qnz");
+    let out = qn(&[
+        &"compress",
+        &"--model",
+        &run,
+        &"--teacher",
+        &run,
+        &"--train",
+        &asset("text/sst2-train-200.tsv"),
+        &"--task",
+        &"sst2",
+        &"--steps",
+        &"1",
+        &"--batch-size",
+        &"8",
+        &"--max-len",
+        &"32",
+        &"-o",
+        &g,
+    ]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("distilling from `"));
+}
+
+/// SIGKILL once a stage has written a mid-stage checkpoint, then the same command: the file is
+/// byte-identical to an uninterrupted run's (the teacher logits are read back from the work
+/// directory, the calibration of the stages not yet begun runs on the restored model).
+#[cfg(unix)]
+#[test]
+fn a_compression_killed_mid_stage_resumes_to_the_same_file() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let train = asset("text/sst2-train-200.tsv");
+    let steps = ["--steps", "400"];
+    let whole = tmp.path().join("whole.qnz");
+    ok(&compress(&steps, &train, &whole));
+    for stage in [0u64, 1] {
+        let f = tmp.path().join(format!("killed{stage}.qnz"));
+        let work = tmp.path().join(format!("killed{stage}.work"));
+        let mut extra = steps.to_vec();
+        extra.extend(["--work-dir", work.to_str().unwrap()]);
+        let a = args_of(&extra, &train, &f);
+        let mut child = Command::new(qn_tests::qn_bin())
+            .args(&a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        // The checkpoint interval is 50 steps: wait for one taken inside the stage.
+        loop {
+            let latest = std::fs::read(work.join("latest.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            if let Some(l) = latest {
+                if l["stage"].as_u64() == Some(stage) && l["step_in_stage"].as_u64() > Some(0) {
+                    break;
+                }
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before a checkpoint of stage {stage}"
+            );
+            assert!(started.elapsed().as_secs() < 300, "no checkpoint");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!f.exists());
+        ok(&compress(&extra, &train, &f));
+        assert_eq!(
+            std::fs::read(&f).unwrap(),
+            std::fs::read(&whole).unwrap(),
+            "killed in stage {stage}: the resumed file differs from the uninterrupted one"
+        );
+    }
+}
