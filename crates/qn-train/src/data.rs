@@ -75,6 +75,13 @@ impl Dataset {
 
     /// [`Self::batch`] with the teacher's logits of the same rows.
     pub fn batch_rows(&self, step: usize, batch: usize, seed: u64) -> Result<Self> {
+        let rows = self.batch_indices(step, batch, seed)?;
+        let idx = Tensor::from_slice(&rows, rows.len(), self.x.device())?;
+        self.select(&idx)
+    }
+
+    /// The row indices of [`Self::batch`].
+    pub fn batch_indices(&self, step: usize, batch: usize, seed: u64) -> Result<Vec<u32>> {
         let n = self.len();
         if n == 0 || batch == 0 {
             return Err(Error::dataset(
@@ -84,13 +91,41 @@ impl Dataset {
         }
         let per_epoch = (n / batch).max(1);
         let (epoch, i) = (step / per_epoch, step % per_epoch);
-        let mut order: Vec<u32> = (0..n as u32).collect();
+        let order = self.epoch_order(epoch, seed);
+        let take = batch.min(n);
+        Ok(order[i * take..(i + 1) * take].to_vec())
+    }
+
+    fn epoch_order(&self, epoch: usize, seed: u64) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.len() as u32).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(
             seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
         ));
+        order
+    }
+
+    /// Every row that steps `0..steps` draw (sorted, each once): what a run of that length reads,
+    /// so that work per row (a teacher's logits) can skip the rest.
+    pub fn rows_drawn(&self, steps: usize, batch: usize, seed: u64) -> Result<Vec<u32>> {
+        let n = self.len();
+        if steps == 0 {
+            return Ok(Vec::new());
+        }
+        // Checks the sizes once.
+        self.batch_indices(0, batch, seed)?;
+        let per_epoch = (n / batch).max(1);
         let take = batch.min(n);
-        let idx = Tensor::from_slice(&order[i * take..(i + 1) * take], take, self.x.device())?;
-        self.select(&idx)
+        let mut seen = vec![false; n];
+        let last = steps - 1;
+        for epoch in 0..=last / per_epoch {
+            let order = self.epoch_order(epoch, seed);
+            let first = epoch * per_epoch;
+            let upto = (last - first).min(per_epoch - 1);
+            for &r in &order[..(upto + 1) * take] {
+                seen[r as usize] = true;
+            }
+        }
+        Ok((0..n as u32).filter(|&r| seen[r as usize]).collect())
     }
 }
 

@@ -135,6 +135,36 @@ pub fn teacher_logits(model: &dyn QuantModel, data: &Dataset, batch: usize) -> R
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// [`teacher_logits`] of the rows `rows` only (e.g. [`Dataset::rows_drawn`]: the rows a run will
+/// read); the other rows get zeros. `(n, classes)`.
+pub fn teacher_logits_of_rows(
+    model: &dyn QuantModel,
+    data: &Dataset,
+    rows: &[u32],
+    batch: usize,
+) -> Result<Tensor> {
+    let n = data.len();
+    if let Some(r) = rows.iter().find(|&&r| r as usize >= n) {
+        return Err(Error::dataset(
+            "teacher rows",
+            format!("row {r} is out of range for {n} examples"),
+        ));
+    }
+    if rows.len() == n {
+        return teacher_logits(model, data, batch);
+    }
+    let idx = Tensor::from_slice(rows, rows.len(), data.x.device())?;
+    let picked = teacher_logits(model, &data.select(&idx)?, batch)?;
+    let classes = picked.dim(1)?;
+    let values = picked.flatten_all()?.to_vec1::<f32>()?;
+    let mut full = vec![0f32; n * classes];
+    for (i, &r) in rows.iter().enumerate() {
+        full[r as usize * classes..(r as usize + 1) * classes]
+            .copy_from_slice(&values[i * classes..(i + 1) * classes]);
+    }
+    Ok(Tensor::from_vec(full, (n, classes), data.x.device())?)
+}
+
 fn hash_tensor(h: &mut DefaultHasher, t: &Tensor) -> Result<()> {
     h.write(format!("{:?}{:?}", t.dims(), t.dtype()).as_bytes());
     match t.dtype() {
@@ -172,19 +202,30 @@ pub fn teacher_key(model: &dyn QuantModel, data: &Dataset) -> Result<String> {
 /// The file name of the cache in a work directory.
 pub const TEACHER_CACHE: &str = "teacher-logits.safetensors";
 
-/// The teacher's logits for `data`, read from `dir/teacher-logits.safetensors` when it was written
-/// for the same teacher and data (same [`teacher_key`]), else computed and written there
-/// (atomically). Returns the logits and whether they came from the cache.
+/// The teacher's logits for `data` (for the rows `rows` only when given, zeros elsewhere), read
+/// from `dir/teacher-logits.safetensors` when it was written for the same teacher, data and rows
+/// (same [`teacher_key`]), else computed and written there (atomically). Returns the logits and
+/// whether they came from the cache.
 pub fn cached_teacher_logits(
     teacher: &dyn QuantModel,
     data: &Dataset,
+    rows: Option<&[u32]>,
     dir: Option<&Path>,
     batch: usize,
 ) -> Result<(Tensor, bool)> {
-    let Some(dir) = dir else {
-        return Ok((teacher_logits(teacher, data, batch)?, false));
+    let compute = || match rows {
+        Some(r) => teacher_logits_of_rows(teacher, data, r, batch),
+        None => teacher_logits(teacher, data, batch),
     };
-    let key = teacher_key(teacher, data)?;
+    let Some(dir) = dir else {
+        return Ok((compute()?, false));
+    };
+    let mut key = teacher_key(teacher, data)?;
+    if let Some(r) = rows {
+        let mut h = DefaultHasher::new();
+        r.iter().for_each(|v| h.write_u32(*v));
+        key.push_str(&format!("-rows{:016x}", h.finish()));
+    }
     let path = dir.join(TEACHER_CACHE);
     if path.exists() {
         let read = candle_core::safetensors::load(&path, data.x.device());
@@ -197,7 +238,7 @@ pub fn cached_teacher_logits(
             }
         }
     }
-    let logits = teacher_logits(teacher, data, batch)?;
+    let logits = compute()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let key_t = Tensor::from_vec(key.as_bytes().to_vec(), key.len(), data.x.device())?;
     let tmp = dir.join(format!("{TEACHER_CACHE}.tmp"));

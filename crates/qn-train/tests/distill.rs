@@ -225,28 +225,71 @@ fn teacher_logits_are_cached_under_a_key_of_teacher_and_data() {
     let dir = tempfile::tempdir().unwrap();
     let data = blobs(50, 2);
     let teacher = Mlp::seeded(8, 16, 3, 0, &dev).unwrap();
-    let (a, cached) = cached_teacher_logits(&teacher, &data, Some(dir.path()), 16).unwrap();
+    let (a, cached) = cached_teacher_logits(&teacher, &data, None, Some(dir.path()), 16).unwrap();
     assert!(!cached);
-    let (b, cached) = cached_teacher_logits(&teacher, &data, Some(dir.path()), 7).unwrap();
+    let (b, cached) = cached_teacher_logits(&teacher, &data, None, Some(dir.path()), 7).unwrap();
     assert!(cached, "the second call reads the cache");
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     // Another teacher, or other rows: computed again, not read.
     let other = Mlp::seeded(8, 16, 3, 1, &dev).unwrap();
-    let (c, cached) = cached_teacher_logits(&other, &data, Some(dir.path()), 16).unwrap();
+    let (c, cached) = cached_teacher_logits(&other, &data, None, Some(dir.path()), 16).unwrap();
     assert!(!cached);
     assert_eq!(
         c.to_vec2::<f32>().unwrap(),
-        teacher_logits(&other, &data, 50)
+        teacher_logits(&other, &data, 16)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap()
     );
     let fewer = blobs(49, 2);
-    let (_, cached) = cached_teacher_logits(&other, &fewer, Some(dir.path()), 16).unwrap();
+    let (_, cached) = cached_teacher_logits(&other, &fewer, None, Some(dir.path()), 16).unwrap();
     assert!(!cached);
     // A corrupt cache is recomputed, not trusted.
     std::fs::write(dir.path().join(qn_train::distill::TEACHER_CACHE), b"junk").unwrap();
-    let (d, cached) = cached_teacher_logits(&other, &fewer, Some(dir.path()), 16).unwrap();
+    let (d, cached) = cached_teacher_logits(&other, &fewer, None, Some(dir.path()), 16).unwrap();
     assert!(!cached);
     assert_eq!(d.dim(0).unwrap(), 49);
+    // Only the rows a run reads: those rows' logits, zeros elsewhere, cached apart.
+    let rows = fewer.rows_drawn(3, 8, 1).unwrap();
+    assert_eq!(rows.len(), 24);
+    let (e, cached) =
+        cached_teacher_logits(&other, &fewer, Some(&rows), Some(dir.path()), 16).unwrap();
+    assert!(!cached);
+    let (e2, cached) =
+        cached_teacher_logits(&other, &fewer, Some(&rows), Some(dir.path()), 5).unwrap();
+    assert!(cached);
+    let (e, e2, d) = (
+        e.to_vec2::<f32>().unwrap(),
+        e2.to_vec2::<f32>().unwrap(),
+        d.to_vec2::<f32>().unwrap(),
+    );
+    assert_eq!(e, e2);
+    for r in 0..49 {
+        if rows.contains(&(r as u32)) {
+            // Other batches, so another GEMM blocking: equal up to rounding.
+            for (a, b) in e[r].iter().zip(&d[r]) {
+                assert!((a - b).abs() < 1e-5, "row {r}: {:?} against {:?}", e[r], d[r]);
+            }
+        } else {
+            assert!(e[r].iter().all(|v| *v == 0.0), "row {r}");
+        }
+    }
+}
+
+/// The rows a run draws are exactly the union of its batches.
+#[test]
+fn rows_drawn_are_the_union_of_the_batches() {
+    let data = blobs(50, 3);
+    for (steps, batch) in [(1, 8), (6, 8), (7, 8), (20, 8), (3, 64), (0, 4)] {
+        let mut want: Vec<u32> = (0..steps)
+            .flat_map(|s| data.batch_indices(s, batch, 9).unwrap())
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(
+            data.rows_drawn(steps, batch, 9).unwrap(),
+            want,
+            "{steps} x {batch}"
+        );
+    }
 }

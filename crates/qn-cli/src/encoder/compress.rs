@@ -126,6 +126,10 @@ pub struct CompressArgs {
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
+    /// iPQ: a last stage of this many steps that quantizes nothing and trains every centroid and
+    /// every float parameter together, with a fresh optimizer (0: none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000_000), allow_negative_numbers = true)]
+    pub(crate) final_steps: u64,
     /// Use a seeded subset of this many training rows.
     #[arg(long, value_parser = parse_positive_count, allow_negative_numbers = true)]
     pub(crate) max_examples: Option<u64>,
@@ -414,6 +418,11 @@ pub(crate) fn stage_plan(
             st.epochs = None;
         }
     }
+    if args.final_steps > 0 {
+        let mut all = StagePlan::float(args.final_steps as usize).stages.remove(0);
+        all.name = "all".into();
+        plan.stages.push(all);
+    }
     plan.validate()?;
     Ok(plan)
 }
@@ -508,13 +517,21 @@ pub(crate) fn ipq_stages_and_export(
             Some(t) => t.as_ref(),
             None => &*model,
         };
-        let (logits, cached) = cached_teacher_logits(teacher, &train, Some(&work), 64)?;
+        // Only the rows the stages will draw: a short compression of a large set reads few.
+        let steps: usize = plan
+            .stages
+            .iter()
+            .map(|s| s.total_steps(train.len(), args.batch_size as usize))
+            .sum::<qn_train::Result<usize>>()?;
+        let rows = train.rows_drawn(steps, args.batch_size as usize, args.seed)?;
+        let (logits, cached) =
+            cached_teacher_logits(teacher, &train, Some(&rows), Some(&work), 64)?;
         eprintln!(
-            "qn: distilling from {} (the logits of the {} training rows {}; T = {}, alpha = {})",
+            "qn: distilling from {} (its logits of the {} training rows the stages draw {}; T = {}, alpha = {})",
             args.teacher
                 .as_deref()
                 .map_or("the uncompressed model".to_string(), |t| format!("`{t}`")),
-            logits.dim(0)?,
+            rows.len(),
             if cached {
                 "read from the work directory"
             } else {
