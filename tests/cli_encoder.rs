@@ -145,7 +145,7 @@ fn finetune_compress_eval_predict_embed_decompress() {
         "the default stage checkpoints go once the file is written"
     );
     // The file carries the tokenizer too: the weights alone must be far smaller than fp32.
-    let size = std::fs::metadata(&qnz).unwrap().len() - tokenizer_bytes();
+    let size = tensor_bytes(&qnz);
     assert!(
         size * 3
             < std::fs::metadata(run.join("model.safetensors"))
@@ -311,7 +311,7 @@ fn int8_and_int4_files_evaluate_and_shrink() {
         ]));
         let e = eval_json(&f);
         assert_eq!(e["examples"], 100);
-        sizes.push(std::fs::metadata(&f).unwrap().len() - tokenizer_bytes());
+        sizes.push(tensor_bytes(&f));
     }
     // Post-training int-N reads no data: a --train given anyway is named as unread, not used.
     let f = tmp.path().join("with-train.qnz");
@@ -344,15 +344,13 @@ fn int8_and_int4_files_evaluate_and_shrink() {
     );
 }
 
-fn tokenizer_bytes() -> u64 {
-    ["tokenizer.json", "tokenizer_config.json"]
-        .iter()
-        .map(|f| {
-            std::fs::metadata(asset("tiny-roberta").join(f))
-                .unwrap()
-                .len()
-        })
-        .sum()
+/// The bytes of a `.qnz`'s tensor records (`qn inspect`'s ledger): the file less its header (which
+/// carries the tokenizer and config) and padding.
+fn tensor_bytes(qnz: &Path) -> u64 {
+    let j = json(&qn(&[&"inspect", &qnz, &"--json"]));
+    j["total_bytes"].as_u64().unwrap()
+        - j["header_bytes"].as_u64().unwrap()
+        - j["padding_bytes"].as_u64().unwrap()
 }
 
 #[test]

@@ -286,6 +286,23 @@ fn ledger_entry(e: &TensorEntry) -> LedgerEntry {
     }
 }
 
+/// The JSON of a version-2 header, refusing one that inflates past [`MAX_HEADER_LEN`] (a
+/// decompression bomb) before it is all in memory.
+fn inflate_header(stored: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut json = Vec::new();
+    flate2::read::DeflateDecoder::new(stored)
+        .take(MAX_HEADER_LEN + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| corrupt(format!("header: not DEFLATE data ({e})")))?;
+    if json.len() as u64 > MAX_HEADER_LEN {
+        return Err(corrupt(format!(
+            "the header inflates past {MAX_HEADER_LEN} bytes"
+        )));
+    }
+    Ok(json)
+}
+
 fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
     let len = bytes.len();
     if len < PREAMBLE_LEN {
@@ -323,11 +340,18 @@ fn parse(bytes: &[u8]) -> Result<(Header, usize, usize)> {
             "truncated: the header needs {crc_end} bytes, the file has {len}"
         )));
     }
-    let json = &bytes[PREAMBLE_LEN..header_end];
+    let stored_header = &bytes[PREAMBLE_LEN..header_end];
     let stored = u32::from_le_bytes(bytes[header_end..crc_end].try_into().unwrap());
-    if crc32fast::hash(json) != stored {
+    if crc32fast::hash(stored_header) != stored {
         return Err(corrupt("header checksum mismatch"));
     }
+    let inflated;
+    let json = if version >= crate::DEFLATED_HEADER_SINCE {
+        inflated = inflate_header(stored_header)?;
+        &inflated[..]
+    } else {
+        stored_header
+    };
     let header: Header =
         serde_json::from_slice(json).map_err(|e| corrupt(format!("header: {e}")))?;
     let data_start = align_up(crc_end as u64, ALIGN as u64) as usize;

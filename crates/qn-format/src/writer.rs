@@ -127,7 +127,15 @@ impl Writer {
             metadata: self.metadata.clone(),
             tensors: self.entries.clone(),
         };
-        let json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        let plain = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        let json = {
+            let mut enc = flate2::write::DeflateEncoder::new(
+                Vec::with_capacity(plain.len() / 3),
+                flate2::Compression::best(),
+            );
+            enc.write_all(&plain)?;
+            enc.finish()?
+        };
         let mut head = Vec::with_capacity(PREAMBLE_LEN + json.len() + 4 + ALIGN);
         head.extend_from_slice(&MAGIC);
         head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());

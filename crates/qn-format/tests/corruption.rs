@@ -82,6 +82,48 @@ fn with_header(json: &str) -> Vec<u8> {
     b
 }
 
+/// A version-2 file around `stored` header bytes (already compressed, or not).
+fn with_stored_header_v2(stored: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"QNZ\0");
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&(stored.len() as u64).to_le_bytes());
+    b.extend_from_slice(stored);
+    b.extend_from_slice(&crc32fast::hash(stored).to_le_bytes());
+    b.resize(b.len().div_ceil(64) * 64, 0);
+    b
+}
+
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// Version 2's compressed header: a header that is not DEFLATE, or that inflates past 64 MiB (a
+/// bomb: 65 MiB of spaces deflate to about 65 KB), is refused with a one-line error; plain JSON
+/// under version 2 is not DEFLATE either; version 1's plain JSON is still read.
+#[test]
+fn a_version_2_header_must_inflate_and_stay_bounded() {
+    let ok_v2 = with_stored_header_v2(&deflate(br#"{"tensors":[]}"#));
+    assert!(Reader::from_bytes(&ok_v2).is_ok());
+    assert!(Reader::from_bytes(&with_header(r#"{"tensors":[]}"#)).is_ok());
+    let e = Reader::from_bytes(&with_stored_header_v2(br#"{"tensors":[]}"#))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not DEFLATE"), "{e}");
+    let mut bomb_json = b"{\"tensors\":[]".to_vec();
+    bomb_json.resize(65 << 20, b' ');
+    bomb_json.push(b'}');
+    let bomb = deflate(&bomb_json);
+    assert!(bomb.len() < 200_000, "{}", bomb.len());
+    let e = Reader::from_bytes(&with_stored_header_v2(&bomb))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inflates past"), "{e}");
+}
+
 #[test]
 fn absurd_lengths_and_shapes_are_refused_before_allocating() {
     let cases = [

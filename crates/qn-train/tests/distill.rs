@@ -268,7 +268,12 @@ fn teacher_logits_are_cached_under_a_key_of_teacher_and_data() {
         if rows.contains(&(r as u32)) {
             // Other batches, so another GEMM blocking: equal up to rounding.
             for (a, b) in e[r].iter().zip(&d[r]) {
-                assert!((a - b).abs() < 1e-5, "row {r}: {:?} against {:?}", e[r], d[r]);
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "row {r}: {:?} against {:?}",
+                    e[r],
+                    d[r]
+                );
             }
         } else {
             assert!(e[r].iter().all(|v| *v == 0.0), "row {r}");
