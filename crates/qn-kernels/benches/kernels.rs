@@ -46,6 +46,33 @@ fn bench_kmeans(c: &mut Criterion) {
         let cfg = KMeansConfig::new(256).with_bounds(true);
         b.iter(|| pq::kmeans(black_box(&sub), 8, &cfg, &mut |_| {}).unwrap())
     });
+    // Activation-aware: one 8 x 8 second-moment block per block position, from 512 inputs whose
+    // feature scales span two decades (the same work as above plus the per-position tables and
+    // the d x d solves).
+    let inputs: Vec<f32> = {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let normal = Normal::new(0.0f32, 1.0).unwrap();
+        (0..512 * COLS)
+            .map(|i| {
+                normal.sample(&mut rng) * 10f32.powf((i % COLS) as f32 / COLS as f32 * 2.0 - 1.0)
+            })
+            .collect()
+    };
+    let metric = pq::BlockMetric::from_inputs(&inputs, COLS, 8, ROWS).unwrap();
+    g.bench_function(
+        "1024x4096 d8 K256 20 iters, activation-aware (kmeans_weighted)",
+        |b| {
+            b.iter(|| {
+                pq::kmeans_weighted(
+                    black_box(&sub),
+                    &metric,
+                    &KMeansConfig::new(256),
+                    &mut |_| {},
+                )
+                .unwrap()
+            })
+        },
+    );
     g.finish();
 
     let km = pq::kmeans(&sub, 8, &KMeansConfig::new(256).with_iters(2), &mut |_| {}).unwrap();
