@@ -92,6 +92,10 @@ pub struct CompressArgs {
     /// favours the rows read most; 0: plain k-means on the weights.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000), allow_negative_numbers = true)]
     pub(crate) calibration: u64,
+    /// With `--calibration`: weigh embedding rows by how often the calibration rows read them
+    /// (true), or give embeddings plain k-means (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) calibrate_embeddings: bool,
     /// Learning rate of the PQ centroids (default: `--lr`, as every other parameter).
     #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true)]
     pub(crate) centroid_lr: Option<f64>,
@@ -563,6 +567,7 @@ pub(crate) fn ipq_stages_and_export(
         distill,
         centroid_lr: args.centroid_lr,
         calibration_rows: args.calibration as usize,
+        calibrate_embeddings: args.calibrate_embeddings,
         ..TrainConfig::default()
     };
     cfg.validate()?;

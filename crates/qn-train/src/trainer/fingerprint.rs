@@ -49,6 +49,7 @@ pub fn fingerprint(
     }
     if cfg.calibration_rows > 0 {
         put("calibration_rows", cfg.calibration_rows.to_string());
+        put("calibrate_embeddings", cfg.calibrate_embeddings.to_string());
     }
     if let Some(c) = cfg.centroid_lr {
         put("centroid_lr", c.to_string());

@@ -28,10 +28,14 @@ fn calibrate(
     train: &Dataset,
     rows: usize,
     seed: u64,
+    embeddings: bool,
 ) -> Result<Vec<Option<Calibration>>> {
     let layers = model.layers();
     for &i in picked {
-        layers[i].qweight().start_calibration();
+        let q = layers[i].qweight();
+        if embeddings || q.layout().kind() != qn_kernels::layout::LayerKind::Embedding {
+            q.start_calibration();
+        }
     }
     let rows = rows.min(train.len());
     let batch = train.batch_rows(0, rows, seed ^ CALIBRATION_SEED)?;
@@ -79,7 +83,14 @@ pub(crate) fn quantize_stage(
     // The inputs are measured on the model as it is now, earlier stages quantized: each stage's
     // codebooks answer the activations they will see.
     let calibration = if cfg.calibration_rows > 0 && !picked.is_empty() {
-        calibrate(model, &picked, train, cfg.calibration_rows, cfg.seed)?
+        calibrate(
+            model,
+            &picked,
+            train,
+            cfg.calibration_rows,
+            cfg.seed,
+            cfg.calibrate_embeddings,
+        )?
     } else {
         vec![None; picked.len()]
     };

@@ -105,6 +105,9 @@ pub struct TrainConfig {
     /// codebook minimises its output error on them (activation-aware k-means; embeddings weigh
     /// their rows by how often they are read). 0: plain k-means on the weights.
     pub calibration_rows: usize,
+    /// With `calibration_rows`: also weigh embedding rows by how often the calibration reads them
+    /// (else embeddings get plain k-means).
+    pub calibrate_embeddings: bool,
 }
 
 impl Default for TrainConfig {
@@ -129,6 +132,7 @@ impl Default for TrainConfig {
             distill: None,
             centroid_lr: None,
             calibration_rows: 0,
+            calibrate_embeddings: true,
         }
     }
 }
