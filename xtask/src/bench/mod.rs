@@ -445,7 +445,11 @@ fn run_row(
                         if histogram { "histogram" } else { "minmax" }.into(),
                     ]);
                 }
-                Compress::Ipq { int8 } => args.extend([
+                Compress::Ipq { int8, kd } => args.extend([
+                    "--distill".into(),
+                    if kd { "logits" } else { "none" }.into(),
+                    "--calibration".into(),
+                    if kd { "256" } else { "0" }.into(),
                     "--method".into(),
                     "ipq".into(),
                     "--codebook".into(),
