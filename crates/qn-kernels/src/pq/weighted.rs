@@ -170,6 +170,12 @@ impl BlockMetric {
         self.ridge
     }
 
+    /// The `d × d` second-moment block of `position` (row-major, undamped).
+    pub fn block(&self, position: usize) -> &[f32] {
+        let dd = self.d * self.d;
+        &self.hessians[position * dd..(position + 1) * dd]
+    }
+
     /// Block positions.
     pub fn positions(&self) -> usize {
         self.hessians.len() / (self.d * self.d)
