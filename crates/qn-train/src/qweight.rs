@@ -467,9 +467,17 @@ impl QWeight {
         true
     }
 
-    /// Stops measuring and returns what was measured.
+    /// Stops measuring and returns what was measured. An exact row (an embedding's padding row,
+    /// stored beside the codes) keeps no read count: its reads — every padding token — say nothing
+    /// about the rows the codebook must serve.
     pub fn take_calibration(&self) -> Option<Calibration> {
-        self.calibration.lock().expect("calibration lock").take()
+        let mut c = self.calibration.lock().expect("calibration lock").take();
+        if let (Some(Calibration::Rows(counts)), Some((row, _))) = (c.as_mut(), &self.frozen_row) {
+            if let Some(n) = counts.get_mut(*row) {
+                *n = 0.0;
+            }
+        }
+        c
     }
 
     /// Adds a Linear layer's inputs `(m, in)` when a calibration runs.

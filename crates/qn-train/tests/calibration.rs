@@ -129,4 +129,15 @@ fn evaluation_forwards_record_and_training_forwards_do_not() {
         panic!("an embedding counts its rows");
     };
     assert_eq!(counts, vec![2.0, 0.0, 0.0, 3.0, 1.0]);
+    // A padding row is kept exactly beside the codes: its reads are not counted.
+    let w =
+        candle_core::Var::from_tensor(&Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+    let e = qn_train::layers::QEmbedding::new("emb", w, Some(3)).unwrap();
+    e.qweight().start_calibration();
+    e.forward_t(&ids, false).unwrap();
+    let Some(Calibration::Rows(counts)) = e.qweight().take_calibration() else {
+        panic!("an embedding counts its rows");
+    };
+    assert_eq!(counts, vec![2.0, 0.0, 0.0, 0.0, 1.0]);
 }
