@@ -231,3 +231,42 @@ fn a_compression_killed_mid_stage_resumes_to_the_same_file() {
         );
     }
 }
+
+/// The plan file the README and BENCHMARKS name parses and runs: the word embedding in blocks of
+/// 16, the FFN in blocks of 4 (the stage log names the block sizes the file then holds).
+#[test]
+fn the_documented_emb16_ffn4_plan_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = qn_tests::root().join("docs/runs/minilm-ipq-emb16-ffn4.toml");
+    let f = tmp.path().join("p.qnz");
+    ok(&compress(
+        &["--steps", "1", "--plan", plan.to_str().unwrap()],
+        &asset("text/sst2-train-200.tsv"),
+        &f,
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&qn(&[&"inspect", &f, &"--json"]))).unwrap();
+    let method = |name: &str| -> String {
+        let t = j["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {j}"));
+        t["method"].as_str().unwrap().to_string()
+    };
+    for (name, want) in [
+        ("roberta.embeddings.word_embeddings.weight", "pq d=16 K=256"),
+        (
+            "roberta.encoder.layer.0.intermediate.dense.weight",
+            "pq d=4 K=256",
+        ),
+        (
+            "roberta.encoder.layer.0.attention.self.query.weight",
+            "pq d=4 K=256",
+        ),
+    ] {
+        let m = method(name);
+        assert!(m.starts_with(want), "{name}: {m}");
+    }
+}
