@@ -105,6 +105,10 @@ fn distillation_needs_no_labels_and_the_checks_are_held_out() {
         &g,
     ));
     assert!(e.contains("--check-rows 200"), "{e}");
+    assert!(
+        !tmp.path().join("labels.qnz.work").exists(),
+        "a refused compression leaves no work directory"
+    );
     for (flag, bad) in [("--distill-alpha", "1.5"), ("--temperature", "0")] {
         let out = compress(
             &["--steps", "2", flag, bad],

@@ -491,7 +491,6 @@ pub(crate) fn ipq_stages_and_export(
     metadata: &[(String, String)],
 ) -> Result<()> {
     let work = work_dir(args);
-    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir `{}`", work.display()))?;
     let (mut train, mut eval, check_what) = match data.eval {
         Some(e) => {
             let what = format!(
@@ -515,6 +514,15 @@ pub(crate) fn ipq_stages_and_export(
         alpha: args.distill_alpha,
         temperature: args.temperature,
     });
+    if distill.is_none()
+        && [&train, &eval]
+            .iter()
+            .any(|d| d.y.to_vec1::<u32>().is_ok_and(|y| y.contains(&NO_LABEL)))
+    {
+        bail!("--distill none fine-tunes on the labels: every row needs one");
+    }
+    // Made only once the data is known to be usable: a refused command leaves nothing behind.
+    std::fs::create_dir_all(&work).with_context(|| format!("--work-dir `{}`", work.display()))?;
     if let Some(d) = &distill {
         d.validate()?;
         let teacher: &dyn QuantModel = match &data.teacher {
@@ -548,11 +556,6 @@ pub(crate) fn ipq_stages_and_export(
         train = train.with_teacher(logits)?;
         let check_logits = qn_train::distill::teacher_logits(teacher, &eval, 64)?;
         fill_labels(&mut eval, &check_logits)?;
-    } else if [&train, &eval]
-        .iter()
-        .any(|d| d.y.to_vec1::<u32>().is_ok_and(|y| y.contains(&NO_LABEL)))
-    {
-        bail!("--distill none fine-tunes on the labels: every row needs one");
     }
     let uncompressed = accuracy(&*model, &eval, 256)?;
     let cfg = TrainConfig {
