@@ -75,8 +75,9 @@ impl Distill {
     }
 }
 
-/// `log_softmax(z)` over the last dimension, from primitives that all have a backward.
-fn log_softmax(z: &Tensor) -> Result<Tensor> {
+/// `log_softmax(z)` over the last dimension, from primitives (max, sub, exp, sum, log) that all
+/// have a backward; the cross-entropy of the trainer uses it too.
+pub(crate) fn log_softmax(z: &Tensor) -> Result<Tensor> {
     let max = z.max_keepdim(D::Minus1)?.detach();
     let shifted = z.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use qn_format::header::CodebookKind;
 use qn_kernels::scalar::{Granularity, ObserverKind, ScalarConfig, Scheme};
 use qn_models::bundle::qnz_metadata;
-use qn_models::text::{read_examples_with, LabelMap, TextExample, TextTokenizer};
+use qn_models::text::{read_examples_with, LabelMap, TextExample, TextTokenizer, NO_LABEL};
 use qn_train::data::Dataset;
 use qn_train::distill::{cached_teacher_logits, Distill};
 use qn_train::trainer::{accuracy, export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
@@ -378,19 +378,9 @@ fn to_dataset_partial(
     tok: &TextTokenizer,
     file: &str,
 ) -> Result<Dataset> {
-    let d = qn_models::text::to_dataset_partial(rows, labels, tok, file, &Device::Cpu)
-        .with_context(|| format!("dataset `{file}`"))?;
-    let y: Vec<u32> = rows
-        .iter()
-        .zip(d.y.to_vec1::<u32>()?)
-        .map(|(r, y)| if r.label.is_some() { y } else { NO_LABEL })
-        .collect();
-    let n = y.len();
-    Ok(Dataset::new(d.x, Tensor::from_vec(y, n, &Device::Cpu)?))
+    qn_models::text::to_dataset_partial(rows, labels, tok, file, &Device::Cpu)
+        .with_context(|| format!("dataset `{file}`"))
 }
-
-/// The class of a row without a label until the teacher's prediction replaces it.
-pub(crate) const NO_LABEL: u32 = u32::MAX;
 
 /// The data of an iPQ compression: the training rows (some may be [`NO_LABEL`]), the `--eval` rows
 /// if given, and a teacher other than the model itself.

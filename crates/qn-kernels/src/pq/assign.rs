@@ -172,8 +172,13 @@ fn chunk<const TOP2: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if matches!(t.d, 4 | 8 | 16) && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected.
+        if matches!(t.d, 4 | 8 | 16)
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX-512F, and AVX2 + FMA for the tail, were just detected; `t.d` is the
+            // kernel's `D`, and the caller checked the slice lengths.
             unsafe {
                 match t.d {
                     4 => avx512::nearest::<4, 2, TOP2>(points, t, index, dist, second),
@@ -252,6 +257,13 @@ mod avx2 {
     /// registers), and with `TOP2` each point's runner-up partial distance in `second`: per lane
     /// the runner-up is the smaller of the old runner-up and the new value, or the old best when
     /// the new value takes its place; the best and its index are computed exactly as without it.
+    ///
+    /// # Safety
+    ///
+    /// The processor must support AVX2 and FMA (checked at run time by the dispatcher), and
+    /// `t.d() == D`: the table's rows are read by raw pointer for `t.k_padded` centroids of `D`
+    /// coordinates, which `CentroidTable::new` lays out. `points` holds `index.len()` points of
+    /// `D`, `dist` as many values, and `second` as many when `TOP2`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn nearest_top2<const D: usize, const TOP2: bool>(
         points: &[f32],
@@ -350,6 +362,12 @@ mod avx512 {
     /// the rest; bit-identical to each other (and to the AVX2 kernel). `H` vectors of points per
     /// step share each centroid's broadcasts; `H * D` of them must stay in registers (2 for
     /// `D` ≤ 8, 1 for 16).
+    ///
+    /// # Safety
+    ///
+    /// The processor must support AVX-512F, AVX2 and FMA (checked at run time by the
+    /// dispatcher: the tail runs `avx2::nearest_top2`), with that function's conditions on `t`,
+    /// `points`, `dist` and `second`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn nearest<const D: usize, const H: usize, const TOP2: bool>(
         points: &[f32],
@@ -360,7 +378,8 @@ mod avx512 {
     ) {
         let n = index.len();
         let whole = n / (16 * H) * (16 * H);
-        // SAFETY: AVX-512F is enabled for this function, as for its callees.
+        // SAFETY: the caller detected AVX-512F, AVX2 and FMA (this function's `# Safety`); `whole`
+        // splits the slices at a multiple of `16 * H` points, as `by_points` needs.
         unsafe {
             by_points::<D, H, TOP2>(
                 &points[..whole * D],
@@ -387,6 +406,11 @@ mod avx512 {
     /// Why: with points in lanes there is no per-point reduction across lanes, no padded
     /// centroids and no index vector to build, which leaves the FMAs most of the work.
     /// `points.len()` must be a multiple of `16 * H * D`.
+    ///
+    /// # Safety
+    ///
+    /// The processor must support AVX-512F; `t.d() == D`; `points.len()` is a multiple of
+    /// `16 * H * D` and `index`, `dist` (and `second` when `TOP2`) hold one value per point.
     #[target_feature(enable = "avx512f")]
     unsafe fn by_points<const D: usize, const H: usize, const TOP2: bool>(
         points: &[f32],
@@ -606,7 +630,12 @@ mod tests {
                         std::arch::is_x86_feature_detected!("avx2")
                             && std::arch::is_x86_feature_detected!("fma")
                     }
-                    _ => std::arch::is_x86_feature_detected!("avx512f"),
+                    // The AVX-512 kernels run their tail on the AVX2 + FMA kernel.
+                    _ => {
+                        std::arch::is_x86_feature_detected!("avx512f")
+                            && std::arch::is_x86_feature_detected!("avx2")
+                            && std::arch::is_x86_feature_detected!("fma")
+                    }
                 };
                 // SAFETY: each kernel runs only where its features were detected.
                 let avx2 = has("avx2").then(|| {

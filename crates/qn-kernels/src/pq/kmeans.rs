@@ -244,6 +244,10 @@ fn moments_of(p: &[f32], idx: &[u32], d: usize, m: &mut Moments) {
     }
 }
 
+/// # Safety
+///
+/// The processor must support AVX2 (the caller checks `is_x86_feature_detected!("avx2")`); the
+/// body is safe code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn moments_avx2<const D: usize>(p: &[f32], idx: &[u32], m: &mut Moments) {

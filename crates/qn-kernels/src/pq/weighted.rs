@@ -131,26 +131,12 @@ impl BlockMetric {
                 ),
             ));
         }
-        let m = x.len() / cols;
-        let p = cols / d;
-        let mut h = vec![0f64; p * d * d];
-        for row in x.chunks_exact(cols) {
-            for b in 0..p {
-                let xb = &row[b * d..(b + 1) * d];
-                let hb = &mut h[b * d * d..(b + 1) * d * d];
-                for r in 0..d {
-                    for c in 0..d {
-                        hb[r * d + c] += xb[r] as f64 * xb[c] as f64;
-                    }
-                }
-            }
-        }
-        Self::new(
-            d,
-            rows,
-            h.iter().map(|v| (v / m as f64) as f32).collect(),
-            None,
-        )
+        // The running moments with a span of exactly `d`: the same sums, one place.
+        let mut moments = InputMoments::with_span(cols, d);
+        moments.add(x)?;
+        moments
+            .metric(d, rows)
+            .ok_or_else(|| Error::config("k-means metric", "the inputs give no second moments"))
     }
 
     /// With another damping `λ` (`H_b + λ · mean(diag H_b) · I`; 0 leaves `H_b` as given).
@@ -495,6 +481,11 @@ impl InputMoments {
             .into_iter()
             .find(|s| cols.is_multiple_of(*s))
             .unwrap_or(1);
+        Self::with_span(cols, span)
+    }
+
+    /// Moments kept in diagonal blocks of `span` (which must divide `cols`).
+    fn with_span(cols: usize, span: usize) -> Self {
         Self {
             cols,
             span,

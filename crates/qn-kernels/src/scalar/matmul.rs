@@ -264,6 +264,10 @@ fn dot_u8_portable(x: &[f32], q: &[u8]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// # Safety
+///
+/// The processor must support AVX2 and FMA (the caller checks at run time). Any slice lengths
+/// are sound: reads stop at the shorter slice's length.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_u8_avx2(x: &[f32], q: &[u8]) -> f32 {

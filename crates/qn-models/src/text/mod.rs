@@ -30,8 +30,11 @@ pub fn to_dataset(
     to_dataset_partial(examples, labels, tokenizer, file, device)
 }
 
-/// [`to_dataset`] where examples may lack a label: their class is 0 until the caller sets it (to
-/// a teacher's prediction, when distilling).
+/// The class of an example without a label in [`to_dataset_partial`], until the caller sets it
+/// (to a teacher's prediction, when distilling).
+pub const NO_LABEL: u32 = u32::MAX;
+
+/// [`to_dataset`] where examples may lack a label: their class is [`NO_LABEL`].
 pub fn to_dataset_partial(
     examples: &[TextExample],
     labels: &LabelMap,
@@ -42,7 +45,7 @@ pub fn to_dataset_partial(
     let mut y = Vec::with_capacity(examples.len());
     for e in examples {
         let Some(label) = e.label.as_deref() else {
-            y.push(0);
+            y.push(NO_LABEL);
             continue;
         };
         y.push(labels.index_of(label).ok_or_else(|| Error::Dataset {

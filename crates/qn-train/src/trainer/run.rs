@@ -13,18 +13,14 @@ use super::metrics::Metrics;
 use super::{progress_bar, RunOutput, RunReport, StagePlan, TrainConfig};
 use crate::checkpoint::{self, Position};
 use crate::data::Dataset;
-use crate::distill::distill_loss;
+use crate::distill::{distill_loss, log_softmax};
 use crate::model::{named_vars, QuantModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::{set_noise_step, Error, NoiseStep, PqWeight, Result, WeightState};
 
 /// Mean cross-entropy of `logits` `(n, classes)` against `labels` `(n)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    // log-softmax from primitives (max, sub, exp, sum, log): every step has a backward.
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let log_probs = shifted.broadcast_sub(&log_sum)?;
+    let log_probs = log_softmax(logits)?;
     let picked = log_probs.gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
     Ok(picked.mean_all()?.neg()?)
 }
