@@ -32,6 +32,15 @@ pub fn scalar_payload(q: &QuantizedTensor) -> Result<Payload> {
     })
 }
 
+/// The format's name for a layer kind.
+pub fn format_layer_kind(kind: LayerKind) -> qn_format::header::LayerKind {
+    match kind {
+        LayerKind::Linear => qn_format::header::LayerKind::Linear,
+        LayerKind::Embedding => qn_format::header::LayerKind::Embedding,
+        LayerKind::Conv2d => qn_format::header::LayerKind::Conv2d,
+    }
+}
+
 /// Centroids (stored as `codebook`) and assignments as a PQ record.
 pub fn pq_payload(codes: &PqCodes, codebook: CodebookKind) -> Result<Payload> {
     let centroids = codes
@@ -40,11 +49,7 @@ pub fn pq_payload(codes: &PqCodes, codebook: CodebookKind) -> Result<Payload> {
         .flatten_all()?
         .to_vec1::<f32>()?;
     Ok(Payload::Pq {
-        layer: match codes.layout.kind() {
-            LayerKind::Linear => qn_format::header::LayerKind::Linear,
-            LayerKind::Embedding => qn_format::header::LayerKind::Embedding,
-            LayerKind::Conv2d => qn_format::header::LayerKind::Conv2d,
-        },
+        layer: format_layer_kind(codes.layout.kind()),
         block_size: codes.layout.block_size(),
         k: codes.k(),
         codebook: Codebook::from_f32(&centroids, codebook),

@@ -28,6 +28,7 @@ mod bounds;
 mod codes;
 mod kmeans;
 mod lut;
+mod rate;
 mod weighted;
 
 pub use assign::{assign_nearest, assign_nearest_reference, assign_nearest_top2, CentroidTable};
@@ -36,4 +37,5 @@ pub use kmeans::{
     kmeans, kmeans_reference, kmeans_tensor, KMeans, KMeansConfig, KMeansInit, KMeansProgress,
 };
 pub use lut::{pq_matmul_reference, PqMatmul};
+pub use rate::{probe_distortion, MIN_POINTS_PER_CENTROID};
 pub use weighted::{kmeans_weighted, BlockMetric, InputMoments};

@@ -177,6 +177,96 @@ impl BlockMetric {
         self.rows
     }
 
+    /// The plain metric: `positions` identity blocks over `rows` unweighted rows (k-means under
+    /// it is [`kmeans`]).
+    pub fn identity(d: usize, rows: usize, positions: usize) -> Result<Self> {
+        let mut h = vec![0f32; positions * d * d];
+        for b in h.chunks_exact_mut(d * d) {
+            (0..d).for_each(|r| b[r * d + r] = 1.0);
+        }
+        Self::new(d, rows, h, None)
+    }
+
+    /// The metric of the points of `rows` only (every block position kept, row weights carried).
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        if let Some(r) = rows.iter().find(|r| **r >= self.rows) {
+            return Err(Error::config(
+                "k-means metric",
+                format!("row {r} is past the metric's {} rows", self.rows),
+            ));
+        }
+        let weights = self
+            .row_weights
+            .as_ref()
+            .map(|w| rows.iter().map(|&r| w[r]).collect::<Vec<f32>>());
+        // A selection of rows that are all never read keeps them equally weighted instead of
+        // refusing: the error of such a sample is still a fair estimate.
+        let weights = weights.filter(|w| w.iter().any(|v| *v > 0.0));
+        let mut m = Self::new(self.d, rows.len(), self.hessians.clone(), weights)?;
+        m.ridge = self.ridge;
+        Ok(m)
+    }
+
+    /// The output error of replacing every point by its assigned centroid, relative to the
+    /// output energy of the points: `Σ_j s_j (w_j − c)ᵀH_b(w_j − c) / Σ_j s_j w_jᵀH_b w_j` with
+    /// the damped blocks (`points` in [`crate::layout::BlockLayout`] order). 0 when the points
+    /// carry no energy.
+    pub fn relative_error(
+        &self,
+        points: &[f32],
+        centroids: &[f32],
+        assignments: &[u32],
+    ) -> Result<f64> {
+        let (d, rows) = (self.d, self.rows);
+        let n = self.positions() * rows;
+        if points.len() != n * d || assignments.len() != n {
+            return Err(Error::config(
+                "k-means metric",
+                format!(
+                    "{} values and {} assignments for {n} points of {d}",
+                    points.len(),
+                    assignments.len()
+                ),
+            ));
+        }
+        let k = centroids.len() / d;
+        if let Some(a) = assignments.iter().find(|a| **a as usize >= k) {
+            return Err(Error::config(
+                "k-means metric",
+                format!("assignment {a} is past the {k} centroids"),
+            ));
+        }
+        let h = self.damped();
+        let quad = |hb: &[f64], v: &[f64]| -> f64 {
+            (0..d)
+                .map(|r| v[r] * (0..d).map(|c| hb[r * d + c] * v[c]).sum::<f64>())
+                .sum()
+        };
+        // One sum per block position, added in order: the figure does not depend on the threads.
+        let per_position: Vec<(f64, f64)> = (0..self.positions())
+            .into_par_iter()
+            .map(|b| {
+                let hb = &h[b * d * d..(b + 1) * d * d];
+                let (mut err, mut energy) = (0.0, 0.0);
+                for o in 0..rows {
+                    let j = b * rows + o;
+                    let w = &points[j * d..(j + 1) * d];
+                    let c = &centroids[assignments[j] as usize * d..][..d];
+                    let diff: Vec<f64> = (0..d).map(|r| w[r] as f64 - c[r] as f64).collect();
+                    let wv: Vec<f64> = w.iter().map(|v| *v as f64).collect();
+                    let s = self.row_weight(o);
+                    err += s * quad(hb, &diff);
+                    energy += s * quad(hb, &wv);
+                }
+                (err, energy)
+            })
+            .collect();
+        let (err, energy) = per_position
+            .iter()
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        Ok(if energy > 0.0 { err / energy } else { 0.0 })
+    }
+
     /// Whether the objective is plain k-means' (every block the same multiple of `I`, rows
     /// unweighted or equally weighted).
     pub fn is_plain(&self) -> bool {

@@ -22,7 +22,7 @@ pub(crate) struct Quantized {
 
 /// Runs `rows` training rows (a seeded draw; evaluation mode) through `model` with the layers
 /// `picked` measuring their inputs, and returns what each measured.
-fn calibrate(
+pub(crate) fn calibrate(
     model: &mut dyn QuantModel,
     picked: &[usize],
     train: &Dataset,

@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod budget;
 mod export;
 pub mod fingerprint;
 mod ipq;
@@ -39,7 +40,7 @@ pub mod plan;
 mod recalibrate;
 mod run;
 
-pub use export::{export_qnz, export_qnz_with};
+pub use export::{export_qnz, export_qnz_with, planned_size};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use ipq::int8_centroids;
 pub use plan::{Stage, StageOverride, StagePlan};

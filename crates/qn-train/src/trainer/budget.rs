@@ -1,0 +1,467 @@
+//! A bit budget for iPQ: which block size and how many centroids each layer gets, so that the
+//! written file lands on a size the user names.
+//!
+//! Each layer that a stage of the plan would quantize is *probed* at every candidate `(d, K)`:
+//! k-means on a seeded sample of its blocks under the layer's calibration metric
+//! ([`qn_kernels::pq::probe_distortion`]) gives its relative output error
+//! `‖X(W − Ŵ)‖² / ‖XW‖²` (an embedding: the row-read-weighted weight error), and the record
+//! size of each candidate is exact ([`qn_format::header::record_parts`]). The choice minimises the
+//! sum of the layers' relative errors under the byte budget by marginal analysis: every layer
+//! starts at its smallest candidate, then the upgrade that buys the most error reduction per byte
+//! and still fits is taken, until none fits. The size of the whole file — header, float tensors,
+//! padding — comes from a dry run of the writer ([`super::planned_size`]), so the plan is checked
+//! against the true byte count, not an estimate.
+//!
+//! Summing *relative* errors weighs every layer alike: a first-order stand-in for the loss, which
+//! puts the big, redundant layers (a word embedding) at the lowest rates. It is a heuristic, and
+//! BENCHMARKS.md measures the plans it makes against the paper's default at the same size.
+//!
+//! ```no_run
+//! # use qn_train::trainer::{budget::*, StagePlan, TrainConfig};
+//! # fn f(model: &mut dyn qn_train::QuantModel, data: &qn_train::data::Dataset, plan: &StagePlan)
+//! #     -> qn_train::Result<()> {
+//! let codebook = qn_format::header::CodebookKind::Int8;
+//! let budget = plan_for_budget(
+//!     model, plan, 4_000_000, &BudgetOptions::default(), &TrainConfig::default(), data,
+//!     &mut |m, planned| qn_train::trainer::planned_size(m, codebook, &[], planned),
+//! )?;
+//! println!("{}", budget.to_toml()?);
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+
+use qn_format::header::{record_parts, CodebookKind, Encoding};
+use qn_kernels::pq::{probe_distortion, BlockMetric, KMeansConfig};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use super::ipq::calibrate;
+use super::{progress_bar, StageOverride, StagePlan, TrainConfig};
+use crate::data::Dataset;
+use crate::model::QuantModel;
+use crate::{Error, Result, WeightState};
+
+/// What the budget may choose from, and how hard it looks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetOptions {
+    /// Candidate block sizes (those a layer's shape does not allow are skipped for it).
+    pub block_sizes: Vec<usize>,
+    /// Candidate centroid counts (those above a layer's block count are skipped for it).
+    pub centroids: Vec<usize>,
+    /// Points each probe's k-means fits (at least 64 per centroid).
+    pub probe_points: usize,
+    /// Lloyd iterations of each probe.
+    pub probe_iters: usize,
+    /// How the file stores codebooks (their bytes count).
+    pub codebook: CodebookKind,
+}
+
+impl Default for BudgetOptions {
+    fn default() -> Self {
+        Self {
+            block_sizes: vec![2, 4, 8, 16],
+            centroids: vec![256],
+            probe_points: 1 << 15,
+            probe_iters: 10,
+            codebook: CodebookKind::Int8,
+        }
+    }
+}
+
+/// One `(d, K)` a layer could take: its record's bytes and its measured relative error.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Block size `d`.
+    pub block_size: usize,
+    /// Centroids `K`.
+    pub centroids: usize,
+    /// Bytes of the layer's record, aligned as the file aligns it.
+    pub bytes: u64,
+    /// Relative output error of the probe.
+    pub distortion: f64,
+}
+
+/// A layer's candidates and the stage that quantizes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerOptions {
+    /// Layer name.
+    pub layer: String,
+    /// Index of the stage that quantizes it.
+    pub stage: usize,
+    /// Its candidates.
+    pub candidates: Vec<Candidate>,
+}
+
+/// The plan a budget chose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetPlan {
+    /// The size asked for.
+    pub target_bytes: u64,
+    /// The file size of the chosen plan (a dry run of the writer).
+    pub planned_bytes: u64,
+    /// The smallest file any choice gives.
+    pub smallest_bytes: u64,
+    /// The plan given, with one override per layer setting its block size and centroids.
+    pub plan: StagePlan,
+    /// Every layer's options and, per layer, the index of the chosen candidate.
+    pub layers: Vec<LayerOptions>,
+    /// The chosen candidate of each layer.
+    pub chosen: Vec<usize>,
+}
+
+impl BudgetPlan {
+    /// The chosen plan as a TOML plan file (`qn compress --plan` reads it back), each layer's
+    /// choice and measured error in a comment.
+    pub fn to_toml(&self) -> Result<String> {
+        let body =
+            toml::to_string(&self.plan).map_err(|e| Error::config("budget plan", e.to_string()))?;
+        let mut out = format!(
+            "# Bit budget: {} bytes asked, {} planned (smallest possible {}).\n",
+            self.target_bytes, self.planned_bytes, self.smallest_bytes
+        );
+        for (l, &c) in self.layers.iter().zip(&self.chosen) {
+            let c = l.candidates[c];
+            out.push_str(&format!(
+                "# {}: d = {}, K = {}, {} bytes, relative output error {:.4}\n",
+                l.layer, c.block_size, c.centroids, c.bytes, c.distortion
+            ));
+        }
+        out.push_str(&body);
+        Ok(out)
+    }
+
+    /// `(block size, centroids)` of every planned layer.
+    pub fn planned(&self) -> BTreeMap<String, (usize, usize)> {
+        planned(&self.layers, &self.chosen)
+    }
+}
+
+fn planned(layers: &[LayerOptions], chosen: &[usize]) -> BTreeMap<String, (usize, usize)> {
+    layers
+        .iter()
+        .zip(chosen)
+        .map(|(l, &c)| {
+            let c = l.candidates[c];
+            (l.layer.clone(), (c.block_size, c.centroids))
+        })
+        .collect()
+}
+
+/// `plan` with one override per layer (first, so that it wins) fixing its choice.
+fn with_choices(plan: &StagePlan, layers: &[LayerOptions], chosen: &[usize]) -> StagePlan {
+    let mut out = plan.clone();
+    let mut added: Vec<Vec<StageOverride>> = vec![Vec::new(); plan.stages.len()];
+    for (l, &c) in layers.iter().zip(chosen) {
+        let c = l.candidates[c];
+        added[l.stage].push(StageOverride {
+            pattern: format!("^{}$", regex::escape(&l.layer)),
+            block_size: Some(c.block_size),
+            centroids: Some(c.centroids),
+        });
+    }
+    for (stage, mut new) in out.stages.iter_mut().zip(added) {
+        new.append(&mut stage.overrides);
+        stage.overrides = new;
+    }
+    out
+}
+
+/// Bytes of a PQ record of `shape` at `(d, K)`, padded to the file's alignment.
+fn record_bytes(
+    shape: &[usize],
+    kind: qn_kernels::layout::LayerKind,
+    d: usize,
+    k: usize,
+    codebook: CodebookKind,
+) -> Option<u64> {
+    let enc = Encoding::Pq {
+        layer: qn_kernels::export::format_layer_kind(kind),
+        block_size: d,
+        k,
+        codebook,
+        rans_words: None,
+    };
+    let len: usize = record_parts(shape, &enc).ok()?.iter().map(|(_, n)| n).sum();
+    let align = qn_format::ALIGN as u64;
+    Some((len as u64).div_ceil(align) * align)
+}
+
+/// Probes every layer a stage of `plan` would quantize at every candidate of `opts`, on the
+/// model as it is (float). Calibration (`cfg.calibration_rows` rows of `data`) gives the
+/// metrics; without it the errors are plain weight errors.
+pub fn probe_layers(
+    model: &mut dyn QuantModel,
+    plan: &StagePlan,
+    opts: &BudgetOptions,
+    cfg: &TrainConfig,
+    data: &Dataset,
+) -> Result<Vec<LayerOptions>> {
+    if opts.block_sizes.is_empty() || opts.centroids.is_empty() {
+        return Err(Error::config(
+            "bit budget",
+            "needs at least one block size and one centroid count",
+        ));
+    }
+    let regexes = plan
+        .stages
+        .iter()
+        .map(|s| {
+            s.layers
+                .as_deref()
+                .map(Regex::new)
+                .transpose()
+                .map_err(|e| Error::config(format!("stage `{}`: layers", s.name), e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // A layer belongs to the first stage that names it, as the stages run.
+    let mut picked: Vec<(usize, usize)> = Vec::new();
+    for (i, layer) in model.layers().iter().enumerate() {
+        if !matches!(layer.qweight().state(), WeightState::Float(_)) {
+            continue;
+        }
+        if let Some(s) = regexes
+            .iter()
+            .position(|r| r.as_ref().is_some_and(|r| r.is_match(layer.name())))
+        {
+            picked.push((i, s));
+        }
+    }
+    let indices: Vec<usize> = picked.iter().map(|(i, _)| *i).collect();
+    let calibration = if cfg.calibration_rows > 0 && !indices.is_empty() {
+        calibrate(
+            model,
+            &indices,
+            data,
+            cfg.calibration_rows,
+            cfg.seed,
+            cfg.calibrate_embeddings,
+        )?
+    } else {
+        vec![None; indices.len()]
+    };
+    let layers = model.layers();
+    let bar = progress_bar(cfg.progress, picked.len(), "bit budget: probing layers");
+    let mut out = Vec::new();
+    for (&(i, stage), calib) in picked.iter().zip(calibration) {
+        let layer = layers[i];
+        let name = layer.name();
+        bar.set_message(name.to_string());
+        let WeightState::Float(w) = layer.qweight().state() else {
+            unreachable!("only float layers are picked")
+        };
+        let mut candidates = Vec::new();
+        for &d in &opts.block_sizes {
+            let Ok(layout) = layer.qweight().layout().with_block_size(name, d) else {
+                continue;
+            };
+            let ks: Vec<usize> = opts
+                .centroids
+                .iter()
+                .copied()
+                .filter(|&k| k >= 1 && k <= layout.n_blocks())
+                .collect();
+            if ks.is_empty() {
+                continue;
+            }
+            let points = layout
+                .to_subvectors(&w.as_tensor().detach())?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let metric = match calib.as_ref().and_then(|c| c.metric(&layout)) {
+                Some(m) => m,
+                None => BlockMetric::identity(d, layout.rows(), layout.n_blocks() / layout.rows())?,
+            };
+            for k in ks {
+                let Some(bytes) = record_bytes(layout.shape(), layout.kind(), d, k, opts.codebook)
+                else {
+                    continue;
+                };
+                let km = KMeansConfig::new(k)
+                    .with_iters(opts.probe_iters)
+                    .with_seed(cfg.seed);
+                let distortion = probe_distortion(&points, &metric, &km, opts.probe_points)
+                    .map_err(|e| Error::Layer {
+                        layer: name.to_string(),
+                        reason: format!("bit budget probe at d = {d}, K = {k}: {e}"),
+                    })?;
+                candidates.push(Candidate {
+                    block_size: d,
+                    centroids: k,
+                    bytes,
+                    distortion,
+                });
+            }
+        }
+        if !candidates.is_empty() {
+            out.push(LayerOptions {
+                layer: name.to_string(),
+                stage,
+                candidates,
+            });
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// The candidate with the fewest bytes (the lower error among equals).
+fn smallest(l: &LayerOptions) -> usize {
+    (0..l.candidates.len())
+        .min_by(|&a, &b| {
+            let (a, b) = (l.candidates[a], l.candidates[b]);
+            a.bytes
+                .cmp(&b.bytes)
+                .then(a.distortion.total_cmp(&b.distortion))
+        })
+        .expect("a layer has candidates")
+}
+
+/// What [`solve`] asks of the caller: the exact file size of `model` with `plan` (the plan with
+/// the choices as overrides, which the caller may store in the header) and the layers of
+/// `planned` quantized at their `(d, K)`.
+pub type SizeOf<'a> =
+    dyn FnMut(&dyn QuantModel, &StagePlan, &BTreeMap<String, (usize, usize)>) -> Result<u64> + 'a;
+
+/// Bytes kept free below the target for the header's checksums (see [`solve`]).
+pub const HEADER_SLACK: u64 = qn_format::ALIGN as u64;
+
+/// Marginal analysis: the candidate of each layer that minimises the summed distortion with the
+/// summed bytes at most `budget`; `None` when even the smallest candidates exceed it.
+pub fn choose(layers: &[LayerOptions], budget: u64) -> Option<Vec<usize>> {
+    let mut pick: Vec<usize> = layers.iter().map(smallest).collect();
+    let mut used: u64 = layers
+        .iter()
+        .zip(&pick)
+        .map(|(l, &c)| l.candidates[c].bytes)
+        .sum();
+    if used > budget {
+        return None;
+    }
+    loop {
+        // (error removed per byte, layer, candidate); a free improvement ranks first.
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (li, l) in layers.iter().enumerate() {
+            let now = l.candidates[pick[li]];
+            for (ci, c) in l.candidates.iter().enumerate() {
+                let gain = now.distortion - c.distortion;
+                if gain <= 0.0 {
+                    continue;
+                }
+                let cost = c.bytes as i64 - now.bytes as i64;
+                if cost > 0 && used + cost as u64 > budget {
+                    continue;
+                }
+                let rate = if cost <= 0 {
+                    f64::INFINITY
+                } else {
+                    gain / cost as f64
+                };
+                if best.is_none_or(|(r, _, _)| rate > r) {
+                    best = Some((rate, li, ci));
+                }
+            }
+        }
+        let Some((_, li, ci)) = best else {
+            return Some(pick);
+        };
+        used = used + layers[li].candidates[ci].bytes - layers[li].candidates[pick[li]].bytes;
+        pick[li] = ci;
+    }
+}
+
+/// Chooses every layer's `(d, K)` so that the file `size_of` reports stays within
+/// `target_bytes`, and returns the plan with the choices as overrides. `size_of(model, planned)`
+/// is the exact file size with the layers of `planned` quantized (the caller's
+/// [`super::planned_size`] with its metadata).
+pub fn plan_for_budget(
+    model: &mut dyn QuantModel,
+    plan: &StagePlan,
+    target_bytes: u64,
+    opts: &BudgetOptions,
+    cfg: &TrainConfig,
+    data: &Dataset,
+    size_of: &mut SizeOf<'_>,
+) -> Result<BudgetPlan> {
+    let layers = probe_layers(model, plan, opts, cfg, data)?;
+    solve(&*model, plan, target_bytes, layers, size_of)
+}
+
+/// [`plan_for_budget`] after the probes: the choice, checked against the writer's dry run.
+pub fn solve(
+    model: &dyn QuantModel,
+    plan: &StagePlan,
+    target_bytes: u64,
+    layers: Vec<LayerOptions>,
+    size_of: &mut SizeOf<'_>,
+) -> Result<BudgetPlan> {
+    if layers.is_empty() {
+        return Err(Error::config(
+            "bit budget",
+            "no layer of the plan can be product-quantized at the candidate block sizes and centroids",
+        ));
+    }
+    let smallest: Vec<usize> = layers.iter().map(smallest).collect();
+    let layer_bytes = |pick: &[usize]| -> u64 {
+        layers
+            .iter()
+            .zip(pick)
+            .map(|(l, &c)| l.candidates[c].bytes)
+            .sum()
+    };
+    let mut size = |pick: &[usize]| {
+        size_of(
+            model,
+            &with_choices(plan, &layers, pick),
+            &planned(&layers, pick),
+        )
+    };
+    let smallest_bytes = size(&smallest)?;
+    if smallest_bytes > target_bytes {
+        return Err(Error::config(
+            "bit budget",
+            format!(
+                "{target_bytes} bytes is below the smallest file the candidates give ({smallest_bytes} bytes, every layer at its largest block size and fewest centroids)"
+            ),
+        ));
+    }
+    // Everything that is not a planned layer's record: header, float tensors, padding.
+    let rest = smallest_bytes.saturating_sub(layer_bytes(&smallest));
+    // The real header differs from the dry run's in its checksums: its compressed length moves by
+    // a few bytes, which the alignment of the first record can round to one `ALIGN` more.
+    let aim = target_bytes
+        .saturating_sub(HEADER_SLACK)
+        .max(smallest_bytes);
+    let mut chosen = choose(&layers, aim - rest).unwrap_or(smallest.clone());
+    let mut planned_bytes = size(&chosen)?;
+    // The plan stored in the header moves its length too: step back until the dry run fits.
+    while planned_bytes > aim {
+        let over = planned_bytes - aim;
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (li, l) in layers.iter().enumerate() {
+            let now = l.candidates[chosen[li]];
+            for (ci, c) in l.candidates.iter().enumerate() {
+                if c.bytes >= now.bytes {
+                    continue;
+                }
+                let saved = (now.bytes - c.bytes).min(over) as f64;
+                let loss = (c.distortion - now.distortion).max(0.0) / saved;
+                if best.is_none_or(|(b, _, _)| loss < b) {
+                    best = Some((loss, li, ci));
+                }
+            }
+        }
+        let Some((_, li, ci)) = best else { break };
+        chosen[li] = ci;
+        planned_bytes = size(&chosen)?;
+    }
+    Ok(BudgetPlan {
+        target_bytes,
+        planned_bytes,
+        smallest_bytes,
+        plan: with_choices(plan, &layers, &chosen),
+        layers,
+        chosen,
+    })
+}
