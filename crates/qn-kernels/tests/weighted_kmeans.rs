@@ -282,3 +282,153 @@ fn bad_metrics_are_refused_naming_what_is_wrong() {
     assert!(e.contains("do not cover the 5 points"), "{e}");
     assert!(metric.clone().with_ridge(-1.0).is_err());
 }
+
+/// `Σ s (w − c)ᵀH(w − c) / Σ s wᵀHw` written out in f64 with the damped blocks.
+fn relative_error_by_hand(
+    points: &[f32],
+    h: &[f32],
+    weights: &[f32],
+    centroids: &[f32],
+    assignments: &[u32],
+    d: usize,
+    rows: usize,
+    ridge: f64,
+) -> f64 {
+    let (mut err, mut energy) = (0.0f64, 0.0f64);
+    for (j, &a) in assignments.iter().enumerate() {
+        let (b, o) = (j / rows, j % rows);
+        let hb = &h[b * d * d..(b + 1) * d * d];
+        let mean = (0..d).map(|r| hb[r * d + r] as f64).sum::<f64>() / d as f64;
+        let at =
+            |r: usize, c: usize| hb[r * d + c] as f64 + if r == c { ridge * mean } else { 0.0 };
+        let w = &points[j * d..(j + 1) * d];
+        let c = &centroids[a as usize * d..(a as usize + 1) * d];
+        for r in 0..d {
+            for cc in 0..d {
+                let s = weights[o] as f64 * at(r, cc);
+                err += s * (w[r] as f64 - c[r] as f64) * (w[cc] as f64 - c[cc] as f64);
+                energy += s * w[r] as f64 * w[cc] as f64;
+            }
+        }
+    }
+    err / energy
+}
+
+#[test]
+fn the_relative_error_is_the_formula_and_a_row_selection_keeps_its_rows() {
+    let (rows, positions, d, k) = (40, 3, 4, 8);
+    let points = gaussian(rows * positions * d, 0.3, 11);
+    let mut r = rng(12);
+    let mut h = vec![0f32; positions * d * d];
+    let x = gaussian(200 * positions * d, 1.0, 13);
+    for xi in x.chunks_exact(positions * d) {
+        for b in 0..positions {
+            for i in 0..d {
+                for c in 0..d {
+                    h[b * d * d + i * d + c] += xi[b * d + i] * xi[b * d + c] / 200.0;
+                }
+            }
+        }
+    }
+    let weights: Vec<f32> = (0..rows).map(|_| r.random_range(0.0f32..5.0)).collect();
+    let metric = BlockMetric::new(d, rows, h.clone(), Some(weights.clone())).unwrap();
+    let centroids = gaussian(k * d, 0.3, 14);
+    let assignments: Vec<u32> = (0..rows * positions)
+        .map(|_| r.random_range(0..k as u32))
+        .collect();
+    let got = metric
+        .relative_error(&points, &centroids, &assignments)
+        .unwrap();
+    let want = relative_error_by_hand(
+        &points,
+        &h,
+        &weights,
+        &centroids,
+        &assignments,
+        d,
+        rows,
+        metric.ridge(),
+    );
+    assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+    // Rows 3, 7 and 20 alone: the same sums restricted to them.
+    let picked = [3usize, 7, 20];
+    let sub = metric.select_rows(&picked).unwrap();
+    let pick_points: Vec<f32> = (0..positions)
+        .flat_map(|b| {
+            picked
+                .iter()
+                .flat_map(move |&o| (b * rows + o) * d..(b * rows + o + 1) * d)
+        })
+        .map(|i| points[i])
+        .collect();
+    let pick_assign: Vec<u32> = (0..positions)
+        .flat_map(|b| picked.iter().map(move |&o| b * rows + o))
+        .map(|j| assignments[j])
+        .collect();
+    let pick_weights: Vec<f32> = picked.iter().map(|&o| weights[o]).collect();
+    let got = sub
+        .relative_error(&pick_points, &centroids, &pick_assign)
+        .unwrap();
+    let want = relative_error_by_hand(
+        &pick_points,
+        &h,
+        &pick_weights,
+        &centroids,
+        &pick_assign,
+        d,
+        3,
+        metric.ridge(),
+    );
+    assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+    // Codes past the codebook and a wrong count are errors, not reads.
+    let mut bad = assignments.clone();
+    bad[5] = k as u32;
+    assert!(metric.relative_error(&points, &centroids, &bad).is_err());
+    assert!(metric
+        .relative_error(&points, &centroids, &assignments[1..])
+        .is_err());
+    assert!(metric.select_rows(&[rows]).is_err());
+}
+
+#[test]
+fn a_probe_on_all_points_is_the_kmeans_error_and_a_sample_estimates_it() {
+    use qn_kernels::pq::probe_distortion;
+    let (rows, positions, d) = (2048, 4, 4);
+    let points = gaussian(rows * positions * d, 1.0, 21);
+    let metric = BlockMetric::identity(d, rows, positions).unwrap();
+    let cfg = KMeansConfig::new(64).with_iters(10).with_seed(3);
+    // Every point fits: the probe is k-means' own relative MSE.
+    let full = probe_distortion(&points, &metric, &cfg, usize::MAX).unwrap();
+    let km = kmeans(&points, d, &cfg, &mut |_| {}).unwrap();
+    let energy: f64 = points.iter().map(|v| (*v as f64).powi(2)).sum();
+    assert!(
+        (full - km.objective / energy).abs() < 1e-4 * full,
+        "{full} vs {}",
+        km.objective / energy
+    );
+    // Gaussian data at 6 bits per 4 values: between Shannon's 2^-3 = 0.125 and 1.
+    assert!(full > 0.125 && full < 0.3, "{full}");
+    // A sample of 64 points per centroid lands near the full figure (a little optimistic).
+    let sampled = probe_distortion(&points, &metric, &cfg, 4096).unwrap();
+    assert!(
+        sampled < full * 1.02 && sampled > full * 0.85,
+        "{sampled} vs {full}"
+    );
+    // More centroids, less error; refused with more centroids than points.
+    let finer = probe_distortion(
+        &points,
+        &metric,
+        &KMeansConfig::new(256).with_iters(10),
+        4096,
+    )
+    .unwrap();
+    assert!(finer < sampled);
+    assert!(probe_distortion(
+        &points,
+        &metric,
+        &KMeansConfig::new(rows * positions + 1),
+        4096
+    )
+    .is_err());
+    assert!(probe_distortion(&points[1..], &metric, &cfg, 4096).is_err());
+}
