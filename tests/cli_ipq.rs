@@ -274,3 +274,70 @@ fn the_documented_emb16_ffn4_plan_runs() {
         assert!(m.starts_with(want), "{name}: {m}");
     }
 }
+
+/// `--target-size` lands the file within 1 % under the size asked, stores the plan it chose in
+/// the header, and that plan given back as `--plan` writes a file of the same size; a size no plan
+/// reaches is a one-line error naming the smallest one; a rerun reads the plan back.
+#[test]
+fn a_target_size_is_hit_within_one_percent_and_its_plan_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = asset("text/sst2-train-200.tsv");
+    let budget = ["--budget-centroids", "16,32,64,128,256", "--steps", "1"];
+    for target in [26_000u64, 36_000] {
+        let f = tmp.path().join(format!("t{target}.qnz"));
+        let work = tmp.path().join(format!("w{target}"));
+        let t = target.to_string();
+        let mut extra = budget.to_vec();
+        extra.extend(["--target-size", &t, "--work-dir", work.to_str().unwrap()]);
+        let out = compress(&extra, &train, &f);
+        ok(&out);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains(&format!("bit budget: {target} bytes asked")),
+            "{err}"
+        );
+        let bytes = std::fs::metadata(&f).unwrap().len();
+        assert!(
+            bytes <= target && bytes as f64 >= 0.99 * target as f64,
+            "{bytes} bytes for a target of {target}"
+        );
+        // The same command again: the plan is read back from the work directory.
+        let again = tmp.path().join(format!("again{target}.qnz"));
+        let out = compress(&extra, &train, &again);
+        ok(&out);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains("the plan chosen before, read from"), "{err}");
+        assert_eq!(std::fs::metadata(&again).unwrap().len(), bytes);
+        // The stored plan, given back, makes the same file.
+        let j: serde_json::Value =
+            serde_json::from_str(&ok(&qn(&[&"inspect", &f, &"--json"]))).unwrap();
+        let plan = j["metadata"]["stage_plan"].as_str().unwrap();
+        assert!(plan.contains("[[stage.override]]"), "{plan}");
+        let plan_file = tmp.path().join(format!("plan{target}.toml"));
+        std::fs::write(&plan_file, plan).unwrap();
+        let g = tmp.path().join(format!("p{target}.qnz"));
+        ok(&compress(
+            &["--steps", "1", "--plan", plan_file.to_str().unwrap()],
+            &train,
+            &g,
+        ));
+        assert_eq!(std::fs::metadata(&g).unwrap().len(), bytes);
+    }
+    let e = last_error(&compress(
+        &["--target-size", "2kB", "--steps", "1"],
+        &train,
+        &tmp.path().join("small.qnz"),
+    ));
+    assert!(
+        e.contains("2000 bytes is below the smallest file the candidates give"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("small.qnz").exists());
+    let out = compress(
+        &["--target-size", "4 parsecs"],
+        &train,
+        &tmp.path().join("x.qnz"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a size unit"), "{err}");
+}

@@ -15,6 +15,38 @@ pub fn parse_positive_f64(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// A size in bytes: a whole number, or a number with a unit (`kB`, `MB`, `GB` in powers of
+/// 1000; `KiB`, `MiB`, `GiB` in powers of 1024; `B`), e.g. `4000000`, `4MB`, `3.5MiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "`{u}` in `{s}` is not a size unit (B, kB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 4000000, 4MB, 3.5MiB)"))?;
+    let bytes = (v * scale).round();
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1e18) {
+        return Err(format!("{s} is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// A count of one or more with no upper bound (clap's `range(1..)` would print its bound,
 /// 18446744073709551615, in the error).
 pub fn parse_positive_count(s: &str) -> Result<u64, String> {

@@ -16,13 +16,16 @@ use qn_models::bundle::qnz_metadata;
 use qn_models::text::{read_examples_with, LabelMap, TextExample, TextTokenizer, NO_LABEL};
 use qn_train::data::Dataset;
 use qn_train::distill::{cached_teacher_logits, Distill};
-use qn_train::trainer::{accuracy, export_qnz_with, run_stages, RunOutput, StagePlan, TrainConfig};
+use qn_train::trainer::budget::{plan_for_budget, BudgetOptions, BudgetPlan};
+use qn_train::trainer::{
+    accuracy, export_qnz_with, planned_size, run_stages, RunOutput, StagePlan, TrainConfig,
+};
 use qn_train::QuantModel;
 use rand::{seq::SliceRandom, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{parse_any_task, parse_max_len, task_labels, AnyTask, ModelArgs};
-use crate::args::{parse_positive_count, parse_positive_f64};
+use crate::args::{parse_positive_count, parse_positive_f64, parse_size};
 use crate::interrupt;
 use crate::rules::{parse_granularity, parse_observer};
 
@@ -127,6 +130,23 @@ pub struct CompressArgs {
     /// touched). Measured on Lite0 / Fashion-MNIST: 80.50 % -> 86.20 % (BENCHMARKS.md).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=1_000_000), allow_negative_numbers = true)]
     pub(crate) bn_recalibrate: u64,
+    /// iPQ: the size of the file to write, every byte counted (bytes, or with a unit: 4MB,
+    /// 3.5MiB). Each layer's block size and centroids are chosen from `--budget-block-sizes` and
+    /// `--budget-centroids` by the error each choice measures on the calibration rows, to land
+    /// within 1 % under it; the stages and their lengths stay the plan's. The chosen plan is
+    /// printed and stored in the file's header (`qn inspect --json`, key `stage_plan`).
+    #[arg(long, value_parser = parse_size, conflicts_with = "target_ratio")]
+    pub(crate) target_size: Option<u64>,
+    /// iPQ: `--target-size` as a compression ratio against the model written uncompressed
+    /// (its float32 tensors and the same header).
+    #[arg(long, value_parser = parse_positive_f64, allow_negative_numbers = true)]
+    pub(crate) target_ratio: Option<f64>,
+    /// With a target: the block sizes a layer may take.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub(crate) budget_block_sizes: Vec<u64>,
+    /// With a target: the centroid counts a layer may take.
+    #[arg(long, value_delimiter = ',', default_value = "256", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub(crate) budget_centroids: Vec<u64>,
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
@@ -421,6 +441,105 @@ pub(crate) fn stage_plan(
     Ok(plan)
 }
 
+/// `metadata` and the plan that made the file (key `stage_plan`, as TOML).
+fn with_plan(metadata: &[(String, String)], plan: &StagePlan) -> Result<Vec<(String, String)>> {
+    let mut out = metadata.to_vec();
+    out.push((
+        "stage_plan".into(),
+        toml::to_string(plan).context("the stage plan as TOML")?,
+    ));
+    Ok(out)
+}
+
+/// With `--target-size` / `--target-ratio`: the plan with each layer's block size and centroids
+/// chosen to fit ([`qn_train::trainer::budget`]), computed once and kept in the work directory
+/// (a rerun with the same settings reads it back); else `None`.
+#[allow(clippy::too_many_arguments)]
+fn bit_budget(
+    args: &CompressArgs,
+    model: &mut dyn QuantModel,
+    plan: &StagePlan,
+    cfg: &TrainConfig,
+    train: &Dataset,
+    codebook: CodebookKind,
+    metadata: &[(String, String)],
+    work: &std::path::Path,
+) -> Result<Option<StagePlan>> {
+    let mut size_of = |m: &dyn QuantModel,
+                       p: &StagePlan,
+                       planned: &std::collections::BTreeMap<String, (usize, usize)>|
+     -> qn_train::Result<u64> {
+        let meta = with_plan(metadata, p).map_err(|e| qn_train::Error::Config {
+            field: "stage plan".into(),
+            reason: e.to_string(),
+        })?;
+        planned_size(m, codebook, &meta, planned)
+    };
+    let target = match (args.target_size, args.target_ratio) {
+        (Some(bytes), _) => bytes,
+        (None, Some(r)) => {
+            let full = size_of(&*model, plan, &Default::default())?;
+            let t = (full as f64 / r).floor() as u64;
+            eprintln!("qn: --target-ratio {r}: {t} bytes (the model uncompressed is {full} bytes)");
+            t
+        }
+        (None, None) => return Ok(None),
+    };
+    let opts = BudgetOptions {
+        block_sizes: args
+            .budget_block_sizes
+            .iter()
+            .map(|&v| v as usize)
+            .collect(),
+        centroids: args.budget_centroids.iter().map(|&v| v as usize).collect(),
+        codebook,
+        ..BudgetOptions::default()
+    };
+    let key = serde_json::json!({
+        "target": target,
+        "options": opts,
+        "plan": plan,
+        "calibration": cfg.calibration_rows,
+        "calibrate_embeddings": cfg.calibrate_embeddings,
+        "seed": cfg.seed,
+        "rows": train.len(),
+    });
+    let cache = work.join("budget.json");
+    let cached: Option<BudgetPlan> = std::fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v.get("key") == Some(&key))
+        .and_then(|v| serde_json::from_value(v["budget"].clone()).ok());
+    let budget = match cached {
+        Some(b) => {
+            eprintln!(
+                "qn: bit budget: the plan chosen before, read from `{}`",
+                cache.display()
+            );
+            b
+        }
+        None => {
+            let probe_cfg = TrainConfig {
+                progress: true,
+                ..cfg.clone()
+            };
+            let b = plan_for_budget(model, plan, target, &opts, &probe_cfg, train, &mut size_of)
+                .context("--target-size / --target-ratio")?;
+            let json = serde_json::to_vec(&serde_json::json!({"key": key, "budget": b}))?;
+            qn_format::write_atomic(&cache, |f| std::io::Write::write_all(f, &json))?;
+            b
+        }
+    };
+    eprintln!(
+        "qn: bit budget: {} bytes asked, {} planned ({:+.2} %); the plan (stored in the file):\n{}",
+        budget.target_bytes,
+        budget.planned_bytes,
+        100.0 * (budget.planned_bytes as f64 / budget.target_bytes as f64 - 1.0),
+        budget.to_toml()?
+    );
+    Ok(Some(budget.plan))
+}
+
 /// A seeded draw of `k` rows of `data` held out: `(the rest, the held-out rows)`, both in their
 /// original order. Refused when no row would be left to train on.
 fn hold_out(data: &Dataset, k: usize, seed: u64) -> Result<(Dataset, Dataset)> {
@@ -564,6 +683,14 @@ pub(crate) fn ipq_stages_and_export(
         ..TrainConfig::default()
     };
     cfg.validate()?;
+    let codebook = if plan.int8_centroids {
+        CodebookKind::Int8
+    } else {
+        CodebookKind::F16
+    };
+    let budgeted = bit_budget(args, model, plan, &cfg, &train, codebook, metadata, &work)?;
+    let plan = budgeted.as_ref().unwrap_or(plan);
+    let metadata = with_plan(metadata, plan)?;
     eprintln!(
         "qn: the stage checks use {check_what}: {:.2} % before compression",
         uncompressed * 100.0
@@ -578,12 +705,7 @@ pub(crate) fn ipq_stages_and_export(
     for w in &report.warnings {
         eprintln!("qn: warning: {w}");
     }
-    let codebook = if plan.int8_centroids {
-        CodebookKind::Int8
-    } else {
-        CodebookKind::F16
-    };
-    let bytes = export_qnz_with(&*model, &args.output, codebook, metadata)?;
+    let bytes = export_qnz_with(&*model, &args.output, codebook, &metadata)?;
     // The default checkpoints only serve a rerun of an unfinished compression; a `--work-dir`
     // the user named is theirs to keep.
     if args.work_dir.is_none() {
