@@ -218,7 +218,11 @@ fn suites(o: &Options) -> Result<Vec<Suite>> {
 /// Runs `cargo xtask bench`.
 pub fn bench(args: &[String]) -> Result<()> {
     let o = parse_options(args)?;
-    let methods = suite::select(o.methods.as_deref()).map_err(anyhow::Error::msg)?;
+    let methods: Vec<Method> = suite::select(o.methods.as_deref())
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .filter(|m| m.quick || !o.quick)
+        .collect();
     let suites = suites(&o)?;
     let qn = crate::build_qn()?;
     let out_dir = o
@@ -445,26 +449,31 @@ fn run_row(
                         if histogram { "histogram" } else { "minmax" }.into(),
                     ]);
                 }
-                Compress::Ipq { int8, kd } => args.extend([
-                    "--distill".into(),
-                    if kd { "logits" } else { "none" }.into(),
-                    "--calibration".into(),
-                    if kd { "256" } else { "0" }.into(),
-                    "--method".into(),
-                    "ipq".into(),
-                    "--codebook".into(),
-                    if int8 { "int8" } else { "f16" }.into(),
-                    "--train".into(),
-                    s.train.display().to_string(),
-                    "--max-examples".into(),
-                    b.train_examples.to_string(),
-                    "--steps".into(),
-                    b.ipq_steps.to_string(),
-                    "--kmeans-iters".into(),
-                    b.kmeans_iters.to_string(),
-                    "--batch-size".into(),
-                    b.batch.to_string(),
-                ]),
+                Compress::Ipq { int8, kd, ratio } => {
+                    if let Some(r) = ratio {
+                        args.extend(["--target-ratio".into(), r.to_string()]);
+                    }
+                    args.extend([
+                        "--distill".into(),
+                        if kd { "logits" } else { "none" }.into(),
+                        "--calibration".into(),
+                        if kd { "256" } else { "0" }.into(),
+                        "--method".into(),
+                        "ipq".into(),
+                        "--codebook".into(),
+                        if int8 { "int8" } else { "f16" }.into(),
+                        "--train".into(),
+                        s.train.display().to_string(),
+                        "--max-examples".into(),
+                        b.train_examples.to_string(),
+                        "--steps".into(),
+                        b.ipq_steps.to_string(),
+                        "--kmeans-iters".into(),
+                        b.kmeans_iters.to_string(),
+                        "--batch-size".into(),
+                        b.batch.to_string(),
+                    ]);
+                }
                 Compress::None => unreachable!("handled above"),
             }
             if s.kind == Kind::Image && matches!(c, Compress::Ipq { .. }) {

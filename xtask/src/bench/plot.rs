@@ -20,6 +20,11 @@ const FAMILIES: &[(&str, RGBColor)] = &[
     ("QAT", RGBColor(31, 119, 180)),
     ("Quant-Noise", RGBColor(44, 160, 44)),
     ("Quant-Noise + int8 centroids", RGBColor(148, 103, 189)),
+    ("post-training + KD", RGBColor(140, 86, 75)),
+    ("Quant-Noise + KD", RGBColor(23, 190, 207)),
+    ("post-training, budget", RGBColor(227, 119, 194)),
+    ("post-training + KD, budget", RGBColor(127, 127, 127)),
+    ("Quant-Noise + KD, budget", RGBColor(188, 189, 34)),
 ];
 
 /// A plotted point: size in MB, accuracy in %, its label.
@@ -167,4 +172,19 @@ where
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_family_has_a_colour() {
+        for m in crate::bench::suite::METHODS {
+            assert!(
+                super::FAMILIES.iter().any(|(f, _)| *f == m.family),
+                "{} ({}) would not be drawn",
+                m.family,
+                m.id
+            );
+        }
+    }
 }

@@ -40,8 +40,9 @@ impl Row {
                 "int{bits} per channel, {}",
                 if histogram { "histogram" } else { "min/max" }
             ),
-            Compress::Ipq { int8, kd } => format!(
-                "iPQ K=256, {} centroids{}",
+            Compress::Ipq { int8, kd, ratio } => format!(
+                "iPQ {}, {} centroids{}",
+                ratio.map_or("K=256".to_string(), |r| format!("budget {r}x")),
                 if int8 { "int8" } else { "f16" },
                 if kd {
                     ", distilled, activation-aware"
@@ -189,8 +190,17 @@ pub fn claims(rows: &[Row]) -> String {
     for (what, is_kind) in [
         (
             "iPQ",
-            (|r: &Row| matches!(r.method.compress, Compress::Ipq { int8: false, .. }))
-                as fn(&Row) -> bool,
+            // The default plan's rows: one size for every family.
+            (|r: &Row| {
+                matches!(
+                    r.method.compress,
+                    Compress::Ipq {
+                        int8: false,
+                        ratio: None,
+                        ..
+                    }
+                )
+            }) as fn(&Row) -> bool,
         ),
         ("int4", |r: &Row| {
             matches!(r.method.compress, Compress::Scalar { bits: 4, .. })
@@ -223,6 +233,28 @@ pub fn claims(rows: &[Row]) -> String {
             pct(ptq)
         );
     }
+    // Pareto: an iPQ file no larger than int4's must be at least as accurate.
+    let int4 = best(&|r| matches!(r.method.compress, Compress::Scalar { bits: 4, .. }));
+    let size = |r: &Row| r.bytes.unwrap_or(u64::MAX);
+    let ipq_small = int4.and_then(|f| {
+        best(&|r| matches!(r.method.compress, Compress::Ipq { .. }) && size(r) <= size(f))
+    });
+    let verdict = match (int4, ipq_small) {
+        (Some(f), Some(i)) if i.accuracy >= f.accuracy => "holds",
+        (Some(_), Some(_)) => "does not hold",
+        (Some(_), None) => "cannot be checked (no iPQ file is as small as int4's)",
+        (None, _) => "cannot be checked (int4 did not run)",
+    };
+    let _ =
+        writeln!(
+        out,
+        "- at int4's size, iPQ at least as accurate as int4 — **{verdict}**: int4 {} ({} bytes), \
+         iPQ {} ({} bytes).",
+        pct(int4),
+        int4.and_then(|r| r.bytes).map_or("—".into(), |b| b.to_string()),
+        pct(ipq_small),
+        ipq_small.and_then(|r| r.bytes).map_or("—".into(), |b| b.to_string()),
+    );
     let fp32 = rows.iter().find(|r| r.method.id == "fp32" && r.seed == 0);
     let ipq = best(&|r| matches!(r.method.compress, Compress::Ipq { .. }));
     if let (Some(f), Some(i)) = (fp32, ipq) {
@@ -444,12 +476,38 @@ mod tests {
             lines[1].starts_with("- int4") && lines[1].contains("**does not hold**"),
             "{text}"
         );
-        // 22.5x smaller, 1 point below: the requirement holds, the goal (1.0 point) just does.
+        // qn-block-0.1's file is smaller than int4's and more accurate.
         assert!(
-            lines[2].contains("22.5×") && lines[2].contains("-1.00"),
+            lines[2].starts_with("- at int4's size") && lines[2].contains("**holds**"),
             "{text}"
         );
-        assert!(!lines[2].contains("does not hold"), "{text}");
+        assert!(
+            lines[2].contains("89.00 % (qn-block-0.1) (4000000 bytes)"),
+            "{text}"
+        );
+        // 22.5x smaller, 1 point below: the requirement holds, the goal (1.0 point) just does.
+        assert!(
+            lines[3].contains("22.5×") && lines[3].contains("-1.00"),
+            "{text}"
+        );
+        assert!(!lines[3].contains("does not hold"), "{text}");
+        // A budget row at another size is no rival at the default plan's size, and an iPQ file
+        // as small as int4's but less accurate fails the Pareto check.
+        let mut more = rows.clone();
+        more.push(row("ipq-kd-30x", 0.95, 3_000_000));
+        let text = claims(&more);
+        assert!(text.lines().next().unwrap().contains("**holds**"), "{text}");
+        let pareto = vec![
+            row("ptq-int4", 0.88, 12_000_000),
+            row("ipq-kd-10x", 0.85, 9_000_000),
+            row("ptq-ipq", 0.90, 13_000_000),
+        ];
+        let text = claims(&pareto);
+        let line = text.lines().nth(2).unwrap();
+        assert!(
+            line.contains("**does not hold**") && line.contains("(ipq-kd-10x)"),
+            "{text}"
+        );
         // A method that did not run is said so.
         let text = claims(&rows[..3]);
         assert!(text.contains("cannot be checked"), "{text}");

@@ -193,6 +193,9 @@ pub enum Compress {
         int8: bool,
         /// Distillation and activation-aware codebooks.
         kd: bool,
+        /// `--target-ratio`: the bit budget picks each layer's block size (else the default
+        /// plan's, about 21-24x).
+        ratio: Option<u32>,
     },
 }
 
@@ -211,6 +214,33 @@ pub struct Method {
     pub compress: Compress,
     /// Run again for every seed of `--seeds`.
     pub headline: bool,
+    /// Run by `--quick` too.
+    pub quick: bool,
+}
+
+/// A point of a method's rate-accuracy curve: the bit budget at `ratio`.
+const fn at_rate(
+    id: &'static str,
+    family: &'static str,
+    label: &'static str,
+    noise: &'static str,
+    kd: bool,
+    ratio: u32,
+    quick: bool,
+) -> Method {
+    Method {
+        id,
+        family,
+        label,
+        noise,
+        compress: Compress::Ipq {
+            int8: false,
+            kd,
+            ratio: Some(ratio),
+        },
+        headline: kd,
+        quick,
+    }
 }
 
 /// Every method, in table order.
@@ -222,6 +252,7 @@ pub const METHODS: &[Method] = &[
         noise: "none",
         compress: Compress::None,
         headline: true,
+        quick: true,
     },
     Method {
         id: "ptq-int8",
@@ -233,6 +264,7 @@ pub const METHODS: &[Method] = &[
             histogram: false,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "ptq-int4",
@@ -244,6 +276,7 @@ pub const METHODS: &[Method] = &[
             histogram: false,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "ptq-int8-hist",
@@ -255,6 +288,7 @@ pub const METHODS: &[Method] = &[
             histogram: true,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "ptq-int4-hist",
@@ -266,6 +300,7 @@ pub const METHODS: &[Method] = &[
             histogram: true,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "ptq-ipq",
@@ -275,8 +310,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
+            ratio: None,
         },
         headline: true,
+        quick: true,
     },
     Method {
         id: "ipq-kd",
@@ -286,8 +323,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: true,
+            ratio: None,
         },
         headline: true,
+        quick: true,
     },
     Method {
         id: "qat-int4",
@@ -299,6 +338,7 @@ pub const METHODS: &[Method] = &[
             histogram: false,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "qat-ipq",
@@ -308,8 +348,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
+            ratio: None,
         },
         headline: true,
+        quick: true,
     },
     Method {
         id: "qn-block-0.05",
@@ -319,8 +361,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
+            ratio: None,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "qn-block-0.1",
@@ -330,8 +374,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
+            ratio: None,
         },
         headline: true,
+        quick: true,
     },
     Method {
         id: "qn-block-0.2",
@@ -341,8 +387,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
+            ratio: None,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "qn-ipq-kd",
@@ -352,8 +400,10 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: true,
+            ratio: None,
         },
         headline: true,
+        quick: true,
     },
     Method {
         id: "qn-int4",
@@ -365,6 +415,7 @@ pub const METHODS: &[Method] = &[
             histogram: false,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "qn-int8",
@@ -376,6 +427,7 @@ pub const METHODS: &[Method] = &[
             histogram: false,
         },
         headline: false,
+        quick: true,
     },
     Method {
         id: "qn-ipq-int8c",
@@ -385,9 +437,93 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: true,
             kd: false,
+            ratio: None,
         },
         headline: true,
+        quick: true,
     },
+    // Rate-accuracy curves: the same pipelines with the bit budget at 10x, 20x and 30x.
+    at_rate(
+        "ptq-ipq-10x",
+        "post-training, budget",
+        "10x",
+        "none",
+        false,
+        10,
+        false,
+    ),
+    at_rate(
+        "ptq-ipq-20x",
+        "post-training, budget",
+        "20x",
+        "none",
+        false,
+        20,
+        false,
+    ),
+    at_rate(
+        "ptq-ipq-30x",
+        "post-training, budget",
+        "30x",
+        "none",
+        false,
+        30,
+        false,
+    ),
+    at_rate(
+        "ipq-kd-10x",
+        "post-training + KD, budget",
+        "10x",
+        "none",
+        true,
+        10,
+        true,
+    ),
+    at_rate(
+        "ipq-kd-20x",
+        "post-training + KD, budget",
+        "20x",
+        "none",
+        true,
+        20,
+        true,
+    ),
+    at_rate(
+        "ipq-kd-30x",
+        "post-training + KD, budget",
+        "30x",
+        "none",
+        true,
+        30,
+        true,
+    ),
+    at_rate(
+        "qn-ipq-kd-10x",
+        "Quant-Noise + KD, budget",
+        "10x p=0.1",
+        "block:p=0.1",
+        true,
+        10,
+        false,
+    ),
+    at_rate(
+        "qn-ipq-kd-20x",
+        "Quant-Noise + KD, budget",
+        "20x p=0.1",
+        "block:p=0.1",
+        true,
+        20,
+        false,
+    ),
+    at_rate(
+        "qn-ipq-kd-30x",
+        "Quant-Noise + KD, budget",
+        "30x p=0.1",
+        "block:p=0.1",
+        true,
+        30,
+        false,
+    ),
 ];
 
 /// The methods `filter` keeps: exact ids or prefixes of ids (`ptq`, `qn-block`); fp32 always,

@@ -493,6 +493,8 @@ fn bit_budget(
             .collect(),
         centroids: args.budget_centroids.iter().map(|&v| v as usize).collect(),
         codebook,
+        // A probe ranks choices; it needs no more iterations than the stages' k-means.
+        probe_iters: (args.kmeans_iters as usize).min(BudgetOptions::default().probe_iters),
         ..BudgetOptions::default()
     };
     let key = serde_json::json!({
