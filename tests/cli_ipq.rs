@@ -341,3 +341,42 @@ fn a_target_size_is_hit_within_one_percent_and_its_plan_is_stored() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a size unit"), "{err}");
 }
+
+/// `--distill hidden` trains on the teacher's hidden states too: it runs and writes a file that
+/// differs from the logits-only one; a bad weight is refused.
+#[test]
+fn hidden_state_distillation_runs_and_changes_the_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = asset("text/sst2-train-200.tsv");
+    let (h, l) = (tmp.path().join("h.qnz"), tmp.path().join("l.qnz"));
+    let out = compress(
+        &["--steps", "3", "--distill", "hidden", "--lr", "1e-2"],
+        &train,
+        &h,
+    );
+    ok(&out);
+    ok(&compress(&["--steps", "3", "--lr", "1e-2"], &train, &l));
+    let decoded = |f: &Path| -> Vec<u8> {
+        let r = qn_format::Reader::open(f).unwrap();
+        let name = "roberta.encoder.layer.0.attention.self.query.weight";
+        r.tensor(name).unwrap().record.to_vec()
+    };
+    assert_ne!(decoded(&h), decoded(&l), "the hidden term changed nothing");
+    let out = compress(
+        &[
+            "--steps",
+            "1",
+            "--distill",
+            "hidden",
+            "--hidden-weight",
+            "-1",
+        ],
+        &train,
+        &tmp.path().join("bad.qnz"),
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("--hidden-weight"),
+        "{e}"
+    );
+}

@@ -257,6 +257,25 @@ fn image_models_compress_to_self_contained_qnz_files_that_eval_reads_alone() {
         .filter(|l| l.contains("\"recalibrated_batches\":2"))
         .count();
     assert_eq!(recalibrated, 3, "{metrics}");
+    // Hidden-state distillation compares encoder layers: an image model is told so.
+    let out = qn(&[
+        &"compress",
+        &"--model",
+        &tuned,
+        &"--task",
+        &"idx",
+        &"--train",
+        &data,
+        &"--distill",
+        &"hidden",
+        &"-o",
+        &dir.path().join("hidden.qnz"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--distill hidden compares an encoder's layers"),
+        "{err}"
+    );
     let int8 = dir.path().join("int8.qnz");
     ok(&qn(&[
         &"compress",

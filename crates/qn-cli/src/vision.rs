@@ -410,6 +410,9 @@ pub fn compress_images(args: &crate::encoder::compress::CompressArgs) -> Result<
     let Some(train_path) = &args.train else {
         bail!("--method ipq fine-tunes centroids on task data: give --train");
     };
+    if args.distill == DistillMode::Hidden {
+        bail!("--distill hidden compares an encoder's layers; an image model takes --distill logits or none");
+    }
     let plan = stage_plan(args, || {
         StagePlan::from_toml(DEFAULT_IMAGE_PLAN).context("the default EfficientNet plan")
     })?;

@@ -256,3 +256,27 @@ pub fn cached_teacher_logits(
     std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
     Ok((logits, false))
 }
+
+/// The mean over layers of the mean squared difference of the student's hidden states `hs` from
+/// the teacher's `ht` (detached: the teacher only gives targets).
+pub fn hidden_mse(hs: &[Tensor], ht: &[Tensor]) -> Result<Tensor> {
+    if hs.is_empty() || hs.len() != ht.len() {
+        return Err(Error::config(
+            "hidden_distill",
+            format!(
+                "{} student and {} teacher hidden states",
+                hs.len(),
+                ht.len()
+            ),
+        ));
+    }
+    let mut total: Option<Tensor> = None;
+    for (s, t) in hs.iter().zip(ht) {
+        let d = (s - t.detach())?.sqr()?.mean_all()?;
+        total = Some(match total {
+            None => d,
+            Some(acc) => (acc + d)?,
+        });
+    }
+    Ok((total.expect("at least one layer") / hs.len() as f64)?)
+}

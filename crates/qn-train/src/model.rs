@@ -13,6 +13,15 @@ pub trait QuantModel {
     fn layers(&self) -> Vec<&dyn QuantNoiseLayer>;
     /// The same layers, mutably.
     fn layers_mut(&mut self) -> Vec<&mut dyn QuantNoiseLayer>;
+    /// The logits and the hidden states hidden-state distillation compares (an encoder: the
+    /// embeddings' output and every layer's), or `None` for a model that exposes none.
+    fn forward_hidden_t(
+        &self,
+        _x: &Tensor,
+        _train: bool,
+    ) -> candle_core::Result<Option<(Tensor, Vec<Tensor>)>> {
+        Ok(None)
+    }
     /// Trainable variables outside the quant-noise layers (norms, ...), with unique names.
     fn other_vars(&self) -> Vec<(String, Var)> {
         Vec::new()

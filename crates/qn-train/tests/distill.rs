@@ -298,3 +298,135 @@ fn rows_drawn_are_the_union_of_the_batches() {
         );
     }
 }
+
+/// Two Linear layers that show their hidden state (what an encoder shows layer by layer).
+struct Shown {
+    fc1: qn_train::layers::QLinear,
+    fc2: qn_train::layers::QLinear,
+}
+
+impl Shown {
+    fn seeded(seed: u64) -> Shown {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut layer = |name: &str, i: usize, o: usize| {
+            let w: Vec<f32> = (0..o * i).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            let w = Var::from_tensor(&Tensor::from_vec(w, (o, i), &Device::Cpu).unwrap()).unwrap();
+            qn_train::layers::QLinear::new(name, w, None).unwrap()
+        };
+        Shown {
+            fc1: layer("fc1", 8, 16),
+            fc2: layer("fc2", 16, 3),
+        }
+    }
+}
+
+impl qn_train::QuantModel for Shown {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.forward_hidden_t(x, train)?.unwrap().0)
+    }
+    fn forward_hidden_t(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Option<(Tensor, Vec<Tensor>)>> {
+        use candle_core::ModuleT;
+        let h = self.fc1.forward_t(x, train)?.tanh()?;
+        Ok(Some((self.fc2.forward_t(&h, train)?, vec![h])))
+    }
+    fn layers(&self) -> Vec<&dyn qn_train::layers::QuantNoiseLayer> {
+        vec![&self.fc1, &self.fc2]
+    }
+    fn layers_mut(&mut self) -> Vec<&mut dyn qn_train::layers::QuantNoiseLayer> {
+        vec![&mut self.fc1, &mut self.fc2]
+    }
+}
+
+#[test]
+fn hidden_mse_is_the_mean_over_layers_of_the_mean_squared_difference() {
+    use qn_train::distill::hidden_mse;
+    let t = |v: Vec<f32>, n| Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+    let hs = [t(vec![1.0, 2.0], 2), t(vec![0.0, 0.0, 3.0], 3)];
+    let ht = [t(vec![0.0, 4.0], 2), t(vec![1.0, 0.0, 0.0], 3)];
+    // Layer 1: (1 + 4) / 2 = 2.5; layer 2: (1 + 0 + 9) / 3 = 10/3; mean (2.5 + 10/3) / 2.
+    let got = hidden_mse(&hs, &ht).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let want = (2.5 + 10.0 / 3.0) / 2.0;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    assert!(hidden_mse(&hs, &ht[..1]).is_err());
+    assert!(hidden_mse(&[], &[]).is_err());
+}
+
+/// A student trained with the hidden-state term ends closer to the teacher's hidden states than
+/// the same run without it; a run that asks for it without a teacher, or on a model that shows
+/// no hidden states, is refused.
+#[test]
+fn the_hidden_term_pulls_the_students_states_to_the_teachers() {
+    use qn_train::trainer::run_stages_with_teacher;
+    use qn_train::QuantModel;
+    let data = blobs(256, 3);
+    let teacher = Shown::seeded(1);
+    let logits = teacher_logits(&teacher, &data, 64).unwrap();
+    let data = data.with_teacher(logits).unwrap();
+    let gap = |s: &Shown| -> f64 {
+        let (_, hs) = s.forward_hidden_t(&data.x, false).unwrap().unwrap();
+        let (_, ht) = teacher.forward_hidden_t(&data.x, false).unwrap().unwrap();
+        qn_train::distill::hidden_mse(&hs, &ht)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let run = |beta: f64| -> f64 {
+        let mut student = Shown::seeded(2);
+        let cfg = TrainConfig {
+            batch_size: 32,
+            lr: 1e-2,
+            distill: Some(Distill::default()),
+            hidden_distill: beta,
+            ..TrainConfig::default()
+        };
+        run_stages_with_teacher(
+            &mut student,
+            Some(&teacher),
+            &data,
+            &data,
+            &StagePlan::float(60),
+            &cfg,
+            &RunOutput::default(),
+        )
+        .unwrap();
+        gap(&student)
+    };
+    let (start, without, with) = (gap(&Shown::seeded(2)), run(0.0), run(1.0));
+    assert!(
+        with < 0.5 * without && with < 0.5 * start,
+        "hidden gap: start {start}, logits only {without}, with the hidden term {with}"
+    );
+    let cfg = TrainConfig {
+        distill: Some(Distill::default()),
+        hidden_distill: 1.0,
+        ..TrainConfig::default()
+    };
+    let refused = |teacher: Option<&dyn QuantModel>, student: &mut dyn QuantModel| {
+        run_stages_with_teacher(
+            student,
+            teacher,
+            &data,
+            &data,
+            &StagePlan::float(1),
+            &cfg,
+            &RunOutput::default(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = refused(None, &mut Shown::seeded(2));
+    assert!(e.contains("needs a teacher"), "{e}");
+    let e = refused(
+        Some(&teacher),
+        &mut Mlp::seeded(8, 16, 3, 0, &Device::Cpu).unwrap(),
+    );
+    assert!(
+        e.contains("must expose the same number of hidden states"),
+        "{e}"
+    );
+}

@@ -191,6 +191,33 @@ impl Encoder {
         mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let mut last = None;
+        self.each_hidden_state(ids, types, mask, train, &mut |h| last = Some(h.clone()))?;
+        Ok(last.expect("the embeddings' output at least"))
+    }
+
+    /// The embeddings' output and every layer's, in order (what hidden-state distillation
+    /// compares).
+    pub fn all_hidden_states(
+        &self,
+        ids: &Tensor,
+        types: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Result<Vec<Tensor>> {
+        let mut all = Vec::with_capacity(self.layers.len() + 1);
+        self.each_hidden_state(ids, types, mask, train, &mut |h| all.push(h.clone()))?;
+        Ok(all)
+    }
+
+    fn each_hidden_state(
+        &self,
+        ids: &Tensor,
+        types: &Tensor,
+        mask: &Tensor,
+        train: bool,
+        seen: &mut dyn FnMut(&Tensor),
+    ) -> Result<()> {
         let vocab = self.config.vocab_size;
         let bad = ids.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
         if bad as usize >= vocab {
@@ -221,10 +248,12 @@ impl Encoder {
         // every output would otherwise keep its inputs, and every layer's, alive to the end).
         let cut = |t: Tensor| if train { t } else { t.detach() };
         x = cut(x);
+        seen(&x);
         for layer in &self.layers {
             x = cut(layer.forward(&x, &bias, drop)?);
+            seen(&x);
         }
-        Ok(x)
+        Ok(())
     }
 
     /// Logits `(b, num_labels)` from the last hidden states.
@@ -329,6 +358,22 @@ impl QuantModel for Encoder {
             self.classify(&h, train)
         };
         run().map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn forward_hidden_t(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Option<(Tensor, Vec<Tensor>)>> {
+        let run = || -> Result<(Tensor, Vec<Tensor>)> {
+            let (ids, types, mask) = Self::unpack(x)?;
+            let hs = self.all_hidden_states(&ids, &types, &mask, train)?;
+            let logits = self.classify(hs.last().expect("at least one state"), train)?;
+            Ok((logits, hs))
+        };
+        run()
+            .map(Some)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     fn layers(&self) -> Vec<&dyn QuantNoiseLayer> {

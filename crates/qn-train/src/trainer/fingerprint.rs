@@ -47,6 +47,9 @@ pub fn fingerprint(
     if let Some(d) = &cfg.distill {
         put("distill", format!("{d:?}"));
     }
+    if cfg.hidden_distill > 0.0 {
+        put("hidden_distill", cfg.hidden_distill.to_string());
+    }
     if cfg.calibration_rows > 0 {
         put("calibration_rows", cfg.calibration_rows.to_string());
         put("calibrate_embeddings", cfg.calibrate_embeddings.to_string());

@@ -44,7 +44,7 @@ pub use export::{export_qnz, export_qnz_with, planned_size};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use ipq::int8_centroids;
 pub use plan::{Stage, StageOverride, StagePlan};
-pub use run::{accuracy, cross_entropy, run_stages, LOCK_FILE};
+pub use run::{accuracy, cross_entropy, run_stages, run_stages_with_teacher, LOCK_FILE};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,6 +109,10 @@ pub struct TrainConfig {
     /// With `calibration_rows`: also weigh embedding rows by how often the calibration reads them
     /// (else embeddings get plain k-means).
     pub calibrate_embeddings: bool,
+    /// Weight β of hidden-state distillation: each step adds β times the mean over layers of the
+    /// MSE between the student's hidden states and a teacher's
+    /// ([`run_stages_with_teacher`]). 0: off.
+    pub hidden_distill: f64,
 }
 
 impl Default for TrainConfig {
@@ -134,6 +138,7 @@ impl Default for TrainConfig {
             centroid_lr: None,
             calibration_rows: 0,
             calibrate_embeddings: true,
+            hidden_distill: 0.0,
         }
     }
 }
@@ -157,6 +162,12 @@ impl TrainConfig {
         }
         if let Some(d) = &self.distill {
             d.validate()?;
+        }
+        if !(self.hidden_distill.is_finite() && (0.0..=1e6).contains(&self.hidden_distill)) {
+            return Err(Error::config(
+                "hidden_distill",
+                format!("{} is not a weight in [0, 1e6]", self.hidden_distill),
+            ));
         }
         if self.lr > 10.0 {
             return Err(Error::config(

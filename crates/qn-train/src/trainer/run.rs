@@ -13,7 +13,7 @@ use super::metrics::Metrics;
 use super::{progress_bar, RunOutput, RunReport, StagePlan, TrainConfig};
 use crate::checkpoint::{self, Position};
 use crate::data::Dataset;
-use crate::distill::{distill_loss, log_softmax};
+use crate::distill::{distill_loss, hidden_mse, log_softmax};
 use crate::model::{named_vars, QuantModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::{set_noise_step, Error, NoiseStep, PqWeight, Result, WeightState};
@@ -224,7 +224,59 @@ pub fn run_stages(
     cfg: &TrainConfig,
     out: &RunOutput,
 ) -> Result<RunReport> {
+    run_stages_with_teacher(model, None, train, eval, plan, cfg, out)
+}
+
+/// [`run_stages`] with a teacher model run online beside the student, for
+/// [`TrainConfig::hidden_distill`]: each step adds `β · mean_l MSE(h_l^student, h_l^teacher)` over
+/// the hidden states both models expose ([`QuantModel::forward_hidden_t`]; the teacher in
+/// evaluation mode, without gradients).
+pub fn run_stages_with_teacher(
+    model: &mut dyn QuantModel,
+    teacher: Option<&dyn QuantModel>,
+    train: &Dataset,
+    eval: &Dataset,
+    plan: &StagePlan,
+    cfg: &TrainConfig,
+    out: &RunOutput,
+) -> Result<RunReport> {
     cfg.validate()?;
+    if cfg.hidden_distill > 0.0 {
+        let Some(t) = teacher else {
+            return Err(Error::config(
+                "hidden_distill",
+                "hidden-state distillation needs a teacher model run beside the student",
+            ));
+        };
+        let probe = train.batch_rows(0, 1, cfg.seed)?;
+        let (s, t) = (
+            model.forward_hidden_t(&probe.x, false)?,
+            t.forward_hidden_t(&probe.x, false)?,
+        );
+        match (s, t) {
+            (Some((_, s)), Some((_, t))) if !s.is_empty() && s.len() == t.len() => {
+                for (a, b) in s.iter().zip(&t) {
+                    if a.dims() != b.dims() {
+                        return Err(Error::config(
+                            "hidden_distill",
+                            format!(
+                                "the student's hidden states {:?} and the teacher's {:?} differ in shape",
+                                a.dims(),
+                                b.dims()
+                            ),
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(Error::config(
+                    "hidden_distill",
+                    "the student and the teacher must expose the same number of hidden states \
+                     (an encoder does; this model does not)",
+                ))
+            }
+        }
+    }
     plan.validate()?;
     if out.stop_at == Some(0) {
         return Err(Error::config("stop_at", "must be at least 1"));
@@ -360,10 +412,25 @@ pub fn run_stages(
                     cfg.batch_size,
                     cfg.seed,
                 )?;
-                let logits = model.forward_t(&b.x, true)?;
+                let (logits, hidden) = match (cfg.hidden_distill > 0.0, teacher) {
+                    (true, Some(t)) => {
+                        let (logits, hs) = model
+                            .forward_hidden_t(&b.x, true)?
+                            .expect("checked before the first step");
+                        let (_, ht) = t
+                            .forward_hidden_t(&b.x, false)?
+                            .expect("checked before the first step");
+                        (logits, Some(hidden_mse(&hs, &ht)?))
+                    }
+                    _ => (model.forward_t(&b.x, true)?, None),
+                };
                 let loss = match (&cfg.distill, &b.teacher) {
                     (Some(d), Some(t)) => distill_loss(&logits, t, &b.y, d)?,
                     _ => cross_entropy(&logits, &b.y)?,
+                };
+                let loss = match hidden {
+                    Some(h) => (loss + (h * cfg.hidden_distill)?)?,
+                    None => loss,
                 };
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 let loss = if cfg.grad_accum > 1 {
