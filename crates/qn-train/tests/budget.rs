@@ -8,7 +8,7 @@ use qn_format::header::CodebookKind;
 use qn_train::data::Dataset;
 use qn_train::layers::{QLinear, QuantNoiseLayer};
 use qn_train::trainer::budget::{
-    choose, probe_layers, solve, BudgetOptions, Candidate, LayerOptions,
+    choose, probe_layers, solve, BudgetOptions, Candidate, LayerOptions, Sensitivity,
 };
 use qn_train::trainer::{
     export_qnz_with, planned_size, run_stages, RunOutput, StagePlan, TrainConfig,
@@ -85,6 +85,7 @@ fn options() -> BudgetOptions {
         probe_points: 4096,
         probe_iters: 6,
         codebook: CodebookKind::Int8,
+        sensitivity: Sensitivity::Fisher { batches: 4 },
     }
 }
 

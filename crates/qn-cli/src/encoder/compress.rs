@@ -16,7 +16,7 @@ use qn_models::bundle::qnz_metadata;
 use qn_models::text::{read_examples_with, LabelMap, TextExample, TextTokenizer, NO_LABEL};
 use qn_train::data::Dataset;
 use qn_train::distill::{cached_teacher_logits, Distill};
-use qn_train::trainer::budget::{plan_for_budget, BudgetOptions, BudgetPlan};
+use qn_train::trainer::budget::{plan_for_budget, BudgetOptions, BudgetPlan, Sensitivity};
 use qn_train::trainer::{
     accuracy, export_qnz_with, planned_size, run_stages_with_teacher, RunOutput, StagePlan,
     TrainConfig,
@@ -48,6 +48,15 @@ pub enum Codebook {
     Int8,
     /// Centroids as f16.
     F16,
+}
+
+/// How the bit budget weighs layers (see `qn_train::trainer::budget::Sensitivity`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetSensitivity {
+    /// Relative output error times the layer's mean Fisher information and weight energy.
+    Fisher,
+    /// Relative output error alone.
+    Relative,
 }
 
 /// What the iPQ stages fine-tune on.
@@ -156,6 +165,11 @@ pub struct CompressArgs {
     /// With a target: the centroid counts a layer may take.
     #[arg(long, value_delimiter = ',', default_value = "256", value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub(crate) budget_centroids: Vec<u64>,
+    /// With a target: how layers' errors are weighed against each other — `fisher` (by the
+    /// loss's squared gradient per weight times the weights' energy, from 8 batches) or
+    /// `relative` (every layer's relative output error alike).
+    #[arg(long, value_enum, default_value_t = BudgetSensitivity::Fisher)]
+    pub(crate) budget_sensitivity: BudgetSensitivity,
     /// Fine-tuning steps of every stage (overrides the plan's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000), allow_negative_numbers = true)]
     pub(crate) steps: Option<u64>,
@@ -509,6 +523,10 @@ fn bit_budget(
         codebook,
         // A probe ranks choices; it needs no more iterations than the stages' k-means.
         probe_iters: (args.kmeans_iters as usize).min(BudgetOptions::default().probe_iters),
+        sensitivity: match args.budget_sensitivity {
+            BudgetSensitivity::Fisher => Sensitivity::Fisher { batches: 8 },
+            BudgetSensitivity::Relative => Sensitivity::Relative,
+        },
         ..BudgetOptions::default()
     };
     let key = serde_json::json!({

@@ -55,6 +55,23 @@ pub struct BudgetOptions {
     pub probe_iters: usize,
     /// How the file stores codebooks (their bytes count).
     pub codebook: CodebookKind,
+    /// How the layers' errors are weighed against each other.
+    pub sensitivity: Sensitivity,
+}
+
+/// How a layer's probed error becomes the cost the budget minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Sensitivity {
+    /// Every layer's relative output error counts alike.
+    Relative,
+    /// The relative error times `‖W‖² · F̄`, with `F̄` the layer's mean empirical Fisher
+    /// information (squared gradient of the loss per weight) over this many batches of the
+    /// training rows: a second-order estimate of the loss each choice adds, comparable across
+    /// layers (HAWQ's and Optimal Brain Surgeon's reasoning with a diagonal Fisher).
+    Fisher {
+        /// Batches whose gradients are averaged.
+        batches: usize,
+    },
 }
 
 impl Default for BudgetOptions {
@@ -65,11 +82,13 @@ impl Default for BudgetOptions {
             probe_points: 1 << 15,
             probe_iters: 10,
             codebook: CodebookKind::Int8,
+            sensitivity: Sensitivity::Fisher { batches: 8 },
         }
     }
 }
 
-/// One `(d, K)` a layer could take: its record's bytes and its measured relative error.
+/// One `(d, K)` a layer could take: its record's bytes and its measured cost (the relative
+/// error, weighed by [`Sensitivity`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// Block size `d`.
@@ -78,7 +97,7 @@ pub struct Candidate {
     pub centroids: usize,
     /// Bytes of the layer's record, aligned as the file aligns it.
     pub bytes: u64,
-    /// Relative output error of the probe.
+    /// Relative output error of the probe, weighed by the layer's [`Sensitivity`].
     pub distortion: f64,
 }
 
@@ -123,7 +142,7 @@ impl BudgetPlan {
         for (l, &c) in self.layers.iter().zip(&self.chosen) {
             let c = l.candidates[c];
             out.push_str(&format!(
-                "# {}: d = {}, K = {}, {} bytes, relative output error {:.4}\n",
+                "# {}: d = {}, K = {}, {} bytes, cost {:.4e}\n",
                 l.layer, c.block_size, c.centroids, c.bytes, c.distortion
             ));
         }
@@ -187,6 +206,51 @@ fn record_bytes(
     Some((len as u64).div_ceil(align) * align)
 }
 
+/// The mean squared gradient of the cross-entropy per weight of each layer in `picked`, over
+/// `batches` seeded batches of `data` (training mode, so that gradients flow; dropout draws are
+/// seeded by the batch index).
+fn mean_fisher(
+    model: &dyn QuantModel,
+    picked: &[usize],
+    data: &Dataset,
+    batches: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<Vec<f64>> {
+    let layers = model.layers();
+    let vars: Vec<candle_core::Var> = picked
+        .iter()
+        .map(|&i| layers[i].qweight().vars().remove(0))
+        .collect();
+    let mut sums = vec![0f64; picked.len()];
+    for b in 0..batches {
+        model.set_step(crate::NoiseStep {
+            step: b as u64,
+            micro: 0,
+        });
+        let rows = data.batch_rows(b, batch.min(data.len()), seed ^ FISHER_SEED)?;
+        let logits = model.forward_t(&rows.x, true)?;
+        let grads = super::cross_entropy(&logits, &rows.y)?.backward()?;
+        for (sum, v) in sums.iter_mut().zip(&vars) {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                *sum += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+    }
+    Ok(sums
+        .iter()
+        .zip(&vars)
+        .map(|(s, v)| s / (batches.max(1) * v.as_tensor().elem_count()) as f64)
+        .collect())
+}
+
+/// Keeps the Fisher batches apart from training step 0's.
+const FISHER_SEED: u64 = 0xF15E_0000_0000_0001;
+
 /// Probes every layer a stage of `plan` would quantize at every candidate of `opts`, on the
 /// model as it is (float). Calibration (`cfg.calibration_rows` rows of `data`) gives the
 /// metrics; without it the errors are plain weight errors.
@@ -240,10 +304,31 @@ pub fn probe_layers(
     } else {
         vec![None; indices.len()]
     };
+    let weights: Vec<f64> = match opts.sensitivity {
+        Sensitivity::Relative => vec![1.0; indices.len()],
+        Sensitivity::Fisher { batches } => {
+            let f = mean_fisher(&*model, &indices, data, batches, cfg.batch_size, cfg.seed)?;
+            let layers = model.layers();
+            indices
+                .iter()
+                .zip(f)
+                .map(|(&i, f)| -> Result<f64> {
+                    let w = layers[i].qweight().vars().remove(0);
+                    let energy = w
+                        .as_tensor()
+                        .sqr()?
+                        .sum_all()?
+                        .to_dtype(candle_core::DType::F64)?
+                        .to_scalar::<f64>()?;
+                    Ok(f * energy)
+                })
+                .collect::<Result<_>>()?
+        }
+    };
     let layers = model.layers();
     let bar = progress_bar(cfg.progress, picked.len(), "bit budget: probing layers");
     let mut out = Vec::new();
-    for (&(i, stage), calib) in picked.iter().zip(calibration) {
+    for ((&(i, stage), calib), weight) in picked.iter().zip(calibration).zip(weights) {
         let layer = layers[i];
         let name = layer.name();
         bar.set_message(name.to_string());
@@ -289,7 +374,7 @@ pub fn probe_layers(
                     block_size: d,
                     centroids: k,
                     bytes,
-                    distortion,
+                    distortion: distortion * weight,
                 });
             }
         }
