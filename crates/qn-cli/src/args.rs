@@ -41,7 +41,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a size (e.g. 4000000, 4MB, 3.5MiB)"))?;
     let bytes = (v * scale).round();
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 1e18) {
+    if !(bytes.is_finite() && (1.0..1e18).contains(&bytes)) {
         return Err(format!("{s} is not a positive size"));
     }
     Ok(bytes as u64)

@@ -290,8 +290,7 @@ fn relative_error_by_hand(
     weights: &[f32],
     centroids: &[f32],
     assignments: &[u32],
-    d: usize,
-    rows: usize,
+    (d, rows): (usize, usize),
     ridge: f64,
 ) -> f64 {
     let (mut err, mut energy) = (0.0f64, 0.0f64);
@@ -345,8 +344,7 @@ fn the_relative_error_is_the_formula_and_a_row_selection_keeps_its_rows() {
         &weights,
         &centroids,
         &assignments,
-        d,
-        rows,
+        (d, rows),
         metric.ridge(),
     );
     assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
@@ -375,8 +373,7 @@ fn the_relative_error_is_the_formula_and_a_row_selection_keeps_its_rows() {
         &pick_weights,
         &centroids,
         &pick_assign,
-        d,
-        3,
+        (d, 3),
         metric.ridge(),
     );
     assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
