@@ -72,3 +72,21 @@ pub fn parse_probability_or_spec(s: &str) -> Result<NoiseSpec, String> {
     }
     s.parse::<NoiseSpec>().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_with_and_without_units() {
+        assert_eq!(parse_size("4000000"), Ok(4_000_000));
+        assert_eq!(parse_size("4MB"), Ok(4_000_000));
+        assert_eq!(parse_size(" 3.5 MiB "), Ok(3_670_016));
+        assert_eq!(parse_size("800kB"), Ok(800_000));
+        assert_eq!(parse_size("1KiB"), Ok(1024));
+        assert_eq!(parse_size("12b"), Ok(12));
+        for bad in ["", "MB", "0", "0.1", "-4MB", "4 parsecs", "1e30", "4..5MB"] {
+            assert!(parse_size(bad).is_err(), "{bad} was accepted");
+        }
+    }
+}
