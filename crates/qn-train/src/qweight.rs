@@ -454,14 +454,17 @@ impl QWeight {
         Ok(codes)
     }
 
-    /// Starts measuring the layer's inputs (a Linear's second moments, an embedding's row
-    /// counts) on every forward pass until [`Self::take_calibration`]; false for a kind that
-    /// measures nothing (Conv2d).
+    /// Starts measuring the layer's inputs (a Linear's or a 1x1 convolution's input second
+    /// moments, an embedding's row counts) on every evaluation forward pass until
+    /// [`Self::take_calibration`]. Always true now (kept for callers that check).
     pub fn start_calibration(&self) -> bool {
         let c = match self.layout.kind() {
-            LayerKind::Linear => Calibration::Inputs(InputMoments::new(self.layout.cols())),
+            // A Conv2d records only when it is a 1x1 kernel at stride 1 (a Linear over pixels);
+            // any other leaves the moments empty and gets plain k-means.
+            LayerKind::Linear | LayerKind::Conv2d => {
+                Calibration::Inputs(InputMoments::new(self.layout.cols()))
+            }
             LayerKind::Embedding => Calibration::Rows(vec![0.0; self.layout.rows()]),
-            LayerKind::Conv2d => return false,
         };
         *self.calibration.lock().expect("calibration lock") = Some(c);
         true
@@ -478,6 +481,11 @@ impl QWeight {
             }
         }
         c
+    }
+
+    /// Whether a calibration is recording (so that a layer can skip building its inputs).
+    pub(crate) fn is_calibrating(&self) -> bool {
+        self.calibration.lock().expect("calibration lock").is_some()
     }
 
     /// Adds a Linear layer's inputs `(m, in)` when a calibration runs.

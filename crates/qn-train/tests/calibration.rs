@@ -141,3 +141,57 @@ fn evaluation_forwards_record_and_training_forwards_do_not() {
     };
     assert_eq!(counts, vec![2.0, 0.0, 0.0, 0.0, 1.0]);
 }
+
+/// A 1x1 convolution at stride 1 measures its pixels' channel moments (it is a Linear layer over
+/// each pixel); a 3x3 one records nothing, so that its stage falls back to plain k-means.
+#[test]
+fn a_pointwise_convolution_records_its_pixels_and_a_3x3_one_nothing() {
+    use candle_core::Var;
+    use candle_nn::Conv2dConfig;
+    use qn_train::layers::QConv2d;
+    let dev = Device::Cpu;
+    let conv = |k: usize| {
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (6, 8, k, k), &dev).unwrap()).unwrap();
+        let cfg = Conv2dConfig {
+            padding: k / 2,
+            ..Default::default()
+        };
+        QConv2d::new(&format!("conv{k}"), w, None, cfg).unwrap()
+    };
+    let x = Tensor::randn(0f32, 1.0, (3, 8, 5, 4), &dev).unwrap();
+    let pointwise = conv(1);
+    pointwise.qweight().start_calibration();
+    pointwise.forward_t(&x, true).unwrap();
+    pointwise.forward_t(&x, false).unwrap();
+    let Some(Calibration::Inputs(m)) = pointwise.qweight().take_calibration() else {
+        panic!("a 1x1 convolution measures its inputs");
+    };
+    assert_eq!(
+        m.count(),
+        3 * 5 * 4,
+        "one row per pixel of the evaluation pass"
+    );
+    let metric = m.metric(4, 6).unwrap();
+    let px = x.permute((0, 2, 3, 1)).unwrap().reshape((60, 8)).unwrap();
+    let px = px.to_vec2::<f32>().unwrap();
+    for (pos, r, c) in [(0usize, 0usize, 3usize), (1, 2, 1)] {
+        let want: f64 = px
+            .iter()
+            .map(|p| p[pos * 4 + r] as f64 * p[pos * 4 + c] as f64)
+            .sum::<f64>()
+            / 60.0;
+        let got = metric.block(pos)[r * 4 + c] as f64;
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+    }
+    let spatial = conv(3);
+    spatial.qweight().start_calibration();
+    spatial.forward_t(&x, false).unwrap();
+    let Some(Calibration::Inputs(m)) = spatial.qweight().take_calibration() else {
+        panic!("moments are started for every convolution");
+    };
+    assert_eq!(m.count(), 0);
+    assert!(m.metric(8, 6).is_none(), "no metric: plain k-means");
+}

@@ -174,6 +174,17 @@ impl QConv2d {
         } else {
             Padding2d::symmetric(c.padding)
         };
+        if self.pointwise_geometry() && k == 1 && !train {
+            // A 1x1 kernel is a Linear layer over each pixel's channels: its calibration inputs
+            // are the pixels (a no-op unless a calibration runs).
+            let (n, cin, _, _) = x.dims4()?;
+            if self.weight.is_calibrating() {
+                let pixels = x.permute((0, 2, 3, 1))?.reshape((n * h * wd, cin))?;
+                self.weight
+                    .record_inputs(&pixels)
+                    .map_err(candle_core::Error::wrap)?;
+            }
+        }
         if self.pointwise_geometry() {
             if let Some(plan) = self.weight.pointwise_plan(train)? {
                 if let Some(y) = pointwise_from_codes(x, plan)? {
