@@ -305,3 +305,33 @@ fn marginal_analysis_stops_only_when_no_improvement_fits() {
         }
     }
 }
+
+/// A layer that no listed block size fits keeps its plan's block size and centroids as a
+/// candidate instead of staying float.
+#[test]
+fn the_plans_own_choice_is_always_a_candidate() {
+    let opts = BudgetOptions {
+        block_sizes: vec![3],
+        centroids: vec![16],
+        ..options()
+    };
+    let plan = StagePlan::from_toml(
+        "[[stage]]\nname = \"all\"\nlayers = '^fc'\nblock_size = 4\ncentroids = 32\nsteps = 1\n",
+    )
+    .unwrap();
+    let layers = probe_layers(&mut Deep::seeded(0), &plan, &opts, &cfg(), &data()).unwrap();
+    assert_eq!(
+        layers.len(),
+        6,
+        "the six fc layers; the head is not in the plan"
+    );
+    for l in &layers {
+        let got: Vec<(usize, usize)> = l
+            .candidates
+            .iter()
+            .map(|c| (c.block_size, c.centroids))
+            .collect();
+        // d = 3 fits no 128-wide row; at the plan's d = 4 both the listed K and its own.
+        assert_eq!(got, vec![(4, 16), (4, 32)], "{}", l.layer);
+    }
+}

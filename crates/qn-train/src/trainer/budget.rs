@@ -336,7 +336,14 @@ pub fn probe_layers(
             unreachable!("only float layers are picked")
         };
         let mut candidates = Vec::new();
-        for &d in &opts.block_sizes {
+        // The plan's own choice is always a candidate: a layer none of the listed block sizes
+        // fits (a depthwise 3x3 kernel: 9 inputs per filter) keeps its plan, not float.
+        let (own_d, own_k) = plan.stages[stage].settings_for(name, layer.qweight().layout());
+        let mut block_sizes = opts.block_sizes.clone();
+        if !block_sizes.contains(&own_d) {
+            block_sizes.push(own_d);
+        }
+        for d in block_sizes {
             let Ok(layout) = layer.qweight().layout().with_block_size(name, d) else {
                 continue;
             };
@@ -344,6 +351,7 @@ pub fn probe_layers(
                 .centroids
                 .iter()
                 .copied()
+                .chain((d == own_d && !opts.centroids.contains(&own_k)).then_some(own_k))
                 .filter(|&k| k >= 1 && k <= layout.n_blocks())
                 .collect();
             if ks.is_empty() {
