@@ -449,9 +449,9 @@ fn run_row(
                         if histogram { "histogram" } else { "minmax" }.into(),
                     ]);
                 }
-                Compress::Ipq { int8, kd, ratio } => {
-                    if let Some(r) = ratio {
-                        args.extend(["--target-ratio".into(), r.to_string()]);
+                Compress::Ipq { int8, kd, rate } => {
+                    if let Some(i) = rate {
+                        args.extend(["--target-ratio".into(), b.rates[i].to_string()]);
                     }
                     args.extend([
                         "--distill".into(),

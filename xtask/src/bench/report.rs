@@ -40,9 +40,14 @@ impl Row {
                 "int{bits} per channel, {}",
                 if histogram { "histogram" } else { "min/max" }
             ),
-            Compress::Ipq { int8, kd, ratio } => format!(
+            Compress::Ipq { int8, kd, rate } => format!(
                 "iPQ {}, {} centroids{}",
-                ratio.map_or("K=256".to_string(), |r| format!("budget {r}x")),
+                [
+                    "K=256",
+                    "budget (low rate)",
+                    "budget (mid rate)",
+                    "budget (high rate)"
+                ][rate.map_or(0, |i| i + 1)],
                 if int8 { "int8" } else { "f16" },
                 if kd {
                     ", distilled, activation-aware"
@@ -196,7 +201,7 @@ pub fn claims(rows: &[Row]) -> String {
                     r.method.compress,
                     Compress::Ipq {
                         int8: false,
-                        ratio: None,
+                        rate: None,
                         ..
                     }
                 )
@@ -494,18 +499,18 @@ mod tests {
         // A budget row at another size is no rival at the default plan's size, and an iPQ file
         // as small as int4's but less accurate fails the Pareto check.
         let mut more = rows.clone();
-        more.push(row("ipq-kd-30x", 0.95, 3_000_000));
+        more.push(row("ipq-kd-high", 0.95, 3_000_000));
         let text = claims(&more);
         assert!(text.lines().next().unwrap().contains("**holds**"), "{text}");
         let pareto = vec![
             row("ptq-int4", 0.88, 12_000_000),
-            row("ipq-kd-10x", 0.85, 9_000_000),
+            row("ipq-kd-low", 0.85, 9_000_000),
             row("ptq-ipq", 0.90, 13_000_000),
         ];
         let text = claims(&pareto);
         let line = text.lines().nth(2).unwrap();
         assert!(
-            line.contains("**does not hold**") && line.contains("(ipq-kd-10x)"),
+            line.contains("**does not hold**") && line.contains("(ipq-kd-low)"),
             "{text}"
         );
         // A method that did not run is said so.

@@ -43,6 +43,10 @@ pub struct Budget {
     /// Images: batch-norm recalibration batches at the end of the fine-tune and of every iPQ
     /// stage (`--bn-recalibrate` of `qn finetune` and `qn compress`).
     pub bn_recalibrate: usize,
+    /// The compression ratios of the bit-budget rows (low, mid, high rate): 10x, 20x, 30x for
+    /// text; 5x, 10x, 15x for images, whose batch norms and depthwise kernels keep EfficientNet-
+    /// Lite0 above about 15x.
+    pub rates: [u32; 3],
 }
 
 impl Budget {
@@ -61,6 +65,7 @@ impl Budget {
                 image_size: 0,
                 pq_every: 100,
                 bn_recalibrate: 0,
+                rates: [10, 20, 30],
             },
             (Kind::Text, true) => Budget {
                 train_examples: 256,
@@ -74,6 +79,7 @@ impl Budget {
                 image_size: 0,
                 pq_every: 6,
                 bn_recalibrate: 0,
+                rates: [10, 20, 30],
             },
             (Kind::Image, false) => Budget {
                 train_examples: 8000,
@@ -87,6 +93,7 @@ impl Budget {
                 image_size: 64,
                 pq_every: 50,
                 bn_recalibrate: 200,
+                rates: [5, 10, 15],
             },
             (Kind::Image, true) => Budget {
                 train_examples: 256,
@@ -100,6 +107,7 @@ impl Budget {
                 image_size: 32,
                 pq_every: 6,
                 bn_recalibrate: 4,
+                rates: [5, 10, 15],
             },
         }
     }
@@ -193,9 +201,9 @@ pub enum Compress {
         int8: bool,
         /// Distillation and activation-aware codebooks.
         kd: bool,
-        /// `--target-ratio`: the bit budget picks each layer's block size (else the default
-        /// plan's, about 21-24x).
-        ratio: Option<u32>,
+        /// A bit-budget row: `--target-ratio` of [`Budget::rates`]`[i]` (the budget picks each
+        /// layer's block size; else the default plan's, about 21-24x for text).
+        rate: Option<usize>,
     },
 }
 
@@ -218,14 +226,14 @@ pub struct Method {
     pub quick: bool,
 }
 
-/// A point of a method's rate-accuracy curve: the bit budget at `ratio`.
+/// A point of a method's rate-accuracy curve: the bit budget at the suite's `rate`-th ratio.
 const fn at_rate(
     id: &'static str,
     family: &'static str,
     label: &'static str,
     noise: &'static str,
     kd: bool,
-    ratio: u32,
+    rate: usize,
     quick: bool,
 ) -> Method {
     Method {
@@ -236,7 +244,7 @@ const fn at_rate(
         compress: Compress::Ipq {
             int8: false,
             kd,
-            ratio: Some(ratio),
+            rate: Some(rate),
         },
         headline: kd,
         quick,
@@ -310,7 +318,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
-            ratio: None,
+            rate: None,
         },
         headline: true,
         quick: true,
@@ -323,7 +331,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: true,
-            ratio: None,
+            rate: None,
         },
         headline: true,
         quick: true,
@@ -348,7 +356,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
-            ratio: None,
+            rate: None,
         },
         headline: true,
         quick: true,
@@ -361,7 +369,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
-            ratio: None,
+            rate: None,
         },
         headline: false,
         quick: true,
@@ -374,7 +382,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
-            ratio: None,
+            rate: None,
         },
         headline: true,
         quick: true,
@@ -387,7 +395,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: false,
-            ratio: None,
+            rate: None,
         },
         headline: false,
         quick: true,
@@ -400,7 +408,7 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: false,
             kd: true,
-            ratio: None,
+            rate: None,
         },
         headline: true,
         quick: true,
@@ -437,91 +445,92 @@ pub const METHODS: &[Method] = &[
         compress: Compress::Ipq {
             int8: true,
             kd: false,
-            ratio: None,
+            rate: None,
         },
         headline: true,
         quick: true,
     },
-    // Rate-accuracy curves: the same pipelines with the bit budget at 10x, 20x and 30x.
+    // Rate-accuracy curves: the same pipelines with the bit budget at the suite's three ratios
+    // (`Budget::rates`: 10x, 20x, 30x for text).
     at_rate(
-        "ptq-ipq-10x",
+        "ptq-ipq-low",
         "post-training, budget",
-        "10x",
+        "low",
         "none",
         false,
-        10,
+        0,
         false,
     ),
     at_rate(
-        "ptq-ipq-20x",
+        "ptq-ipq-mid",
         "post-training, budget",
-        "20x",
+        "mid",
         "none",
         false,
-        20,
+        1,
         false,
     ),
     at_rate(
-        "ptq-ipq-30x",
+        "ptq-ipq-high",
         "post-training, budget",
-        "30x",
+        "high",
         "none",
         false,
-        30,
+        2,
         false,
     ),
     at_rate(
-        "ipq-kd-10x",
+        "ipq-kd-low",
         "post-training + KD, budget",
-        "10x",
+        "low",
         "none",
         true,
-        10,
+        0,
         true,
     ),
     at_rate(
-        "ipq-kd-20x",
+        "ipq-kd-mid",
         "post-training + KD, budget",
-        "20x",
+        "mid",
         "none",
         true,
-        20,
+        1,
         true,
     ),
     at_rate(
-        "ipq-kd-30x",
+        "ipq-kd-high",
         "post-training + KD, budget",
-        "30x",
+        "high",
         "none",
         true,
-        30,
+        2,
         true,
     ),
     at_rate(
-        "qn-ipq-kd-10x",
+        "qn-ipq-kd-low",
         "Quant-Noise + KD, budget",
-        "10x p=0.1",
+        "low p=0.1",
         "block:p=0.1",
         true,
-        10,
+        0,
         false,
     ),
     at_rate(
-        "qn-ipq-kd-20x",
+        "qn-ipq-kd-mid",
         "Quant-Noise + KD, budget",
-        "20x p=0.1",
+        "mid p=0.1",
         "block:p=0.1",
         true,
-        20,
+        1,
         false,
     ),
     at_rate(
-        "qn-ipq-kd-30x",
+        "qn-ipq-kd-high",
         "Quant-Noise + KD, budget",
-        "30x p=0.1",
+        "high p=0.1",
         "block:p=0.1",
         true,
-        30,
+        2,
         false,
     ),
 ];
