@@ -423,7 +423,11 @@ pub const HEADER_SLACK: u64 = qn_format::ALIGN as u64;
 /// Marginal analysis: the candidate of each layer that minimises the summed distortion with the
 /// summed bytes at most `budget`; `None` when even the smallest candidates exceed it.
 pub fn choose(layers: &[LayerOptions], budget: u64) -> Option<Vec<usize>> {
-    let mut pick: Vec<usize> = layers.iter().map(smallest).collect();
+    choose_from(layers, layers.iter().map(smallest).collect(), budget)
+}
+
+/// [`choose`] continued from the choice `pick` (which must fit `budget`).
+fn choose_from(layers: &[LayerOptions], mut pick: Vec<usize>, budget: u64) -> Option<Vec<usize>> {
     let mut used: u64 = layers
         .iter()
         .zip(&pick)
@@ -457,9 +461,32 @@ pub fn choose(layers: &[LayerOptions], budget: u64) -> Option<Vec<usize>> {
             }
         }
         let Some((_, li, ci)) = best else {
-            return Some(pick);
+            break;
         };
         used = used + layers[li].candidates[ci].bytes - layers[li].candidates[pick[li]].bytes;
+        pick[li] = ci;
+    }
+    // Bytes left that no measured gain claims (layers whose every choice measured the same, as
+    // one the loss does not reach): spend them on choices that cost no error, largest first, so
+    // that the file fills its budget.
+    loop {
+        let mut best: Option<(u64, usize, usize)> = None;
+        for (li, l) in layers.iter().enumerate() {
+            let now = l.candidates[pick[li]];
+            for (ci, c) in l.candidates.iter().enumerate() {
+                if c.distortion > now.distortion || c.bytes <= now.bytes {
+                    continue;
+                }
+                let cost = c.bytes - now.bytes;
+                if used + cost <= budget && best.is_none_or(|(b, _, _)| cost > b) {
+                    best = Some((cost, li, ci));
+                }
+            }
+        }
+        let Some((cost, li, ci)) = best else {
+            return Some(pick);
+        };
+        used += cost;
         pick[li] = ci;
     }
 }
@@ -528,27 +555,66 @@ pub fn solve(
         .max(smallest_bytes);
     let mut chosen = choose(&layers, aim - rest).unwrap_or(smallest.clone());
     let mut planned_bytes = size(&chosen)?;
-    // The plan stored in the header moves its length too: step back until the dry run fits.
-    while planned_bytes > aim {
-        let over = planned_bytes - aim;
-        let mut best: Option<(f64, usize, usize)> = None;
-        for (li, l) in layers.iter().enumerate() {
-            let now = l.candidates[chosen[li]];
-            for (ci, c) in l.candidates.iter().enumerate() {
-                if c.bytes >= now.bytes {
-                    continue;
-                }
-                let saved = (now.bytes - c.bytes).min(over) as f64;
-                let loss = (c.distortion - now.distortion).max(0.0) / saved;
-                if best.is_none_or(|(b, _, _)| loss < b) {
-                    best = Some((loss, li, ci));
+    // The plan stored in the header moves the header's length with the choice: step back until
+    // the dry run fits, fill again what that freed with the header of the plan as it now is, and
+    // keep the best plan that fitted; a few rounds settle it.
+    let error = |pick: &[usize]| -> f64 {
+        layers
+            .iter()
+            .zip(pick)
+            .map(|(l, &c)| l.candidates[c].distortion)
+            .sum()
+    };
+    let mut best_fit: Option<(f64, Vec<usize>, u64)> = None;
+    for _ in 0..8 {
+        while planned_bytes > aim {
+            let over = planned_bytes - aim;
+            // The step back that loses least error per byte among those that cover the excess
+            // (else among all).
+            let mut best: Option<(bool, f64, usize, usize)> = None;
+            for (li, l) in layers.iter().enumerate() {
+                let now = l.candidates[chosen[li]];
+                for (ci, c) in l.candidates.iter().enumerate() {
+                    if c.bytes >= now.bytes {
+                        continue;
+                    }
+                    let saved = now.bytes - c.bytes;
+                    let covers = saved >= over;
+                    let loss = (c.distortion - now.distortion).max(0.0) / saved as f64;
+                    let better = match best {
+                        None => true,
+                        Some((bc, bl, _, _)) => covers && !bc || (covers == bc && loss < bl),
+                    };
+                    if better {
+                        best = Some((covers, loss, li, ci));
+                    }
                 }
             }
+            let Some((_, _, li, ci)) = best else { break };
+            chosen[li] = ci;
+            planned_bytes = size(&chosen)?;
         }
-        let Some((_, li, ci)) = best else { break };
-        chosen[li] = ci;
-        planned_bytes = size(&chosen)?;
+        if planned_bytes <= aim
+            && best_fit
+                .as_ref()
+                .is_none_or(|(e, _, _)| error(&chosen) < *e)
+        {
+            best_fit = Some((error(&chosen), chosen.clone(), planned_bytes));
+        }
+        let rest_now = planned_bytes.saturating_sub(layer_bytes(&chosen));
+        let refilled = choose_from(&layers, chosen.clone(), aim.saturating_sub(rest_now));
+        match refilled {
+            Some(r) if r != chosen => {
+                planned_bytes = size(&r)?;
+                chosen = r;
+            }
+            _ => break,
+        }
     }
+    let (chosen, planned_bytes) = match best_fit {
+        Some((_, c, b)) => (c, b),
+        None => (chosen, planned_bytes),
+    };
     Ok(BudgetPlan {
         target_bytes,
         planned_bytes,
