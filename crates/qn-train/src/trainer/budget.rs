@@ -594,10 +594,13 @@ pub fn solve(
             chosen[li] = ci;
             planned_bytes = size(&chosen)?;
         }
+        // Among the plans that fit: one within 1 % of the aim first (the promise made to the
+        // user), then the least error.
+        let full = |b: u64| b as f64 >= 0.99 * aim as f64;
         if planned_bytes <= aim
             && best_fit
                 .as_ref()
-                .is_none_or(|(e, _, _)| error(&chosen) < *e)
+                .is_none_or(|(e, _, b)| (full(planned_bytes), -error(&chosen)) > (full(*b), -*e))
         {
             best_fit = Some((error(&chosen), chosen.clone(), planned_bytes));
         }
