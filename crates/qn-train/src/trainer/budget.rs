@@ -23,7 +23,7 @@
 //! let codebook = qn_format::header::CodebookKind::Int8;
 //! let budget = plan_for_budget(
 //!     model, plan, 4_000_000, &BudgetOptions::default(), &TrainConfig::default(), data,
-//!     &mut |m, planned| qn_train::trainer::planned_size(m, codebook, &[], planned),
+//!     &mut |m, _plan, planned| qn_train::trainer::planned_size(m, codebook, &[], planned),
 //! )?;
 //! println!("{}", budget.to_toml()?);
 //! # Ok(()) }
