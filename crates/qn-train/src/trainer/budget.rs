@@ -78,7 +78,7 @@ impl Default for BudgetOptions {
     fn default() -> Self {
         Self {
             block_sizes: vec![2, 4, 8, 16],
-            centroids: vec![64, 128, 256],
+            centroids: vec![64, 128, 256, 1024],
             probe_points: 1 << 15,
             probe_iters: 10,
             codebook: CodebookKind::Int8,
