@@ -292,18 +292,7 @@ pub fn probe_layers(
         }
     }
     let indices: Vec<usize> = picked.iter().map(|(i, _)| *i).collect();
-    let calibration = if cfg.calibration_rows > 0 && !indices.is_empty() {
-        calibrate(
-            model,
-            &indices,
-            data,
-            cfg.calibration_rows,
-            cfg.seed,
-            cfg.calibrate_embeddings,
-        )?
-    } else {
-        vec![None; indices.len()]
-    };
+    let calibration = calibrate(model, &indices, data, cfg)?;
     let weights: Vec<f64> = match opts.sensitivity {
         Sensitivity::Relative => vec![1.0; indices.len()],
         Sensitivity::Fisher { batches } => {

@@ -20,16 +20,19 @@ pub(crate) struct Quantized {
     pub activation_aware: usize,
 }
 
-/// Runs `rows` training rows (a seeded draw; evaluation mode) through `model` with the layers
-/// `picked` measuring their inputs, and returns what each measured.
+/// Runs `cfg.calibration_rows` training rows (a seeded draw; evaluation mode) through `model`
+/// with the layers `picked` measuring their inputs, and returns what each measured (nothing for
+/// any when calibration is off).
 pub(crate) fn calibrate(
     model: &mut dyn QuantModel,
     picked: &[usize],
     train: &Dataset,
-    rows: usize,
-    seed: u64,
-    embeddings: bool,
+    cfg: &TrainConfig,
 ) -> Result<Vec<Option<Calibration>>> {
+    let (rows, seed, embeddings) = (cfg.calibration_rows, cfg.seed, cfg.calibrate_embeddings);
+    if rows == 0 || picked.is_empty() {
+        return Ok(vec![None; picked.len()]);
+    }
     let layers = model.layers();
     for &i in picked {
         let q = layers[i].qweight();
@@ -82,18 +85,7 @@ pub(crate) fn quantize_stage(
     };
     // The inputs are measured on the model as it is now, earlier stages quantized: each stage's
     // codebooks answer the activations they will see.
-    let calibration = if cfg.calibration_rows > 0 && !picked.is_empty() {
-        calibrate(
-            model,
-            &picked,
-            train,
-            cfg.calibration_rows,
-            cfg.seed,
-            cfg.calibrate_embeddings,
-        )?
-    } else {
-        vec![None; picked.len()]
-    };
+    let calibration = calibrate(model, &picked, train, cfg)?;
     let mut layers = model.layers_mut();
     let bar = progress_bar(
         cfg.progress,
